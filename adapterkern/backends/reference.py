@@ -1,0 +1,53 @@
+"""The pure-PyTorch backend: runs on any device, differentiable by ordinary autograd.
+
+It is the documented fallback (what CPU users run) and the maths the kernels are tested against,
+so it is written for speed within eager PyTorch: the up-projection bias, the scaling and the residual
+add are folded into one ``addmm`` (the residual is its ``beta`` term, the bias a column of ones
+appended to the bottleneck activations, the scaling folded into the small (d, r) weight), so the
+(T, d) output is written in a single pass.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from ..activations import get_activation
+
+
+def bottleneck_adapter(
+    x: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: Optional[torch.Tensor],
+    w_up: torch.Tensor,
+    b_up: Optional[torch.Tensor],
+    scaling: Union[float, torch.Tensor],
+    residual: Optional[torch.Tensor],
+    activation: str,
+) -> torch.Tensor:
+    """``residual + scaling * (act(x @ w_down.T + b_down) @ w_up.T + b_up)`` on 2-D ``x`` (T, d).
+
+    ``w_down`` (r, d), ``w_up`` (d, r) (``nn.Linear`` layout), biases (r,)/(d,) or None, ``scaling`` a
+    Python float or a tensor of shape (1,) or (d,), ``residual`` (T, d) or None (meaning ``x``).
+    Arguments are assumed checked (see :func:`adapterkern.functional.bottleneck_adapter`).
+    Returns a new (T, d) tensor of ``x``'s dtype.
+    """
+    act = get_activation(activation).fn
+    if b_down is None:
+        hidden = x @ w_down.t()
+    else:
+        hidden = torch.addmm(b_down, x, w_down.t())
+    hidden = act(hidden)
+
+    w_eff, b_eff = w_up, b_up
+    if isinstance(scaling, torch.Tensor):
+        scale = scaling.to(x.dtype).reshape(-1, 1)  # (1, 1) or (d, 1)
+        w_eff = w_up * scale
+        b_eff = None if b_up is None else b_up * scale.reshape(-1)
+    elif scaling != 1.0:
+        w_eff = w_up * scaling
+        b_eff = None if b_up is None else b_up * scaling
+    if b_eff is not None:
+        hidden = torch.cat([hidden, hidden.new_ones(hidden.shape[0], 1)], dim=1)
+        w_eff = torch.cat([w_eff, b_eff.unsqueeze(1)], dim=1)
+    return torch.addmm(x if residual is None else residual, hidden, w_eff.t())
