@@ -1,0 +1,590 @@
+"""Fused Triton kernels for the bottleneck adapter: forward, and a two-kernel backward.
+
+Maths (row-major, ``nn.Linear`` layout: ``w_down`` (r, d), ``w_up`` (d, r))::
+
+    h  = x @ w_down.T + b_down            (T, r)   pre-activation, kept on chip (saved only for training)
+    a  = act(h)                           (T, r)
+    y  = res + s * (a @ w_up.T + b_up)    (T, d)   res = x (sequential) or a separate tensor (parallel)
+
+Backward, with dz = s * dy::
+
+    dh      = (dz @ w_up) * act'(h)       (T, r)   kernel 1 (_bwd_dh_kernel)
+    dx      = dh @ w_down (+ dy if res is x)        kernel 2 (_bwd_main_kernel), per (d-block, T-split)
+    dw_down = dh.T @ x,  db_down = sum_T dh         kernel 2, partial sums per T-split
+    dw_up   = dz.T @ a,  db_up = sum_T dz           kernel 2, partial sums per T-split
+    ds      = sum_T dy * (a @ w_up.T + b_up)        kernel 2, partial sums per T-split
+
+Weight gradients are deterministic: every program owns one (T-split, d-block) tile of a partial-sum
+buffer, and the T-splits are summed on the host in a fixed order (no atomics).
+
+Every ``tl.dot`` has all three dimensions >= 16 (the GPU compiler requires it): the bottleneck is padded
+to ``R_PAD = max(16, next_pow2(r))`` and masked. Token offsets are int64, so T * stride can pass 2^31.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ...activations import (
+    GELU,
+    GELU_TANH,
+    GELU_TANH_COEF,
+    LEAKY_RELU,
+    LEAKY_RELU_SLOPE,
+    LINEAR,
+    QUICK_GELU,
+    QUICK_GELU_ALPHA,
+    RELU,
+    RELU6,
+    SIGMOID,
+    SILU,
+    SQRT_2_OVER_PI,
+    TANH,
+)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Activation ids and constants as Triton globals (must be tl.constexpr to be read inside a kernel).
+_RELU = tl.constexpr(RELU)
+_GELU = tl.constexpr(GELU)
+_GELU_TANH = tl.constexpr(GELU_TANH)
+_QUICK_GELU = tl.constexpr(QUICK_GELU)
+_SILU = tl.constexpr(SILU)
+_TANH = tl.constexpr(TANH)
+_SIGMOID = tl.constexpr(SIGMOID)
+_LEAKY_RELU = tl.constexpr(LEAKY_RELU)
+_RELU6 = tl.constexpr(RELU6)
+_LINEAR = tl.constexpr(LINEAR)
+_SLOPE = tl.constexpr(LEAKY_RELU_SLOPE)
+_QG_ALPHA = tl.constexpr(QUICK_GELU_ALPHA)
+_GT_COEF = tl.constexpr(GELU_TANH_COEF)
+_SQRT_2_OVER_PI = tl.constexpr(SQRT_2_OVER_PI)
+_INV_SQRT_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+
+# Constants are tl.constexpr globals; keep the tensor on the left of `*` (in the interpreter,
+# constexpr * tensor yields a constexpr wrapping the tensor, which tl.sigmoid rejects).
+
+
+@triton.jit
+def _tanh(x):
+    # No libdevice in the interpreter: tanh(x) = 2 * sigmoid(2x) - 1.
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _act(h, ACT: tl.constexpr):
+    """act(h) for fp32 ``h``."""
+    if ACT == _RELU:
+        return tl.maximum(h, 0.0)
+    elif ACT == _GELU:
+        return 0.5 * h * (1.0 + tl.erf(h * _INV_SQRT_2))
+    elif ACT == _GELU_TANH:
+        return 0.5 * h * (1.0 + _tanh((h + h * h * h * _GT_COEF) * _SQRT_2_OVER_PI))
+    elif ACT == _QUICK_GELU:
+        return h * tl.sigmoid(h * _QG_ALPHA)
+    elif ACT == _SILU:
+        return h * tl.sigmoid(h)
+    elif ACT == _TANH:
+        return _tanh(h)
+    elif ACT == _SIGMOID:
+        return tl.sigmoid(h)
+    elif ACT == _LEAKY_RELU:
+        return tl.where(h > 0.0, h, h * _SLOPE)
+    elif ACT == _RELU6:
+        return tl.minimum(tl.maximum(h, 0.0), 6.0)
+    else:
+        return h
+
+
+@triton.jit
+def _act_grad(h, ACT: tl.constexpr):
+    """d act / d h for fp32 ``h`` (at kinks, the subgradient PyTorch's autograd uses)."""
+    if ACT == _RELU:
+        return tl.where(h > 0.0, 1.0, 0.0)
+    elif ACT == _GELU:
+        return 0.5 * (1.0 + tl.erf(h * _INV_SQRT_2)) + h * tl.exp(-0.5 * h * h) * _INV_SQRT_2PI
+    elif ACT == _GELU_TANH:
+        t = _tanh((h + h * h * h * _GT_COEF) * _SQRT_2_OVER_PI)
+        return 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * (1.0 + h * h * (3.0 * _GT_COEF)) * _SQRT_2_OVER_PI
+    elif ACT == _QUICK_GELU:
+        s = tl.sigmoid(h * _QG_ALPHA)
+        return s + h * s * (1.0 - s) * _QG_ALPHA
+    elif ACT == _SILU:
+        s = tl.sigmoid(h)
+        return s * (1.0 + h * (1.0 - s))
+    elif ACT == _TANH:
+        t = _tanh(h)
+        return 1.0 - t * t
+    elif ACT == _SIGMOID:
+        s = tl.sigmoid(h)
+        return s * (1.0 - s)
+    elif ACT == _LEAKY_RELU:
+        return tl.where(h > 0.0, 1.0, _SLOPE.value)
+    elif ACT == _RELU6:
+        return tl.where((h > 0.0) & (h < 6.0), 1.0, 0.0)
+    else:
+        return tl.full(h.shape, 1.0, tl.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autotuning. Configs are pruned by the accumulator footprint (BLOCK_T x R_PAD fp32 per program);
+# the interpreter gets one config, since it would otherwise time every one of them.
+# ----------------------------------------------------------------------------------------------
+
+
+def _configs(block_t, block_d, warps, stages):
+    return [
+        triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+        for bt in block_t
+        for bd in block_d
+        for w in warps
+        for s in stages
+    ]
+
+
+if INTERPRET:
+    _FWD_CONFIGS = _configs([32], [32], [4], [1])
+    _BWD_CONFIGS = _configs([32], [32], [4], [1])
+else:
+    _FWD_CONFIGS = _configs([16, 32, 64, 128], [32, 64, 128], [4, 8], [2, 3])
+    _BWD_CONFIGS = _configs([32, 64], [32, 64, 128], [4, 8], [2, 3])
+
+
+def _prune(configs, named_args, **kwargs):
+    r_pad = named_args["R_PAD"] if "R_PAD" in named_args else kwargs["R_PAD"]
+    t_bucket = named_args["T_BUCKET"]
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_T"] * r_pad <= 128 * 128  # accumulator registers
+        and c.kwargs["BLOCK_D"] * r_pad <= 128 * 128
+        and (c.kwargs["BLOCK_T"] <= max(16, t_bucket))  # no 128-row tiles for decode-size T
+    ]
+    return kept or configs[:1]
+
+
+_PRUNE = {"early_config_prune": _prune}
+
+
+def _t_bucket(num_tokens: int) -> int:
+    """Autotuning key for T: powers of two up to 16384, so new sequence lengths rarely retune."""
+    return min(triton.next_power_of_2(max(num_tokens, 1)), 16384)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["D", "R_PAD", "T_BUCKET"], prune_configs_by=_PRUNE)
+@triton.jit
+def _fwd_kernel(
+    X, stride_xt, stride_xd,  # (T, D)
+    RES, stride_rt, stride_rd,  # (T, D); X itself when residual is x
+    WD, stride_wd_r, stride_wd_d,  # (R, D)
+    BD,  # (R,)
+    WU, stride_wu_d, stride_wu_r,  # (D, R)
+    BU,  # (D,)
+    S, stride_s, scale_value,  # (1,) or (D,) with stride 0 or 1; scale_value when S is unused
+    Y,  # (T, D) contiguous
+    H,  # (T, R) contiguous pre-activation (written only when SAVE_H)
+    T, D, R, T_BUCKET,
+    ACT: tl.constexpr,
+    HAS_BD: tl.constexpr,
+    HAS_BU: tl.constexpr,
+    HAS_S: tl.constexpr,
+    SAVE_H: tl.constexpr,
+    PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_t = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    offs_r = tl.arange(0, R_PAD)
+    mask_r = offs_r < R
+
+    # h = x @ w_down.T : reduce over d in BLOCK_D chunks, the (BLOCK_T, R_PAD) tile stays in registers.
+    h = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        x = tl.load(
+            X + offs_t[:, None] * stride_xt + offs_d[None, :] * stride_xd,
+            mask=mask_t[:, None] & mask_d[None, :], other=0.0,
+        )
+        wd_t = tl.load(  # w_down[:, d-chunk].T  -> (BLOCK_D, R_PAD)
+            WD + offs_r[None, :] * stride_wd_r + offs_d[:, None] * stride_wd_d,
+            mask=mask_d[:, None] & mask_r[None, :], other=0.0,
+        )
+        h = tl.dot(x, wd_t, h, input_precision=PRECISION)
+    if HAS_BD:
+        h += tl.load(BD + offs_r, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+    if SAVE_H:
+        tl.store(H + offs_t[:, None] * R + offs_r[None, :], h.to(H.dtype.element_ty),
+                 mask=mask_t[:, None] & mask_r[None, :])
+    # Padded bottleneck columns hold act(0) (non-zero for sigmoid): harmless, w_up's padded rows are 0.
+    a = _act(h, ACT).to(WU.dtype.element_ty)
+
+    # y = res + s * (a @ w_up.T + b_up), one BLOCK_D slab of output columns at a time.
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        mask_td = mask_t[:, None] & mask_d[None, :]
+        wu_t = tl.load(  # w_up[d-chunk, :].T -> (R_PAD, BLOCK_D)
+            WU + offs_d[None, :] * stride_wu_d + offs_r[:, None] * stride_wu_r,
+            mask=mask_r[:, None] & mask_d[None, :], other=0.0,
+        )
+        u = tl.dot(a, wu_t, input_precision=PRECISION)
+        if HAS_BU:
+            u += tl.load(BU + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        if HAS_S:
+            u *= tl.load(S + offs_d * stride_s, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        else:
+            u *= scale_value
+        res = tl.load(RES + offs_t[:, None] * stride_rt + offs_d[None, :] * stride_rd, mask=mask_td, other=0.0)
+        y = res.to(tl.float32) + u
+        tl.store(Y + offs_t[:, None] * D + offs_d[None, :], y.to(Y.dtype.element_ty), mask=mask_td)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward kernel 1: dh = (s * dy) @ w_up * act'(h), one BLOCK_T row block per program.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=["D", "R_PAD", "T_BUCKET"], prune_configs_by=_PRUNE)
+@triton.jit
+def _bwd_dh_kernel(
+    DY, stride_dyt, stride_dyd,  # (T, D)
+    H,  # (T, R) contiguous
+    WU, stride_wu_d, stride_wu_r,  # (D, R)
+    S, stride_s, scale_value,
+    DH,  # (T, R) contiguous, output
+    T, D, R, T_BUCKET,
+    ACT: tl.constexpr,
+    HAS_S: tl.constexpr,
+    PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_t = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    offs_r = tl.arange(0, R_PAD)
+    mask_r = offs_r < R
+    mask_tr = mask_t[:, None] & mask_r[None, :]
+
+    da = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        dz = tl.load(
+            DY + offs_t[:, None] * stride_dyt + offs_d[None, :] * stride_dyd,
+            mask=mask_t[:, None] & mask_d[None, :], other=0.0,
+        ).to(tl.float32)
+        if HAS_S:
+            dz *= tl.load(S + offs_d * stride_s, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        else:
+            dz *= scale_value
+        wu = tl.load(  # w_up[d-chunk, :] -> (BLOCK_D, R_PAD)
+            WU + offs_d[:, None] * stride_wu_d + offs_r[None, :] * stride_wu_r,
+            mask=mask_d[:, None] & mask_r[None, :], other=0.0,
+        )
+        da = tl.dot(dz.to(WU.dtype.element_ty), wu, da, input_precision=PRECISION)
+    h = tl.load(H + offs_t[:, None] * R + offs_r[None, :], mask=mask_tr, other=0.0).to(tl.float32)
+    dh = da * _act_grad(h, ACT)
+    tl.store(DH + offs_t[:, None] * R + offs_r[None, :], dh.to(DH.dtype.element_ty), mask=mask_tr)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward kernel 2: dx, and per-T-split partial sums of every parameter gradient.
+# Grid: (cdiv(D, BLOCK_D), SPLITS); program (pid_d, pid_s) walks its contiguous range of T tiles.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=["D", "R_PAD", "T_BUCKET"], prune_configs_by=_PRUNE)
+@triton.jit
+def _bwd_main_kernel(
+    DY, stride_dyt, stride_dyd,  # (T, D)
+    X, stride_xt, stride_xd,  # (T, D)
+    H,  # (T, R) contiguous pre-activation
+    DH,  # (T, R) contiguous, from kernel 1
+    WD, stride_wd_r, stride_wd_d,  # (R, D)
+    WU, stride_wu_d, stride_wu_r,  # (D, R)
+    BU,  # (D,)
+    S, stride_s, scale_value,
+    DX,  # (T, D) contiguous output
+    DWD_P,  # (SPLITS, R, D) fp32 partials
+    DBD_P,  # (SPLITS, R) fp32 partials
+    DWU_P,  # (SPLITS, D, R) fp32 partials
+    DBU_P,  # (SPLITS, D) fp32 partials
+    DS_P,  # (SPLITS, D) fp32 partials of sum_T dy * u
+    T, D, R, T_BUCKET, SPLITS,
+    ACT: tl.constexpr,
+    HAS_BU: tl.constexpr,
+    HAS_S: tl.constexpr,
+    RES_IS_X: tl.constexpr,
+    NEED_DX: tl.constexpr,
+    NEED_DWD: tl.constexpr,
+    NEED_DBD: tl.constexpr,
+    NEED_DWU: tl.constexpr,
+    NEED_DBU: tl.constexpr,
+    NEED_DS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    offs_r = tl.arange(0, R_PAD)
+    mask_r = offs_r < R
+    mask_rd = mask_r[:, None] & mask_d[None, :]
+    dtype = WD.dtype.element_ty
+
+    wd = tl.load(WD + offs_r[:, None] * stride_wd_r + offs_d[None, :] * stride_wd_d, mask=mask_rd, other=0.0)
+    wu_t = tl.load(WU + offs_d[None, :] * stride_wu_d + offs_r[:, None] * stride_wu_r, mask=mask_rd, other=0.0)
+    if HAS_S:
+        s = tl.load(S + offs_d * stride_s, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BU:
+        bu = tl.load(BU + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+
+    acc_dwd = tl.zeros((R_PAD, BLOCK_D), dtype=tl.float32)
+    acc_dwu = tl.zeros((BLOCK_D, R_PAD), dtype=tl.float32)
+    acc_dbd = tl.zeros((R_PAD,), dtype=tl.float32)
+    acc_dbu = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc_ds = tl.zeros((BLOCK_D,), dtype=tl.float32)
+
+    num_tiles = tl.cdiv(T, BLOCK_T)
+    tiles_per_split = tl.cdiv(num_tiles, SPLITS)
+    tile_lo = pid_s * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    for t_start in range(tile_lo * BLOCK_T, tile_hi * BLOCK_T, BLOCK_T):
+        offs_t = t_start + tl.arange(0, BLOCK_T).to(tl.int64)  # int64: T * stride may pass 2^31
+        mask_t = offs_t < T
+        mask_td = mask_t[:, None] & mask_d[None, :]
+        mask_tr = mask_t[:, None] & mask_r[None, :]
+        dy = tl.load(DY + offs_t[:, None] * stride_dyt + offs_d[None, :] * stride_dyd, mask=mask_td, other=0.0)
+        dy = dy.to(tl.float32)
+        if NEED_DX or NEED_DWD or NEED_DBD:
+            dh = tl.load(DH + offs_t[:, None] * R + offs_r[None, :], mask=mask_tr, other=0.0)
+            if NEED_DX:
+                dx = tl.dot(dh, wd, input_precision=PRECISION)
+                if RES_IS_X:
+                    dx += dy
+                tl.store(DX + offs_t[:, None] * D + offs_d[None, :], dx.to(DX.dtype.element_ty), mask=mask_td)
+            if NEED_DWD:
+                x = tl.load(X + offs_t[:, None] * stride_xt + offs_d[None, :] * stride_xd, mask=mask_td, other=0.0)
+                acc_dwd = tl.dot(tl.trans(dh), x, acc_dwd, input_precision=PRECISION)
+            if NEED_DBD:
+                acc_dbd += tl.sum(dh.to(tl.float32), axis=0)
+        if NEED_DWU or NEED_DBU:
+            if HAS_S:
+                dz = dy * s[None, :]
+            else:
+                dz = dy * scale_value
+            if NEED_DWU:
+                h = tl.load(H + offs_t[:, None] * R + offs_r[None, :], mask=mask_tr, other=0.0).to(tl.float32)
+                # Zero the padded / out-of-range rows of a: act(0) may be non-zero (sigmoid).
+                a = tl.where(mask_tr, _act(h, ACT), 0.0).to(dtype)
+                acc_dwu = tl.dot(tl.trans(dz.to(dtype)), a, acc_dwu, input_precision=PRECISION)
+            if NEED_DBU:
+                acc_dbu += tl.sum(dz, axis=0)
+        if NEED_DS:
+            h = tl.load(H + offs_t[:, None] * R + offs_r[None, :], mask=mask_tr, other=0.0).to(tl.float32)
+            a = tl.where(mask_tr, _act(h, ACT), 0.0).to(dtype)
+            u = tl.dot(a, wu_t, input_precision=PRECISION)
+            if HAS_BU:
+                u += bu[None, :]
+            acc_ds += tl.sum(dy * u, axis=0)
+
+    split = pid_s.to(tl.int64)
+    if NEED_DWD:
+        tl.store(DWD_P + split * R * D + offs_r[:, None] * D + offs_d[None, :], acc_dwd, mask=mask_rd)
+    if NEED_DWU:
+        tl.store(DWU_P + split * D * R + offs_d[:, None] * R + offs_r[None, :], acc_dwu,
+                 mask=mask_d[:, None] & mask_r[None, :])
+    if NEED_DBD:
+        if pid_d == 0:
+            tl.store(DBD_P + split * R + offs_r, acc_dbd, mask=mask_r)
+    if NEED_DBU:
+        tl.store(DBU_P + split * D + offs_d, acc_dbu, mask=mask_d)
+    if NEED_DS:
+        tl.store(DS_P + split * D + offs_d, acc_ds, mask=mask_d)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host wrappers (the kernel-backend interface of adapterkern.backends)
+# ----------------------------------------------------------------------------------------------
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 matches torch's matmul: IEEE unless the user allowed TF32 for CUDA matmuls.
+    (For fp16/bf16 operands the setting has no effect; "tf32" is Triton's default.)"""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _r_pad(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _scale_args(scale: Optional[torch.Tensor], scale_value: float, like: torch.Tensor):
+    if scale is None:
+        return like, 0, float(scale_value), False
+    return scale, (0 if scale.numel() == 1 else scale.stride(0)), 1.0, True
+
+
+def _num_splits(num_tokens: int, d: int, device: torch.device) -> int:
+    """How many T-splits the weight-gradient kernel uses: enough programs to fill the GPU, with at
+    least ~4 tiles of 64 tokens per split so the partial-sum buffers stay small next to x."""
+    if device.type == "cuda":
+        programs_wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        programs_wanted = 3  # interpreter: small, uneven splits exercise the split logic in tests
+    d_blocks = triton.cdiv(d, 64)
+    splits = triton.cdiv(programs_wanted, d_blocks)
+    return max(1, min(splits, triton.cdiv(num_tokens, 256 if device.type == "cuda" else 32)))
+
+
+def adapter_forward(
+    x: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: Optional[torch.Tensor],
+    w_up: torch.Tensor,
+    b_up: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    scale_value: float,
+    residual: Optional[torch.Tensor],
+    activation_id: int,
+    save_preact: bool,
+):
+    """Fused forward. ``x``/``residual`` (T, d) any strides; returns (y (T, d) contiguous, preact)."""
+    num_tokens, d = x.shape
+    r = w_down.shape[0]
+    y = torch.empty((num_tokens, d), dtype=x.dtype, device=x.device)
+    preact = torch.empty((num_tokens, r) if save_preact else (0,), dtype=x.dtype, device=x.device)
+    if num_tokens == 0:
+        return y, preact
+    res = x if residual is None else residual
+    s, stride_s, s_val, has_s = _scale_args(scale, scale_value, w_up)
+    grid = lambda meta: (triton.cdiv(num_tokens, meta["BLOCK_T"]),)  # noqa: E731
+    _fwd_kernel[grid](
+        x, x.stride(0), x.stride(1),
+        res, res.stride(0), res.stride(1),
+        w_down, w_down.stride(0), w_down.stride(1),
+        b_down if b_down is not None else w_down,
+        w_up, w_up.stride(0), w_up.stride(1),
+        b_up if b_up is not None else w_up,
+        s, stride_s, s_val,
+        y, preact if save_preact else y,
+        num_tokens, d, r, _t_bucket(num_tokens),
+        ACT=activation_id,
+        HAS_BD=b_down is not None,
+        HAS_BU=b_up is not None,
+        HAS_S=has_s,
+        SAVE_H=save_preact,
+        PRECISION=_precision(x.dtype),
+        R_PAD=_r_pad(r),
+    )
+    return y, preact
+
+
+def adapter_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    preact: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: Optional[torch.Tensor],
+    w_up: torch.Tensor,
+    b_up: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    scale_value: float,
+    residual_is_x: bool,
+    activation_id: int,
+    needs: Sequence[bool],
+):
+    """Fused backward; returns (dx, dw_down, db_down, dw_up, db_up, dscale), None where not needed."""
+    need_dx, need_dwd, need_dbd, need_dwu, need_dbu, need_ds = (bool(n) for n in needs)
+    num_tokens, d = x.shape
+    r = w_down.shape[0]
+    dev, dtype = x.device, x.dtype
+    f32 = torch.float32
+    if num_tokens == 0:
+        zeros = lambda t: None if t is None else torch.zeros_like(t)  # noqa: E731
+        return (
+            torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else None,
+            zeros(w_down) if need_dwd else None,
+            zeros(b_down) if need_dbd else None,
+            zeros(w_up) if need_dwu else None,
+            zeros(b_up) if need_dbu else None,
+            zeros(scale) if need_ds else None,
+        )
+    s, stride_s, s_val, has_s = _scale_args(scale, scale_value, w_up)
+    precision = _precision(dtype)
+    r_pad = _r_pad(r)
+    t_bucket = _t_bucket(num_tokens)
+
+    dh = None
+    if need_dx or need_dwd or need_dbd:
+        dh = torch.empty((num_tokens, r), dtype=dtype, device=dev)
+        _bwd_dh_kernel[lambda meta: (triton.cdiv(num_tokens, meta["BLOCK_T"]),)](
+            dy, dy.stride(0), dy.stride(1),
+            preact,
+            w_up, w_up.stride(0), w_up.stride(1),
+            s, stride_s, s_val,
+            dh,
+            num_tokens, d, r, t_bucket,
+            ACT=activation_id, HAS_S=has_s, PRECISION=precision, R_PAD=r_pad,
+        )
+
+    splits = _num_splits(num_tokens, d, dev)
+    dx = torch.empty((num_tokens, d), dtype=dtype, device=dev) if need_dx else None
+    dwd_p = torch.empty((splits, r, d), dtype=f32, device=dev) if need_dwd else None
+    dbd_p = torch.empty((splits, r), dtype=f32, device=dev) if need_dbd else None
+    dwu_p = torch.empty((splits, d, r), dtype=f32, device=dev) if need_dwu else None
+    dbu_p = torch.empty((splits, d), dtype=f32, device=dev) if need_dbu else None
+    ds_p = torch.empty((splits, d), dtype=f32, device=dev) if need_ds else None
+    dummy = preact
+    _bwd_main_kernel[lambda meta: (triton.cdiv(d, meta["BLOCK_D"]), splits)](
+        dy, dy.stride(0), dy.stride(1),
+        x, x.stride(0), x.stride(1),
+        preact,
+        dh if dh is not None else dummy,
+        w_down, w_down.stride(0), w_down.stride(1),
+        w_up, w_up.stride(0), w_up.stride(1),
+        b_up if b_up is not None else w_up,
+        s, stride_s, s_val,
+        dx if dx is not None else dummy,
+        *(p if p is not None else dummy for p in (dwd_p, dbd_p, dwu_p, dbu_p, ds_p)),
+        num_tokens, d, r, t_bucket, splits,
+        ACT=activation_id,
+        HAS_BU=b_up is not None,
+        HAS_S=has_s,
+        RES_IS_X=residual_is_x,
+        NEED_DX=need_dx, NEED_DWD=need_dwd, NEED_DBD=need_dbd,
+        NEED_DWU=need_dwu, NEED_DBU=need_dbu, NEED_DS=need_ds,
+        PRECISION=precision, R_PAD=r_pad,
+    )
+
+    # Fixed-order reductions over the T-splits: deterministic.
+    dw_down = dwd_p.sum(0).to(dtype) if need_dwd else None
+    db_down = dbd_p.sum(0).to(dtype) if need_dbd else None
+    dw_up = dwu_p.sum(0).to(dtype) if need_dwu else None
+    db_up = dbu_p.sum(0).to(dtype) if need_dbu else None
+    dscale = None
+    if need_ds:
+        ds = ds_p.sum(0)
+        dscale = (ds.sum().reshape(scale.shape) if scale.numel() == 1 else ds).to(scale.dtype)
+    return dx, dw_down, db_down, dw_up, db_up, dscale

@@ -1,0 +1,125 @@
+"""Functional ops: each checks its arguments once, picks the backend, and calls it."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import library  # noqa: F401  (registers the torch.library ops)
+from .activations import get_activation
+from .backends import reference, resolve_backend
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _describe(t: Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def _check_param(t: Optional[Tensor], name: str, shape: tuple, x: Tensor, optional: bool) -> None:
+    """A weight or bias: a tensor of exactly ``shape`` with x's dtype and device (or None if optional)."""
+    if t is None:
+        if optional:
+            return
+        raise TypeError(f"{name}: expected a tensor of shape {shape}, got None")
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of shape {shape}, got {type(t).__name__}")
+    if t.dim() != len(shape):
+        raise ValueError(f"{name}: expected a {len(shape)}-D tensor of shape {shape}, got {_describe(t)}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape} (from x's last dim and w_down's rows), got {tuple(t.shape)}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name}: expected dtype {x.dtype} (x's dtype), got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name}: expected device {x.device} (x's device), got {t.device}")
+
+
+def _check_scaling(scaling, d: int, x: Tensor) -> None:
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float, Tensor)):
+        raise TypeError(f"scaling: expected a float or a tensor of shape (1,) or ({d},), got {type(scaling).__name__}")
+    if isinstance(scaling, Tensor):
+        if scaling.shape not in ((), (1,), (d,)):
+            raise ValueError(f"scaling: expected a tensor of shape (1,) or ({d},), got shape {tuple(scaling.shape)}")
+        if not scaling.is_floating_point():
+            raise TypeError(f"scaling: expected a floating-point tensor, got dtype {scaling.dtype}")
+        if scaling.device != x.device:
+            raise ValueError(f"scaling: expected device {x.device} (x's device), got {scaling.device}")
+
+
+def bottleneck_adapter(
+    x: Tensor,
+    w_down: Tensor,
+    b_down: Optional[Tensor],
+    w_up: Tensor,
+    b_up: Optional[Tensor],
+    *,
+    activation: Optional[str] = "relu",
+    scaling: Union[float, Tensor] = 1.0,
+    residual: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """A bottleneck adapter in one call::
+
+        y = residual + scaling * (act(x @ w_down.T + b_down) @ w_up.T + b_up)
+
+    Args:
+        x: (..., d) float32, float16 or bfloat16; any leading shape and strides.
+        w_down: (r, d) down-projection weight (``nn.Linear(d, r).weight``), x's dtype and device.
+        b_down: (r,) or None.
+        w_up: (d, r) up-projection weight (``nn.Linear(r, d).weight``).
+        b_up: (d,) or None.
+        activation: a name from :data:`adapterkern.activations.ACTIVATION_NAMES` (``adapters`` library names).
+        scaling: a Python float, or a tensor of shape (1,) or (d,) (learned / per-channel scaling; may
+            require grad; any float dtype).
+        residual: None for a sequential adapter (residual = x, Houlsby / Pfeiffer), or a tensor of x's
+            shape for a parallel adapter (He et al.: the sublayer's output).
+        backend: ``auto``, ``torch``, ``triton`` or ``cuda`` (see :mod:`adapterkern.backends`).
+
+    Returns:
+        y with x's shape and dtype (contiguous). Accumulation is in float32 on every backend.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor of shape (..., d), got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x: expected dtype float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x: expected shape (..., d) with d >= 1, got {tuple(x.shape)}")
+    d = x.shape[-1]
+    if not isinstance(w_down, Tensor):
+        raise TypeError(f"w_down: expected a torch.Tensor of shape (r, {d}), got {type(w_down).__name__}")
+    if w_down.dim() != 2 or w_down.shape[0] < 1:
+        raise ValueError(f"w_down: expected a 2-D tensor of shape (r, {d}) with r >= 1, got {_describe(w_down)}")
+    r = w_down.shape[0]
+    _check_param(w_down, "w_down", (r, d), x, optional=False)
+    _check_param(b_down, "b_down", (r,), x, optional=True)
+    _check_param(w_up, "w_up", (d, r), x, optional=False)
+    _check_param(b_up, "b_up", (d,), x, optional=True)
+    _check_scaling(scaling, d, x)
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"residual: expected None or a tensor of x's shape {tuple(x.shape)}, got {type(residual).__name__}")
+        if residual.shape != x.shape:
+            raise ValueError(f"residual: expected x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual: expected dtype {x.dtype} (x's dtype), got {residual.dtype}")
+        if residual.device != x.device:
+            raise ValueError(f"residual: expected device {x.device} (x's device), got {residual.device}")
+    act = get_activation(activation)
+    name = resolve_backend(backend, x.device)
+
+    x2d = x.reshape(-1, d)
+    res2d = None if residual is None else residual.reshape(-1, d)
+    if name == "torch":
+        y = reference.bottleneck_adapter(x2d, w_down, b_down, w_up, b_up, scaling, res2d, act.name)
+    else:
+        if isinstance(scaling, Tensor):
+            scale, scale_value = scaling.reshape(-1), 1.0
+        else:
+            scale, scale_value = None, float(scaling)
+        inputs = (x, w_down, b_down, w_up, b_up, scale, residual)
+        save_preact = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+        y, _ = torch.ops.adapterkern.bottleneck_adapter_fwd(
+            x2d, w_down, b_down, w_up, b_up, scale, scale_value, res2d, act.kernel_id, save_preact, name
+        )
+    return y.view(x.shape)

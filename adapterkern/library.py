@@ -1,0 +1,112 @@
+"""torch.library registration of the fused kernel ops, so they survive torch.compile and CUDA graphs.
+
+Two custom ops, shared by every kernel backend (the ``backend`` string argument picks the module):
+
+* ``adapterkern::bottleneck_adapter_fwd(x, w_down, b_down, w_up, b_up, scale, scale_value, residual,
+  activation_id, save_preact, backend) -> (y, preact)``
+* ``adapterkern::bottleneck_adapter_bwd(dy, x, preact, w_down, b_down, w_up, b_up, scale, scale_value,
+  residual_is_x, activation_id, backend, needs) -> (dx, dw_down, db_down, dw_up, db_up, dscale)``
+
+Shapes and semantics are the kernel-backend interface documented in :mod:`adapterkern.backends`.
+The forward saves only the pre-activation (T, r) for backward, never the (T, d) output (see
+benchmarks/NOTES.md for the byte count). Outputs not needed are returned as empty tensors by the
+backward op (custom ops cannot return None) and turned into None here.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backends import kernel_backend
+
+
+@torch.library.custom_op("adapterkern::bottleneck_adapter_fwd", mutates_args=())
+def bottleneck_adapter_fwd(
+    x: Tensor,
+    w_down: Tensor,
+    b_down: Optional[Tensor],
+    w_up: Tensor,
+    b_up: Optional[Tensor],
+    scale: Optional[Tensor],
+    scale_value: float,
+    residual: Optional[Tensor],
+    activation_id: int,
+    save_preact: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    return kernel_backend(backend).adapter_forward(
+        x, w_down, b_down, w_up, b_up, scale, scale_value, residual, activation_id, save_preact
+    )
+
+
+@bottleneck_adapter_fwd.register_fake
+def _(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, activation_id, save_preact, backend):
+    num_tokens, d = x.shape
+    preact_shape = (num_tokens, w_down.shape[0]) if save_preact else (0,)
+    return x.new_empty((num_tokens, d)), x.new_empty(preact_shape)
+
+
+@torch.library.custom_op("adapterkern::bottleneck_adapter_bwd", mutates_args=())
+def bottleneck_adapter_bwd(
+    dy: Tensor,
+    x: Tensor,
+    preact: Tensor,
+    w_down: Tensor,
+    b_down: Optional[Tensor],
+    w_up: Tensor,
+    b_up: Optional[Tensor],
+    scale: Optional[Tensor],
+    scale_value: float,
+    residual_is_x: bool,
+    activation_id: int,
+    backend: str,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = kernel_backend(backend).adapter_backward(
+        dy, x, preact, w_down, b_down, w_up, b_up, scale, scale_value, residual_is_x, activation_id, needs
+    )
+    return tuple(x.new_empty(0) if g is None else g for g in grads)
+
+
+@bottleneck_adapter_bwd.register_fake
+def _(dy, x, preact, w_down, b_down, w_up, b_up, scale, scale_value, residual_is_x, activation_id, backend, needs):
+    likes = (x, w_down, b_down, w_up, b_up, scale)
+    return tuple(
+        torch.empty_like(t, memory_format=torch.contiguous_format) if need and t is not None else x.new_empty(0)
+        for need, t in zip(needs, likes)
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_down, b_down, w_up, b_up, scale, scale_value, residual, activation_id, save_preact, backend = inputs
+    ctx.save_for_backward(x, output[1], w_down, b_down, w_up, b_up, scale)
+    ctx.scale_value = scale_value
+    ctx.residual_is_x = residual is None
+    ctx.activation_id = activation_id
+    ctx.backend = backend
+
+
+def _backward(ctx, dy, _dpreact):
+    x, preact, w_down, b_down, w_up, b_up, scale = ctx.saved_tensors
+    need_x, need_wd, need_bd, need_wu, need_bu, need_s, _, need_res = ctx.needs_input_grad[:8]
+    needs = [need_x, need_wd, need_bd, need_wu, need_bu, need_s]
+    grads = [None] * 6
+    if any(needs):
+        if preact.numel() == 0 and x.shape[0] * w_down.shape[0] > 0:
+            raise RuntimeError(
+                "adapterkern: backward through bottleneck_adapter_fwd called with save_preact=False; "
+                "call the op through adapterkern.bottleneck_adapter, which saves it when grads are needed"
+            )
+        outs = torch.ops.adapterkern.bottleneck_adapter_bwd(
+            dy, x, preact, w_down, b_down, w_up, b_up, scale, ctx.scale_value, ctx.residual_is_x,
+            ctx.activation_id, ctx.backend, needs,
+        )
+        grads = [g if need else None for g, need in zip(outs, needs)]
+    d_residual = dy if need_res else None
+    dx, dw_down, db_down, dw_up, db_up, dscale = grads
+    return dx, dw_down, db_down, dw_up, db_up, dscale, None, d_residual, None, None, None
+
+
+bottleneck_adapter_fwd.register_autograd(_backward, setup_context=_setup_context)
