@@ -1,0 +1,231 @@
+"""The grid benchmark: every implementation at every (mode, T, d, r) point, side by side in one run.
+
+Memory floor. The fewest bytes any implementation must move, over the copy bandwidth measured in the
+same run (``Tensor.copy_`` of a buffer far larger than the caches, read + write counted):
+
+* ``fwd`` (inference, ``residual = x``): read x, write y, read the weights once:
+  ``(2*T*d + W) * e`` bytes, with ``W = 2*r*d + r + d`` weight elements and ``e`` the element size.
+* ``fwd_bwd`` (frozen backbone: gradients for x and the adapter weights, not for anything upstream):
+  forward as above, then backward reads dy and x (the bottleneck pre-activation recomputed from x
+  rather than saved, which would cost 2*T*r more), writes dx, reads the weights and writes their
+  gradients: ``(5*T*d + 3*W) * e`` bytes.
+
+``pct_of_floor`` = floor time / measured median (100 = at the floor); ``achieved_GBps`` = floor bytes
+/ median (the useful bandwidth). ``achieved_GFLOPs`` counts 4*T*d*r FLOPs forward and 12*T*d*r for
+forward + backward. ``speedup_vs_eager`` = eager's median / this median, both from this run;
+``max_rel_err`` = max |y - y_eager| / max |y_eager| on the first input set.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from . import envinfo, impls as impls_mod, timing
+from .progress import progress
+
+QUICK_CPU = dict(tokens=[1, 64, 512, 4096], hidden=[768], bottleneck=[64], modes=["fwd", "fwd_bwd"])
+QUICK_CUDA = dict(tokens=[1, 64, 4096, 16384], hidden=[768, 4096], bottleneck=[64], modes=["fwd", "fwd_bwd"])
+FULL = dict(tokens=[1, 8, 64, 512, 4096, 16384], hidden=[768, 1024, 4096], bottleneck=[16, 64, 256],
+            modes=["fwd", "fwd_bwd"])
+# In --full, these points run first, so a run stopped by --time-limit still has the issue's targets.
+PRIORITY = [(16384, 4096, 64), (64, 4096, 64), (1, 4096, 64), (4096, 768, 64)]
+MODES = ("fwd", "fwd_bwd")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class GridConfig:
+    device: torch.device
+    dtype: torch.dtype
+    tokens: List[int]
+    hidden: List[int]
+    bottleneck: List[int]
+    modes: List[str]
+    impl_patterns: Optional[List[str]] = None
+    activation: str = "relu"
+    scaling: float = 1.0
+    cuda_graph: bool = True  # add "+graph" variants on CUDA for T <= graph_max_tokens
+    graph_max_tokens: int = 64
+    min_run_time: float = 0.15  # CPU: seconds of blocks per measurement
+    warmup_ms: float = 25.0  # CUDA: do_bench warm-up and repetition budgets
+    rep_ms: float = 100.0
+    copy_bytes: int = 256 * 2**20
+    time_limit: Optional[float] = None  # seconds; points not started by then are skipped (and said so)
+    priority_first: bool = False
+    seed: int = 0
+    notes: List[str] = field(default_factory=list)
+
+    def points(self) -> List[tuple]:
+        pts = list(itertools.product(self.modes, self.tokens, self.hidden, self.bottleneck))
+        if self.priority_first:
+            rank = {p: i for i, p in enumerate(PRIORITY)}
+            pts.sort(key=lambda p: rank.get((p[1], p[2], p[3]), len(rank)))
+        return pts
+
+
+def floor_bytes(mode: str, tokens: int, hidden: int, bottleneck: int, element_size: int) -> int:
+    weights = 2 * bottleneck * hidden + bottleneck + hidden
+    if mode == "fwd":
+        return (2 * tokens * hidden + weights) * element_size
+    return (5 * tokens * hidden + 3 * weights) * element_size
+
+
+def flops(mode: str, tokens: int, hidden: int, bottleneck: int) -> int:
+    return (4 if mode == "fwd" else 12) * tokens * hidden * bottleneck
+
+
+def _make_inputs(n_sets: int, tokens: int, hidden: int, cfg: GridConfig, needs_grad: bool, gen: torch.Generator):
+    xs, dys = [], []
+    for _ in range(n_sets):
+        x = torch.randn(tokens, hidden, generator=gen, dtype=torch.float32).to(cfg.device, cfg.dtype)
+        xs.append(x.requires_grad_(needs_grad))
+        if needs_grad:
+            dys.append(torch.randn(tokens, hidden, generator=gen, dtype=torch.float32).to(cfg.device, cfg.dtype))
+    return xs, dys
+
+
+def _steps(forward: Callable, params: List[torch.Tensor], xs, dys, mode: str) -> List[Callable[[], object]]:
+    if mode == "fwd":
+        return [lambda x=x: forward(x) for x in xs]
+
+    def step(x, dy):
+        y = forward(x)
+        return (y, *torch.autograd.grad(y, [x, *params], dy))
+
+    return [lambda x=x, dy=dy: step(x, dy) for x, dy in zip(xs, dys)]
+
+
+def _rotating(steps: List[Callable[[], object]]) -> Callable[[], object]:
+    state = [0]
+    n = len(steps)
+
+    def call():
+        i = state[0]
+        state[0] = (i + 1) % n
+        return steps[i]()
+
+    return call
+
+
+def run_grid(cfg: GridConfig, *, log: Callable[[str], None] = print, show_progress: bool = True
+             ) -> List[Dict[str, object]]:
+    """Measure every selected implementation at every point; return the rows (see ``report.COLUMNS``)."""
+    started = time.perf_counter()
+    chosen, notes = impls_mod.select(cfg.impl_patterns, cfg.device)
+    cfg.notes.extend(notes)
+    env = envinfo.environment(cfg.device)
+    run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    element_size = torch.empty((), dtype=cfg.dtype).element_size()
+
+    copy_bw = timing.copy_bandwidth(cfg.device, cfg.copy_bytes, min_run_time=cfg.min_run_time,
+                                    warmup_ms=cfg.warmup_ms / 2, rep_ms=cfg.rep_ms / 2)
+    cfg.notes.append(f"copy bandwidth (floor denominator): {copy_bw / 1e9:.1f} GB/s "
+                     f"(copy_ of {cfg.copy_bytes / 2**20:.0f} MiB on {env['device']})")
+
+    points = cfg.points()
+    graph_ok = cfg.cuda_graph and cfg.device.type == "cuda"
+    units = [(p, impl, g) for p in points for impl in chosen for g in ((False, True) if graph_ok else (False,))
+             if not g or (impl.graphable and p[1] <= cfg.graph_max_tokens)]
+    rows: List[Dict[str, object]] = []
+    gen = torch.Generator().manual_seed(cfg.seed)
+    bar = progress(total=len(units), desc="adapter bench", enabled=show_progress)
+    skipped = 0
+    by_point: Dict[tuple, List[tuple]] = {}
+    for unit in units:
+        by_point.setdefault(unit[0], []).append(unit)
+    try:
+        for point, point_units in by_point.items():
+            if cfg.time_limit is not None and time.perf_counter() - started > cfg.time_limit:
+                skipped += 1
+                bar.update(len(point_units))
+                continue
+            rows.extend(_run_point(cfg, point, point_units, env, run_id, element_size, copy_bw, gen, bar, log))
+    finally:
+        bar.close()
+    if skipped:
+        cfg.notes.append(f"--time-limit {cfg.time_limit:.0f}s reached: {skipped} of {len(by_point)} points not run")
+    return rows
+
+
+def _run_point(cfg, point, units, env, run_id, element_size, copy_bw, gen, bar, log) -> List[Dict[str, object]]:
+    mode, tokens, hidden, bottleneck = point
+    needs_grad = mode == "fwd_bwd"
+    torch.manual_seed(cfg.seed)
+    eager = impls_mod.EagerAdapter(hidden, bottleneck, cfg.activation, cfg.scaling).to(cfg.device, cfg.dtype)
+    fbytes = floor_bytes(mode, tokens, hidden, bottleneck, element_size)
+    set_bytes = (2 if needs_grad else 1) * tokens * hidden * element_size
+    n_sets = timing.rotation_sets(set_bytes, cfg.device)
+    xs, dys = _make_inputs(n_sets, tokens, hidden, cfg, needs_grad, gen)
+    floor_s = fbytes / copy_bw
+    reference: Optional[torch.Tensor] = None
+    eager_median: Optional[float] = None
+    out: List[Dict[str, object]] = []
+    for _, impl, graphed in units:
+        label = f"{mode} T={tokens} d={hidden} r={bottleneck} {impl.name}{'+graph' if graphed else ''}"
+        bar.set_postfix(label)
+        try:
+            if impl.compiled:
+                torch._dynamo.reset()
+            forward, params = impl.build(eager)
+            with torch.set_grad_enabled(needs_grad):
+                steps = _steps(forward, params, xs, dys, mode)
+                first = steps[0]()  # compiles / autotunes; its output is what the error check compares
+                y0 = (first if mode == "fwd" else first[0]).detach().float()
+                n = len(steps)
+                if graphed:
+                    steps = steps[: min(n, 8)]
+                    fn = timing.cuda_graph_callables(steps, cfg.device)
+                else:
+                    fn = _rotating(steps)
+                t = timing.time_fn(fn, cfg.device, min_run_time=cfg.min_run_time, warmup_ms=cfg.warmup_ms,
+                                   rep_ms=cfg.rep_ms)
+        except Exception as exc:  # noqa: BLE001 - one implementation failing must not lose the others
+            cfg.notes.append(f"{label}: failed, {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            log(f"[bench] {cfg.notes[-1]}")
+            bar.update(1)
+            continue
+        if reference is None:
+            reference = y0  # eager comes first at every point
+        err = ((y0 - reference).abs().max() / reference.abs().max().clamp_min(1e-30)).item() if y0.numel() else 0.0
+        if impl.name == "eager" and not graphed:
+            eager_median = t.median_s
+        out.append({
+            "run_id": run_id, **env, "malloc": timing.malloc_setting() if cfg.device.type == "cpu" else "",
+            "mode": mode, "dtype": str(cfg.dtype).replace("torch.", ""), "tokens": tokens, "hidden": hidden,
+            "bottleneck": bottleneck, "activation": cfg.activation, "impl": impl.name, "cuda_graph": graphed,
+            "median_us": t.median_s * 1e6, "iqr_us": t.iqr_s * 1e6, "samples": t.samples, "timer": t.timer,
+            "rotate_sets": len(steps),
+            "floor_bytes": fbytes, "copy_GBps": copy_bw / 1e9, "floor_us": floor_s * 1e6,
+            "pct_of_floor": 100.0 * floor_s / t.median_s, "achieved_GBps": fbytes / t.median_s / 1e9,
+            "achieved_GFLOPs": flops(mode, tokens, hidden, bottleneck) / t.median_s / 1e9,
+            "speedup_vs_eager": (eager_median / t.median_s) if eager_median else math.nan,
+            "max_rel_err": err,
+        })
+        bar.update(1)
+    del xs, dys
+    if cfg.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def parse_list(text: Optional[str], kind: Callable = int) -> Optional[List]:
+    if text is None:
+        return None
+    return [kind(v.strip()) for v in text.split(",") if v.strip()]
+
+
+def default_grid(device: torch.device, full: bool) -> Dict[str, list]:
+    if full:
+        return dict(FULL)
+    return dict(QUICK_CUDA if device.type == "cuda" else QUICK_CPU)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -1,0 +1,184 @@
+"""The implementations the benchmark puts side by side, each built on the same weights.
+
+Names (``--impl`` takes a comma-separated list of these or of glob patterns such as ``adapterkern-*``):
+
+=========================  ======================================================================
+``eager``                  what users write: ``nn.Linear`` -> activation -> ``nn.Linear``, then
+                           ``* scaling``, then ``+ residual`` (:class:`EagerAdapter`). Always run:
+                           it is the baseline of every speedup and of the error check.
+``adapters``               the AdapterHub ``adapters`` library's ``adapters.methods.modeling.Adapter``
+                           (sequential bottleneck, Pfeiffer config), when that package is installed.
+``compile``                ``torch.compile(eager)`` in the default mode, specialised to the shape
+                           (``dynamic=False``; dynamo is reset before each point so no cache limit
+                           ever sends it back to eager).
+``compile-max-autotune``   the same with ``mode="max-autotune"`` (GPU only; that mode already runs
+                           the compiled graph under CUDA graphs).
+``adapterkern-<backend>``  ``adapterkern.bottleneck_adapter(..., backend=<backend>)`` for each backend
+                           in ``adapterkern.available_backends(device)``. On CPU the ``triton`` backend
+                           runs in the Triton interpreter (a correctness tool, not a fast path), so it
+                           is only run when named explicitly.
+``<impl>+graph``           CUDA only, T <= ``--graph-max-tokens``: the same calls captured in a CUDA graph.
+=========================  ======================================================================
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..activations import get_activation
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+class EagerAdapter(nn.Module):
+    """The bottleneck adapter as users write it in eager PyTorch (the baseline)."""
+
+    def __init__(self, hidden_size: int, bottleneck_size: int, activation: str = "relu", scaling: float = 1.0):
+        super().__init__()
+        self.down = nn.Linear(hidden_size, bottleneck_size)
+        self.act = get_activation(activation).fn
+        self.up = nn.Linear(bottleneck_size, hidden_size)
+        self.scaling = scaling
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        out = self.up(self.act(self.down(x))) * self.scaling
+        return out + (x if residual is None else residual)
+
+
+class FusedAdapter(nn.Module):
+    """``adapterkern.bottleneck_adapter`` on the parameters of an :class:`EagerAdapter` (shared, not copied)."""
+
+    def __init__(self, eager: EagerAdapter, backend: str = "auto"):
+        super().__init__()
+        self.eager = eager
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        import adapterkern
+
+        e = self.eager
+        return adapterkern.bottleneck_adapter(
+            x, e.down.weight, e.down.bias, e.up.weight, e.up.bias,
+            activation=e.activation, scaling=e.scaling, residual=residual, backend=self.backend,
+        )
+
+
+def adapters_library_reason() -> Optional[str]:
+    """None when ``adapters.methods.modeling.Adapter`` can be imported, else why not."""
+    try:
+        import adapters.methods.modeling  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any failure (missing, incompatible transformers) means skip
+        return f"the AdapterHub `adapters` package is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+class AdaptersLibraryAdapter(nn.Module):
+    """The ``adapters`` library's bottleneck layer, loaded with an :class:`EagerAdapter`'s weights."""
+
+    def __init__(self, eager: EagerAdapter):
+        super().__init__()
+        from adapters import SeqBnConfig
+        from adapters.methods.modeling import Adapter
+
+        d, r = eager.up.out_features, eager.up.in_features
+        config = SeqBnConfig(reduction_factor=d / r, non_linearity=eager.activation, scaling=float(eager.scaling))
+        self.inner = Adapter("bench", d, r, config)
+        with torch.no_grad():
+            linears = [m for m in self.inner.adapter_down if isinstance(m, nn.Linear)]
+            linears[0].weight.copy_(eager.down.weight)
+            linears[0].bias.copy_(eager.down.bias)
+            self.inner.adapter_up.weight.copy_(eager.up.weight)
+            self.inner.adapter_up.bias.copy_(eager.up.bias)
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.inner(x, x if residual is None else residual)[0]
+
+
+@dataclass
+class Impl:
+    name: str
+    build: Callable[[EagerAdapter], Tuple[Forward, List[torch.Tensor]]]  # -> (forward, trainable params)
+    compiled: bool = False  # needs torch._dynamo.reset() first
+    graphable: bool = True  # a "+graph" variant makes sense
+
+
+def _eager(e: EagerAdapter):
+    return e, list(e.parameters())
+
+
+def _adapters(e: EagerAdapter):
+    m = AdaptersLibraryAdapter(e).to(device=e.up.weight.device, dtype=e.up.weight.dtype)
+    return m, list(m.parameters())
+
+
+def _compiled(mode: Optional[str]):
+    def build(e: EagerAdapter):
+        return torch.compile(e, mode=mode, dynamic=False), list(e.parameters())
+
+    return build
+
+
+def _fused(backend: str):
+    def build(e: EagerAdapter):
+        return FusedAdapter(e, backend), list(e.parameters())
+
+    return build
+
+
+def adapterkern_backends(device: torch.device) -> Tuple[List[str], Optional[str]]:
+    """The adapterkern backends that can run on ``device`` (or [] and the reason there are none)."""
+    try:
+        import adapterkern
+
+        return list(adapterkern.available_backends(device)), None
+    except Exception as exc:  # noqa: BLE001 - the op not importable: report it, bench the rest
+        return [], f"adapterkern.available_backends failed ({type(exc).__name__}: {exc})"
+
+
+def all_impls(device: torch.device) -> Tuple[List[Impl], List[Impl], List[str]]:
+    """(default implementations, ones run only when named, notes about ones that cannot run here)."""
+    notes: List[str] = []
+    default = [Impl("eager", _eager)]
+    on_request: List[Impl] = []
+    reason = adapters_library_reason()
+    if reason is None:
+        default.append(Impl("adapters", _adapters))
+    else:
+        notes.append(f"adapters: skipped, {reason}; install it with `pip install adapters` to compare")
+    default.append(Impl("compile", _compiled(None), compiled=True))
+    max_autotune = Impl("compile-max-autotune", _compiled("max-autotune"), compiled=True, graphable=False)
+    (default if device.type == "cuda" else on_request).append(max_autotune)
+    backends, reason = adapterkern_backends(device)
+    if reason:
+        notes.append(f"adapterkern-*: skipped, {reason}")
+    for b in backends:
+        impl = Impl(f"adapterkern-{b}", _fused(b))
+        if device.type == "cpu" and b == "triton":
+            on_request.append(impl)
+            notes.append("adapterkern-triton: not run by default on CPU (Triton interpreter); name it in --impl to run")
+        else:
+            default.append(impl)
+    return default, on_request, notes
+
+
+def select(patterns: Optional[List[str]], device: torch.device) -> Tuple[List[Impl], List[str]]:
+    """The implementations to run: ``eager`` first, then the defaults or those matching ``patterns``."""
+    default, on_request, notes = all_impls(device)
+    if not patterns:
+        return default, notes
+    candidates = default + on_request
+    chosen = [candidates[0]]  # eager: the baseline
+    for impl in candidates[1:]:
+        if any(fnmatch.fnmatchcase(impl.name, p) for p in patterns):
+            chosen.append(impl)
+    known = {i.name for i in candidates} | {"eager"}
+    for p in patterns:
+        if not any(fnmatch.fnmatchcase(n, p) for n in known):
+            notes.append(f"--impl {p}: matches nothing that can run on {device.type} "
+                         f"(can run: {', '.join(sorted(known))})")
+    return chosen, notes

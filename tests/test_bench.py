@@ -1,0 +1,74 @@
+"""The benchmark harness (adapterkern.bench) runs a one-point grid on the CPU and writes a well-formed CSV.
+
+Only the harness's plumbing is checked here; no speed is asserted (timings depend on the machine).
+"""
+import csv
+import math
+
+import pytest
+
+from adapterkern.bench import cli, report
+
+
+def _run(tmp_path, *extra):
+    path = tmp_path / "grid.csv"
+    argv = ["--device", "cpu", "--tokens", "4", "--hidden", "32", "--bottleneck", "8", "--mode", "fwd",
+            "--dtype", "float32", "--impl", "adapterkern-torch", "--csv", str(path), "--no-plot",
+            "--no-progress", "--min-run-time", "0.005", "--copy-mib", "1", *extra]
+    assert cli.main(argv) == 0
+    return path
+
+
+def test_one_point_grid_writes_wellformed_csv(tmp_path, capsys):
+    path = _run(tmp_path)
+    out = capsys.readouterr().out
+    assert "adapterkern-torch" in out and "eager" in out  # the table was printed
+
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        body = list(reader)
+    assert header == report.COLUMNS
+    assert all(len(line) == len(header) for line in body)
+    rows = [dict(zip(header, line)) for line in body]
+    assert sorted(r["impl"] for r in rows) == ["adapterkern-torch", "eager"]  # one row per implementation
+    assert len({r["run_id"] for r in rows}) == 1
+    for r in rows:
+        assert (r["mode"], r["dtype"], r["device_type"]) == ("fwd", "float32", "cpu")
+        assert (int(r["tokens"]), int(r["hidden"]), int(r["bottleneck"])) == (4, 32, 8)
+        assert r["torch"] and r["date"] and r["device"]
+        for key in report.NUMERIC:
+            value = float(r[key])
+            assert math.isfinite(value), (key, r[key])
+        for key in ("median_us", "floor_bytes", "copy_GBps", "floor_us", "pct_of_floor", "achieved_GBps",
+                    "speedup_vs_eager"):
+            assert float(r[key]) > 0, (key, r[key])
+        assert float(r["iqr_us"]) >= 0
+        assert float(r["max_rel_err"]) < 1e-5  # same weights, same maths
+        # floor bytes: read x + write y + weights, fp32 (see adapterkern.bench.grid)
+        assert int(r["floor_bytes"]) == (2 * 4 * 32 + 2 * 8 * 32 + 8 + 32) * 4
+    eager = next(r for r in rows if r["impl"] == "eager")
+    assert float(eager["speedup_vs_eager"]) == pytest.approx(1.0)
+
+
+def test_second_run_appends_without_second_header(tmp_path):
+    path = _run(tmp_path)
+    _run(tmp_path)
+    rows = report.read_csv(str(path))
+    assert len(rows) == 4 and len({r["run_id"] for r in rows}) == 2
+    assert len(report.latest_run(rows)) == 2
+
+
+def test_unknown_mode_is_rejected(tmp_path):
+    with pytest.raises(SystemExit):
+        cli.main(["--mode", "sideways", "--csv", str(tmp_path / "x.csv"), "--no-plot"])
+
+
+def test_plot_from_csv(tmp_path):
+    pytest.importorskip("matplotlib")
+    from adapterkern.bench import plot
+
+    path = _run(tmp_path)
+    png = tmp_path / "grid.png"
+    assert plot.main([str(path), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
