@@ -41,7 +41,8 @@ def plot_grid(rows: List[Dict[str, str]], out: str, bottleneck: Optional[int] = 
     rows = [r for r in rows if int(r["bottleneck"]) == r_sel]
     modes = [m for m in ("fwd", "fwd_bwd") if any(r["mode"] == m for r in rows)]
     ds = sorted({int(r["hidden"]) for r in rows})
-    fig, axes = plt.subplots(len(modes), len(ds), figsize=(4.2 * len(ds), 3.4 * len(modes)), squeeze=False)
+    fig, axes = plt.subplots(len(modes), len(ds), figsize=(max(6.0, 4.2 * len(ds)), 3.4 * len(modes)),
+                             squeeze=False)
     impl_names: List[str] = []
     for r in rows:
         name = r["impl"] + ("+graph" if r["cuda_graph"] == "1" else "")
@@ -81,10 +82,12 @@ def plot_grid(rows: List[Dict[str, str]], out: str, bottleneck: Optional[int] = 
                 handles.append(h)
                 labels.append(l)
     first = rows[0]
-    fig.suptitle(f"bottleneck adapter, {first['dtype']} on {first['device']} "
-                 f"(torch {first['torch']}, commit {first['git_commit'] or '?'}, {first['date']})", fontsize=9)
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8)
-    fig.tight_layout(rect=(0, 0.08 + 0.03 * ((len(labels) - 1) // 5), 1, 0.95))
+    fig.suptitle(f"bottleneck adapter, {first['dtype']}, {first['device']}\n"
+                 f"torch {first['torch']}, triton {first['triton'] or '-'}, commit {first['git_commit'] or '?'}, "
+                 f"{first['date']}", fontsize=8)
+    ncol = min(len(labels), 3 if len(ds) == 1 else 5)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)
+    fig.tight_layout(rect=(0, 0.04 + 0.04 * ((len(labels) + ncol - 1) // ncol), 1, 0.93))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
