@@ -1,0 +1,96 @@
+// Forward launcher: picks the token tile (BT), the r chunk, x staging and the column split, then
+// launches adapter_fwd_kernel (csrc/kernels/adapter_fwd.cuh). Instantiates the kernel for
+// {fp16, bf16} x tensor-core mma.sync, fp32 x {IEEE FMA, TF32 mma.sync}, and BT in {16, 64}.
+#include <algorithm>
+
+#include "adapter_api.h"
+#include "kernels/adapter_fwd.cuh"
+#include "launch_util.h"
+
+namespace adapterkern {
+namespace {
+
+template <class Op, int BT>
+cudaError_t launch_fwd(const FwdKParams& kp, dim3 grid, size_t smem, cudaStream_t stream) {
+  cudaError_t e = allow_max_smem<adapter_fwd_kernel<Op, BT>>(smem);
+  if (e != cudaSuccess) return e;
+  adapter_fwd_kernel<Op, BT><<<grid, kThreads, smem, stream>>>(kp);
+  return cudaGetLastError();
+}
+
+// Largest r chunk (a multiple of 64) whose h tile fits in shared memory next to the unstaged
+// buffers, or 0.
+template <typename S>
+int max_rank_chunk(int bt, int smem_optin) {
+  const size_t fixed = fwd_smem_bytes<S>(bt, 1, 0, false);
+  if ((size_t)smem_optin <= fixed) return 0;
+  const size_t per_col = (size_t)bt * sizeof(S);
+  return (int)(((size_t)smem_optin - fixed) / per_col / kTileN * kTileN);
+}
+
+template <class Op>
+cudaError_t run_fwd(const FwdArgs& a, cudaStream_t stream) {
+  using S = typename Op::S;
+  if (a.T <= 0) return cudaSuccess;
+  DevInfo info;
+  cudaError_t e = current_dev_info(&info);
+  if (e != cudaSuccess) return e;
+
+  // Token tile: 64 once there are enough tokens to fill the GPU with 64-token blocks (fewer weight
+  // re-reads per token), else 16 (decode-size inputs). Measure: benchmarks in csrc/README.md.
+  int bt = a.T >= (int64_t)32 * info.sms ? 64 : 16;
+  int chunk = max_rank_chunk<S>(bt, info.smem_optin);
+  if (chunk < kTileN && bt == 64) { bt = 16; chunk = max_rank_chunk<S>(bt, info.smem_optin); }
+  if (chunk < kTileN) return cudaErrorInvalidConfiguration;
+  // r larger than one chunk (thousands) is split: y is accumulated over chunks, since
+  // y = res + s*(sum_c act(x wd_c^T + bd_c) wu_c^T + bu) (bu added by the first chunk only).
+  const int rc = std::min(round_up(a.r, kTileN), chunk);
+
+  const int64_t nblocks = ceil_div64(a.T, bt);
+  int nsplit = 1;
+  if (nblocks < info.sms) {
+    // Few token blocks: split the output columns too (each split recomputes h: wd re-read from L2).
+    const int64_t want = std::max<int64_t>(1, info.sms / nblocks);
+    nsplit = (int)std::min<int64_t>(want, ceil_div64(a.d, 256));
+  }
+  const int cols = round_up((int)ceil_div64(a.d, nsplit), kTileN);
+  nsplit = (int)ceil_div64(a.d, cols);
+  const dim3 grid((unsigned)nblocks, (unsigned)nsplit);
+
+  for (int c0 = 0; c0 < a.r; c0 += rc) {
+    const int r = std::min(rc, a.r - c0);
+    const bool stage = fwd_smem_bytes<S>(bt, a.d, r, true) <= (size_t)info.smem_optin;
+    const size_t smem = fwd_smem_bytes<S>(bt, a.d, r, stage);
+    FwdKParams kp;
+    kp.x = a.x.p; kp.sx0 = a.x.s0; kp.sx1 = a.x.s1;
+    if (c0 == 0) { kp.res = a.res.p; kp.sr0 = a.res.s0; kp.sr1 = a.res.s1; }
+    else { kp.res = a.y; kp.sr0 = a.ldy; kp.sr1 = 1; }  // accumulate onto the previous chunks
+    kp.wd = static_cast<const S*>(a.wd.p) + (int64_t)c0 * a.wd.s0; kp.swd0 = (int)a.wd.s0; kp.swd1 = (int)a.wd.s1;
+    kp.wu = static_cast<const S*>(a.wu.p) + (int64_t)c0 * a.wu.s1; kp.swu0 = (int)a.wu.s0; kp.swu1 = (int)a.wu.s1;
+    kp.bd = a.bd ? static_cast<const void*>(static_cast<const S*>(a.bd) + (int64_t)c0 * a.sbd) : nullptr;
+    kp.sbd = (int)a.sbd;
+    kp.bu = c0 == 0 ? a.bu : nullptr; kp.sbu = (int)a.sbu;
+    kp.scale = ScaleRef{a.scale.p, a.scale.len, a.scale.value};
+    kp.y = a.y; kp.ldy = a.ldy;
+    kp.pre = a.pre ? static_cast<void*>(static_cast<S*>(a.pre) + c0) : nullptr; kp.ldpre = a.ldpre;
+    kp.T = a.T; kp.d = a.d; kp.r = r; kp.act = a.act;
+    kp.stage_x = stage ? 1 : 0;
+    kp.cols_per_split = cols;
+    e = bt == 64 ? launch_fwd<Op, 64>(kp, grid, smem, stream) : launch_fwd<Op, 16>(kp, grid, smem, stream);
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+cudaError_t adapter_fwd(const FwdArgs& a, DType dt, bool tf32, cudaStream_t stream) {
+  switch (dt) {
+    case DType::F16: return run_fwd<MmaF16>(a, stream);
+    case DType::BF16: return run_fwd<MmaBF16>(a, stream);
+    case DType::F32: return tf32 ? run_fwd<MmaTF32>(a, stream) : run_fwd<SimtF32>(a, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace adapterkern
