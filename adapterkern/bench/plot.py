@@ -95,11 +95,11 @@ def plot_grid(rows: List[Dict[str, str]], out: str, bottleneck: Optional[int] = 
 
 
 def plot_bars(rows: List[Dict[str, str]], label_key: str, metrics: List[tuple], title: str, out: str) -> str:
-    """One bar panel per metric ``(column, axis label)``, one bar per row (labelled by ``label_key``)."""
+    """One bar panel per metric ``(column, axis label[, log scale])``, one bar per row (``label_key`` names it)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.4), squeeze=False)
     labels = [r[label_key] for r in rows]
-    for ax, (key, axis_label) in zip(axes[0], metrics):
+    for ax, (key, axis_label, *log) in zip(axes[0], metrics):
         values = []
         for r in rows:
             try:
@@ -110,6 +110,8 @@ def plot_bars(rows: List[Dict[str, str]], label_key: str, metrics: List[tuple], 
         ax.set_xticks(range(len(rows)))
         ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=7)
         ax.set_title(axis_label, fontsize=9)
+        if log and log[0]:
+            ax.set_yscale("log")
         ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
