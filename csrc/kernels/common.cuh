@@ -356,6 +356,26 @@ __device__ __forceinline__ void copy_tile_batched(S* dst, int ld, int rows, int 
   }
 }
 
+// For idx in [0, n): store(idx, load(idx)), with kBatch independent loads in flight per thread
+// before their results are used (a plain loop would wait one memory latency per element).
+template <int kBatch, class Ld, class St>
+__device__ __forceinline__ void batched_apply(int n, Ld&& load, St&& store) {
+  using V = decltype(load(0));
+  for (int base = 0; base < n; base += kThreads * kBatch) {
+    V v[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int idx = base + u * kThreads + (int)threadIdx.x;
+      if (idx < n) v[u] = load(idx);
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int idx = base + u * kThreads + (int)threadIdx.x;
+      if (idx < n) store(idx, v[u]);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // A ROWS x COLS tile staged through registers: load() issues the global loads for the next stage
 // while the current stage is multiplied; store() writes it to shared memory (optionally through a
@@ -375,6 +395,11 @@ struct RegTile {
   template <class F> __device__ __forceinline__ void load(F&& f) {
 #pragma unroll
     for (int i = 0; i < kN; ++i) { int row, col; coord(i, row, col); v[i] = f(row, col); }
+  }
+  // v = g(row, col, v) in registers (e.g. an activation, wrapped in dispatch_act by the caller).
+  template <class G> __device__ __forceinline__ void apply(G&& g) {
+#pragma unroll
+    for (int i = 0; i < kN; ++i) { int row, col; coord(i, row, col); v[i] = g(row, col, v[i]); }
   }
   __device__ __forceinline__ void store(S* dst, int ld) const {
 #pragma unroll

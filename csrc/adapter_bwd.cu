@@ -1,0 +1,144 @@
+// Backward launchers: the token-parallel kernel (dscale partials, dh, dx) and the split-K weight
+// gradient kernel + its ordered reduction. See csrc/kernels/adapter_bwd.cuh for the maths.
+#include <algorithm>
+
+#include "adapter_api.h"
+#include "kernels/adapter_bwd.cuh"
+#include "launch_util.h"
+
+namespace adapterkern {
+namespace {
+
+size_t elem_size(DType dt) { return dt == DType::F32 ? 4 : 2; }
+
+// Same formula as bwd_tok_smem_bytes<S> without the template (the plan is chosen before dispatch).
+size_t tok_smem(DType dt, int bt, int r) {
+  return dt == DType::F32 ? bwd_tok_smem_bytes<float>(bt, r) : bwd_tok_smem_bytes<__half>(bt, r);
+}
+
+// Largest r chunk (multiple of 64) that fits with token tile bt, or 0.
+int tok_rank_chunk(DType dt, int bt, int smem_optin) {
+  const size_t fixed = tok_smem(dt, bt, 0);
+  if ((size_t)smem_optin <= fixed) return 0;
+  return (int)(((size_t)smem_optin - fixed) / ((size_t)bt * elem_size(dt)) / kTileN * kTileN);
+}
+
+template <class Op, int BT>
+cudaError_t launch_tok(const BwdTokKParams& kp, int64_t nblocks, size_t smem, cudaStream_t stream) {
+  cudaError_t e = allow_max_smem<adapter_bwd_token_kernel<Op, BT>>(smem);
+  if (e != cudaSuccess) return e;
+  adapter_bwd_token_kernel<Op, BT><<<dim3((unsigned)nblocks), kThreads, smem, stream>>>(kp);
+  return cudaGetLastError();
+}
+
+template <class Op>
+cudaError_t run_tok(const BwdTokArgs& a, const BwdTokPlan& plan, DType dt, cudaStream_t stream) {
+  using S = typename Op::S;
+  if (a.T <= 0) return cudaSuccess;
+  DevInfo info;
+  cudaError_t e = current_dev_info(&info);
+  if (e != cudaSuccess) return e;
+  const int chunk = tok_rank_chunk(dt, plan.bt, info.smem_optin);
+  if (chunk < kTileN) return cudaErrorInvalidConfiguration;
+  const int rc = std::min(round_up(a.r, kTileN), chunk);
+  for (int c0 = 0; c0 < a.r; c0 += rc) {
+    // Bottleneck chunks are independent except through dx (accumulated: dx = dh_c @ wd_c + dx) and
+    // dscale (accumulated in the workspace; bu counted by the first chunk only).
+    const int r = std::min(rc, a.r - c0);
+    BwdTokKParams kp;
+    kp.dy = a.dy.p; kp.sdy0 = a.dy.s0; kp.sdy1 = a.dy.s1;
+    kp.pre = static_cast<const S*>(a.pre.p) + (int64_t)c0 * a.pre.s1; kp.sp0 = a.pre.s0; kp.sp1 = a.pre.s1;
+    kp.wd = static_cast<const S*>(a.wd.p) + (int64_t)c0 * a.wd.s0; kp.swd0 = (int)a.wd.s0; kp.swd1 = (int)a.wd.s1;
+    kp.wu = static_cast<const S*>(a.wu.p) + (int64_t)c0 * a.wu.s1; kp.swu0 = (int)a.wu.s0; kp.swu1 = (int)a.wu.s1;
+    if (c0 == 0) { kp.add = a.add.p; kp.sa0 = a.add.s0; kp.sa1 = a.add.s1; }
+    else { kp.add = a.dx; kp.sa0 = a.lddx; kp.sa1 = 1; }
+    kp.bu = c0 == 0 ? a.bu : nullptr; kp.sbu = (int)a.sbu;
+    kp.scale = ScaleRef{a.scale.p, a.scale.len, a.scale.value};
+    kp.dx = a.dx; kp.lddx = a.lddx;
+    kp.dh = a.dh ? static_cast<void*>(static_cast<S*>(a.dh) + c0) : nullptr; kp.lddh = a.lddh;
+    kp.dscale_ws = a.dscale_ws; kp.accumulate = c0 > 0 ? 1 : 0;
+    kp.T = a.T; kp.d = a.d; kp.r = r; kp.act = a.act;
+    const size_t smem = bwd_tok_smem_bytes<S>(plan.bt, r);
+    e = plan.bt == 64 ? launch_tok<Op, 64>(kp, plan.nblocks, smem, stream)
+                      : launch_tok<Op, 16>(kp, plan.nblocks, smem, stream);
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+template <class Op>
+cudaError_t run_wgrad(const WgradArgs& a, const WgradPlan& plan, cudaStream_t stream) {
+  using S = typename Op::S;
+  if (!a.need_w && !a.need_b) return cudaSuccess;
+  WgKParams kp;
+  kp.a = a.a.p; kp.sa0 = a.a.s0; kp.sa1 = a.a.s1; kp.a_mode = a.a_mode;
+  kp.b = a.b.p; kp.sb0 = a.b.s0; kp.sb1 = a.b.s1; kp.b_mode = a.b_mode;
+  kp.M = a.M; kp.N = a.N;
+  kp.need_w = a.need_w ? 1 : 0; kp.need_b = a.need_b ? 1 : 0;
+  kp.scale = ScaleRef{a.scale.p, a.scale.len, a.scale.value};
+  kp.act = a.act;
+  kp.T = a.T; kp.tchunk = plan.tchunk;
+  kp.ws_w = a.ws_w; kp.ws_b = a.ws_b;
+  const dim3 grid((unsigned)ceil_div64(a.M, kTileN), a.need_w ? (unsigned)ceil_div64(a.N, kTileN) : 1u,
+                  (unsigned)plan.nsplit);
+  adapter_wgrad_kernel<Op><<<grid, kThreads, 0, stream>>>(kp);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  auto reduce = [&](const float* ws, int64_t n, void* out) {
+    const int threads = 256;
+    const int64_t blocks = std::min<int64_t>(ceil_div64(n, threads), 4096);
+    wgrad_reduce_kernel<S><<<(unsigned)blocks, threads, 0, stream>>>(ws, plan.nsplit, n, static_cast<S*>(out));
+    return cudaGetLastError();
+  };
+  if (a.need_w && (e = reduce(a.ws_w, (int64_t)a.M * a.N, a.w_out)) != cudaSuccess) return e;
+  if (a.need_b && (e = reduce(a.ws_b, (int64_t)a.M, a.b_out)) != cudaSuccess) return e;
+  return cudaSuccess;
+}
+
+}  // namespace
+
+BwdTokPlan adapter_bwd_token_plan(DType dt, bool /*tf32*/, int64_t T, int /*d*/, int /*r*/) {
+  BwdTokPlan plan;
+  DevInfo info;
+  if (current_dev_info(&info) != cudaSuccess) info.sms = 1, info.smem_optin = 48 * 1024;
+  plan.bt = T >= (int64_t)32 * info.sms ? 64 : 16;
+  if (tok_rank_chunk(dt, plan.bt, info.smem_optin) < kTileN) plan.bt = 16;
+  plan.nblocks = ceil_div64(std::max<int64_t>(T, 0), plan.bt);
+  return plan;
+}
+
+cudaError_t adapter_bwd_token(const BwdTokArgs& a, const BwdTokPlan& plan, DType dt, bool tf32,
+                              cudaStream_t stream) {
+  switch (dt) {
+    case DType::F16: return run_tok<MmaF16>(a, plan, dt, stream);
+    case DType::BF16: return run_tok<MmaBF16>(a, plan, dt, stream);
+    case DType::F32: return tf32 ? run_tok<MmaTF32>(a, plan, dt, stream) : run_tok<SimtF32>(a, plan, dt, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+WgradPlan adapter_wgrad_plan(int64_t T, int M, int N) {
+  WgradPlan plan;
+  DevInfo info;
+  if (current_dev_info(&info) != cudaSuccess) info.sms = 1;
+  const int64_t tiles = ceil_div64(std::max(M, 1), kTileN) * ceil_div64(std::max(N, 1), kTileN);
+  // Enough token splits for ~2 blocks per SM, each at least one k-stage; capped so the fp32
+  // workspace (nsplit * M * N) stays modest.
+  int64_t nsplit = std::max<int64_t>(1, ceil_div64(2 * (int64_t)info.sms, tiles));
+  nsplit = std::min<int64_t>(nsplit, std::max<int64_t>(1, ceil_div64(T, kBK)));
+  nsplit = std::min<int64_t>(nsplit, 1024);
+  plan.tchunk = std::max<int64_t>(kBK, (ceil_div64(std::max<int64_t>(T, 1), nsplit) + kBK - 1) / kBK * kBK);
+  plan.nsplit = (int)std::max<int64_t>(1, ceil_div64(T, plan.tchunk));
+  return plan;
+}
+
+cudaError_t adapter_wgrad(const WgradArgs& a, const WgradPlan& plan, DType dt, bool tf32, cudaStream_t stream) {
+  switch (dt) {
+    case DType::F16: return run_wgrad<MmaF16>(a, plan, stream);
+    case DType::BF16: return run_wgrad<MmaBF16>(a, plan, stream);
+    case DType::F32: return tf32 ? run_wgrad<MmaTF32>(a, plan, stream) : run_wgrad<SimtF32>(a, plan, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace adapterkern
