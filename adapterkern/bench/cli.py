@@ -113,7 +113,12 @@ def grid_main(argv: List[str]) -> int:
         cfg.notes.append(f"CPU allocator: {timing.tune_cpu_malloc()} (--malloc default to measure without)")
     print(f"[bench] {len(cfg.points())} points: modes {cfg.modes}, T {cfg.tokens}, d {cfg.hidden}, "
           f"r {cfg.bottleneck}, {str(dtype).replace('torch.', '')} on {device}", flush=True)
-    rows = grid.run_grid(cfg, show_progress=not args.no_progress)
+    written = {"path": args.csv or default_csv("grid", device)}
+
+    def append(point_rows):
+        written["path"] = report.append_csv(written["path"], point_rows)
+
+    rows = grid.run_grid(cfg, show_progress=not args.no_progress, on_rows=append)
     print()
     print(report.format_table(rows, markdown=args.markdown))
     print()
@@ -129,7 +134,7 @@ def grid_main(argv: List[str]) -> int:
     if not rows:
         print("no rows measured; nothing written")
         return 1
-    path = report.append_csv(args.csv or default_csv("grid", device), rows)
+    path = written["path"]
     print(f"wrote {len(rows)} rows to {path}")
     want_plot = args.plot if args.plot is not None else have_matplotlib()
     if args.plot and not have_matplotlib():

@@ -84,10 +84,11 @@ def flops(mode: str, tokens: int, hidden: int, bottleneck: int) -> int:
 def _make_inputs(n_sets: int, tokens: int, hidden: int, cfg: GridConfig, needs_grad: bool, gen: torch.Generator):
     xs, dys = [], []
     for _ in range(n_sets):
-        x = torch.randn(tokens, hidden, generator=gen, dtype=torch.float32).to(cfg.device, cfg.dtype)
+        x = torch.randn(tokens, hidden, generator=gen, device=cfg.device, dtype=torch.float32).to(cfg.dtype)
         xs.append(x.requires_grad_(needs_grad))
         if needs_grad:
-            dys.append(torch.randn(tokens, hidden, generator=gen, dtype=torch.float32).to(cfg.device, cfg.dtype))
+            dys.append(torch.randn(tokens, hidden, generator=gen, device=cfg.device, dtype=torch.float32
+                                   ).to(cfg.dtype))
     return xs, dys
 
 
@@ -114,9 +115,13 @@ def _rotating(steps: List[Callable[[], object]]) -> Callable[[], object]:
     return call
 
 
-def run_grid(cfg: GridConfig, *, log: Callable[[str], None] = print, show_progress: bool = True
-             ) -> List[Dict[str, object]]:
-    """Measure every selected implementation at every point; return the rows (see ``report.COLUMNS``)."""
+def run_grid(cfg: GridConfig, *, log: Callable[[str], None] = print, show_progress: bool = True,
+             on_rows: Optional[Callable[[List[Dict[str, object]]], None]] = None) -> List[Dict[str, object]]:
+    """Measure every selected implementation at every point; return the rows (see ``report.COLUMNS``).
+
+    ``on_rows`` is called with each point's rows as soon as the point is done (the CLI appends them to
+    the CSV there, so a run that is killed keeps every finished point).
+    """
     started = time.perf_counter()
     chosen, notes = impls_mod.select(cfg.impl_patterns, cfg.device)
     cfg.notes.extend(notes)
@@ -134,7 +139,7 @@ def run_grid(cfg: GridConfig, *, log: Callable[[str], None] = print, show_progre
     units = [(p, impl, g) for p in points for impl in chosen for g in ((False, True) if graph_ok else (False,))
              if not g or (impl.graphable and p[1] <= cfg.graph_max_tokens)]
     rows: List[Dict[str, object]] = []
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     bar = progress(total=len(units), desc="adapter bench", enabled=show_progress)
     skipped = 0
     by_point: Dict[tuple, List[tuple]] = {}
@@ -146,7 +151,10 @@ def run_grid(cfg: GridConfig, *, log: Callable[[str], None] = print, show_progre
                 skipped += 1
                 bar.update(len(point_units))
                 continue
-            rows.extend(_run_point(cfg, point, point_units, env, run_id, element_size, copy_bw, gen, bar, log))
+            point_rows = _run_point(cfg, point, point_units, env, run_id, element_size, copy_bw, gen, bar, log)
+            rows.extend(point_rows)
+            if on_rows is not None and point_rows:
+                on_rows(point_rows)
     finally:
         bar.close()
     if skipped:

@@ -133,9 +133,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         for p in m.parameters():
                             p.requires_grad_(True)
         for b, s in batches:
-            gen = torch.Generator().manual_seed(1)
-            x = torch.randn(b, s, spec.hidden, generator=gen).to(device, dtype)
-            dy = torch.randn(b, s, spec.hidden, generator=gen).to(device, dtype) if train else None
+            gen = torch.Generator(device=device).manual_seed(1)
+            x = torch.randn(b, s, spec.hidden, generator=gen, device=device).to(dtype)
+            dy = torch.randn(b, s, spec.hidden, generator=gen, device=device).to(dtype) if train else None
             if train:
                 x.requires_grad_(True)
 

@@ -159,7 +159,8 @@ def build_layer(spec: LayerSpec, device: torch.device, dtype: torch.dtype
 
         config = BertConfig(hidden_size=spec.hidden, intermediate_size=spec.intermediate,
                             num_attention_heads=spec.heads, attn_implementation="sdpa")
-        layer = BertLayer(config)
+        with torch.device(device):  # initialise on the device: a 7B-sized layer is slow to init on a CPU
+            layer = BertLayer(config)
 
         def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
             out = module(x)
@@ -171,8 +172,9 @@ def build_layer(spec: LayerSpec, device: torch.device, dtype: torch.dtype
         config = LlamaConfig(hidden_size=spec.hidden, intermediate_size=spec.intermediate,
                              num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
                              attn_implementation="sdpa")
-        layer = LlamaDecoderLayer(config, layer_idx=0)
-        rotary = LlamaRotaryEmbedding(config=config).to(device)
+        with torch.device(device):
+            layer = LlamaDecoderLayer(config, layer_idx=0)
+            rotary = LlamaRotaryEmbedding(config=config)
         cache: dict = {}
 
         def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -192,4 +194,6 @@ def bert_model(layers: int, device: torch.device, dtype: torch.dtype) -> nn.Modu
     from transformers import BertConfig, BertModel
 
     config = BertConfig(num_hidden_layers=layers, attn_implementation="sdpa")
-    return BertModel(config, add_pooling_layer=False).to(device=device, dtype=dtype)
+    with torch.device(device):
+        model = BertModel(config, add_pooling_layer=False)
+    return model.to(dtype=dtype)

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# One prepared GPU session (about 8 minutes; the device is lent rarely and briefly):
+#   1. pip install -e . --no-deps --no-build-isolation   (the GPU image has torch/triton, no internet)
+#   2. the test suite, pytest tests -x -q, under a time limit
+#   3. the benchmark grid in bf16 (python -m adapterkern.bench --full), in three stages:
+#        A  every point of the issue's grid: eager, adapters (if installed), every adapterkern
+#           backend, and their CUDA-graph variants at T <= 64   (target points first)
+#        B  torch.compile (default mode) on a subgrid, beside eager and adapterkern
+#        C  torch.compile max-autotune at the target shape d=4096, r=64, T=64 and 16384
+#   4. the transformer-layer benchmark (BERT-base and Llama-7B-sized layers), then, if time is left,
+#      the trade-off report
+# Everything goes to benchmarks/results/<date>-<device>/ (logs, CSVs, PNGs, environment) and is
+# copied to $OUT when that is set. Every stage has a hard time limit; the grid appends each point to
+# its CSV as soon as it is measured, so a stage cut short keeps what it finished. The script never
+# fails on a benchmark: its exit status is the test suite's.
+#
+# Budgets (seconds) can be overridden from the environment: GPU_CHECK_TESTS_S, GPU_CHECK_GRID_S,
+# GPU_CHECK_COMPILE_S, GPU_CHECK_AUTOTUNE_S, GPU_CHECK_LAYER_S, GPU_CHECK_TOTAL_S.
+# GPU_CHECK_BUILD_CUDA=1 builds the CUDA extension (ADAPTERKERN_FORCE_CUDA=1) when installing.
+set -u
+cd "$(dirname "$0")/.."
+START=$(date +%s)
+PY=${PYTHON:-python}
+TESTS_S=${GPU_CHECK_TESTS_S:-120}
+GRID_S=${GPU_CHECK_GRID_S:-150}
+COMPILE_S=${GPU_CHECK_COMPILE_S:-75}
+AUTOTUNE_S=${GPU_CHECK_AUTOTUNE_S:-60}
+LAYER_S=${GPU_CHECK_LAYER_S:-60}
+TOTAL_S=${GPU_CHECK_TOTAL_S:-500}
+
+elapsed() { echo $(( $(date +%s) - START )); }
+# budget N: N, or what is left of TOTAL_S if that is less (at least 10)
+budget() { local left=$(( TOTAL_S - $(elapsed) )); local b=$1; (( left < b )) && b=$left; (( b < 10 )) && b=10; echo "$b"; }
+stage() { echo; echo "=== [$(elapsed)s] $*"; }
+
+SLUG=$($PY - <<'PYEOF' 2>/dev/null || echo unknown-device
+import torch
+if torch.cuda.is_available():
+    n = torch.cuda.get_device_name(0).lower()
+    print("".join(c if c.isalnum() else "-" for c in n).strip("-"))
+else:
+    print("cpu")
+PYEOF
+)
+RES="benchmarks/results/$(date -u +%Y%m%d-%H%M%S)-${SLUG}"
+mkdir -p "$RES"
+echo "gpu_check: results in $RES"
+
+copy_out() {
+    if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/results" && cp -r "$RES"/. "$OUT/results/" 2>/dev/null; fi
+}
+trap copy_out EXIT
+
+stage "environment"
+{
+    date -u; uname -a; nvidia-smi 2>&1 | head -20
+    $PY -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
+    $PY -c "import triton; print('triton', triton.__version__)" 2>&1
+    for m in transformers adapters matplotlib tqdm pytest; do $PY -c "import $m; print('$m', getattr($m, '__version__', '?'))" 2>&1 | tail -1; done
+    git rev-parse HEAD 2>&1; git status --short 2>&1 | head -20
+} > "$RES/env.txt" 2>&1
+cat "$RES/env.txt"
+
+stage "install"
+if [ "${GPU_CHECK_BUILD_CUDA:-0}" = "1" ]; then
+    ADAPTERKERN_FORCE_CUDA=1 timeout -k 5 "$(budget 240)" $PY -m pip install -e . --no-deps --no-build-isolation \
+        > "$RES/install.log" 2>&1
+else
+    timeout -k 5 "$(budget 120)" $PY -m pip install -e . --no-deps --no-build-isolation > "$RES/install.log" 2>&1
+fi
+echo "install rc=$?"; tail -3 "$RES/install.log"
+
+stage "tests (limit $(budget "$TESTS_S")s)"
+timeout -k 10 "$(budget "$TESTS_S")" $PY -m pytest tests -x -q -p no:cacheprovider > "$RES/tests.log" 2>&1
+TESTS_RC=$?
+echo "tests rc=$TESTS_RC (124 = time limit reached)"; tail -15 "$RES/tests.log"
+
+# run_grid NAME LIMIT ARGS...: the grid CLI with a soft --time-limit (no new point after it) inside a
+# hard timeout; the table is reprinted from the CSV if the process was cut short.
+run_grid() {
+    local name=$1 limit; limit=$(budget "$2"); shift 2
+    stage "grid $name (limit ${limit}s)"
+    timeout -k 10 "$((limit + 20))" $PY -m adapterkern.bench --full --dtype bfloat16 --no-progress \
+        --warmup-ms 10 --rep-ms 50 --copy-mib 1024 --time-limit "$limit" \
+        --csv "$RES/grid-$name.csv" "$@" > "$RES/grid-$name.log" 2>&1
+    local rc=$?
+    echo "grid $name rc=$rc"
+    if [ $rc -ne 0 ] && [ -s "$RES/grid-$name.csv" ]; then
+        $PY -m adapterkern.bench table "$RES/grid-$name.csv" > "$RES/grid-$name.table.txt" 2>&1
+        $PY -m adapterkern.bench plot "$RES/grid-$name.csv" >> "$RES/grid-$name.log" 2>&1
+        cat "$RES/grid-$name.table.txt"
+    else
+        grep -v '^\[bench\] ' "$RES/grid-$name.log" | tail -n 200
+    fi
+}
+
+run_grid main "$GRID_S" --impl 'eager,adapters,adapterkern-*'
+run_grid compile "$COMPILE_S" --tokens 1,64,4096,16384 --hidden 768,4096 --bottleneck 64 \
+    --impl 'compile,adapterkern-*'
+run_grid autotune "$AUTOTUNE_S" --tokens 16384,64 --hidden 4096 --bottleneck 64 --mode fwd,fwd_bwd \
+    --impl 'compile,compile-max-autotune,adapterkern-*' --no-cuda-graph
+
+stage "layer benchmark (limit $(budget "$LAYER_S")s)"
+timeout -k 10 "$(budget "$LAYER_S")" $PY -m adapterkern.bench layer --csv "$RES/layer.csv" > "$RES/layer.log" 2>&1
+echo "layer rc=$?"; tail -n 40 "$RES/layer.log"
+
+if (( TOTAL_S - $(elapsed) > 70 )); then
+    stage "trade-offs (limit $(budget 60)s)"
+    timeout -k 10 "$(budget 60)" $PY -m adapterkern.bench tradeoffs --csv "$RES/tradeoffs.csv" \
+        > "$RES/tradeoffs.log" 2>&1
+    echo "tradeoffs rc=$?"; tail -n 15 "$RES/tradeoffs.log"
+else
+    stage "trade-offs skipped: $(( TOTAL_S - $(elapsed) ))s left of ${TOTAL_S}s"
+fi
+
+stage "done in $(elapsed)s; results in $RES"
+ls -la "$RES"
+exit "$TESTS_RC"
