@@ -1,4 +1,71 @@
-"""Build script. The package is pure Python; the CUDA extension (csrc/) is optional."""
+"""Build script. The package is pure Python; the CUDA extension ``adapterkern._C`` (csrc/) is optional.
+
+The extension is built when torch is importable at build time, is a CUDA build, and nvcc is found --
+or when ``ADAPTERKERN_FORCE_CUDA=1`` (then a missing toolchain is an error, not a skip).
+``ADAPTERKERN_CUDA_ARCHS`` (default "80;90") lists the GPU architectures to compile for.
+
+pip's default build isolation hides the installed torch from this script, so a plain
+``pip install -e .`` installs pure Python; build the extension with
+``ADAPTERKERN_FORCE_CUDA=1 pip install --no-build-isolation -e .``. Without it the CUDA backend can
+still JIT-build itself at first use (see adapterkern/backends/cuda.py).
+"""
+import os
+import shutil
+import sys
+from pathlib import Path
+
 from setuptools import setup
 
-setup()
+HERE = Path(__file__).resolve().parent
+CSRC = HERE / "csrc"
+NVCC_FLAGS = ["-O3", "-lineinfo"]  # never --use_fast_math: the kernels promise IEEE maths
+
+
+def _log(msg: str) -> None:
+    print(f"adapterkern setup: {msg}", file=sys.stderr)
+
+
+def _arch_flags(archs: str) -> list:
+    items = [a.strip().replace(".", "") for a in archs.replace(",", ";").split(";") if a.strip()]
+    if not items:
+        raise SystemExit("adapterkern setup: ADAPTERKERN_CUDA_ARCHS is empty")
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in items]
+    flags.append(f"-gencode=arch=compute_{items[-1]},code=compute_{items[-1]}")  # PTX for newer GPUs
+    return flags
+
+
+def _cuda_extension_kwargs() -> dict:
+    force = os.environ.get("ADAPTERKERN_FORCE_CUDA", "") == "1"
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except Exception as exc:  # build isolation, or torch not installed yet
+        if force:
+            raise SystemExit(f"adapterkern setup: ADAPTERKERN_FORCE_CUDA=1 but torch is not importable ({exc}); "
+                             "use `pip install --no-build-isolation`")
+        _log(f"torch not importable at build time ({exc.__class__.__name__}); skipping the CUDA extension")
+        return {}
+    nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")))
+    if not force:
+        if torch.version.cuda is None:
+            _log(f"torch {torch.__version__} is a CPU build; skipping the CUDA extension")
+            return {}
+        if not nvcc:
+            _log("nvcc not found; skipping the CUDA extension")
+            return {}
+        if not CSRC.is_dir():
+            _log("csrc/ not found; skipping the CUDA extension")
+            return {}
+    archs = os.environ.get("ADAPTERKERN_CUDA_ARCHS", "80;90")
+    _log(f"building adapterkern._C for sm {archs}")
+    sources = sorted(str(p.relative_to(HERE)) for p in CSRC.glob("*.cu")) + ["csrc/bindings.cpp"]
+    ext = CUDAExtension(
+        name="adapterkern._C",
+        sources=sources,
+        include_dirs=[str(CSRC)],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": NVCC_FLAGS + _arch_flags(archs)},
+    )
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+
+
+setup(**_cuda_extension_kwargs())
