@@ -55,7 +55,10 @@ def grid_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", help="PNG path (default: the CSV path with .png)")
     p.add_argument("--no-cuda-graph", action="store_true", help="skip the +graph variants on CUDA")
     p.add_argument("--graph-max-tokens", type=int, default=64)
-    p.add_argument("--min-run-time", type=float, help="CPU: seconds per measurement (default 0.15, --full 0.5)")
+    p.add_argument("--min-run-time", type=float,
+                   help="CPU: seconds of timed blocks per implementation and point (default 0.3, --full 1.0)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="CPU: the blocks are spread over this many alternating rounds across implementations")
     p.add_argument("--warmup-ms", type=float, help="CUDA: do_bench warm-up (default 10 quick / 25 full)")
     p.add_argument("--rep-ms", type=float, help="CUDA: do_bench repetition time (default 40 quick / 100 full)")
     p.add_argument("--copy-mib", type=float, help="size of the copy that measures bandwidth "
@@ -100,11 +103,12 @@ def grid_main(argv: List[str]) -> int:
         activation=args.activation,
         cuda_graph=not args.no_cuda_graph,
         graph_max_tokens=args.graph_max_tokens,
-        min_run_time=args.min_run_time if args.min_run_time is not None else (0.5 if full else 0.15),
+        min_run_time=args.min_run_time if args.min_run_time is not None else (1.0 if full else 0.3),
         warmup_ms=args.warmup_ms if args.warmup_ms is not None else (25.0 if full else 10.0),
         rep_ms=args.rep_ms if args.rep_ms is not None else (100.0 if full else 40.0),
         copy_bytes=int((args.copy_mib if args.copy_mib is not None else (1024 if device.type == "cuda" else 256))
                        * 2**20),
+        cpu_rounds=args.rounds,
         time_limit=args.time_limit,
         priority_first=full,
         seed=args.seed,

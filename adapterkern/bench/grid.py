@@ -53,7 +53,8 @@ class GridConfig:
     scaling: float = 1.0
     cuda_graph: bool = True  # add "+graph" variants on CUDA for T <= graph_max_tokens
     graph_max_tokens: int = 64
-    min_run_time: float = 0.15  # CPU: seconds of blocks per measurement
+    min_run_time: float = 0.15  # CPU: seconds of blocks per implementation and point, over all rounds
+    cpu_rounds: int = 3  # CPU: alternating rounds the blocks are spread over
     warmup_ms: float = 25.0  # CUDA: do_bench warm-up and repetition budgets
     rep_ms: float = 100.0
     copy_bytes: int = 256 * 2**20
@@ -163,6 +164,9 @@ def run_grid(cfg: GridConfig, *, log: Callable[[str], None] = print, show_progre
 
 
 def _run_point(cfg, point, units, env, run_id, element_size, copy_bw, gen, bar, log) -> List[Dict[str, object]]:
+    """Measure one point. On CUDA each implementation is built and timed in turn (do_bench). On CPU
+    all are built and warmed first, then timed in ``cfg.cpu_rounds`` alternating rounds (ABC ABC ...)
+    whose blocks are pooled: a shared machine's slow spells then fall on every implementation alike."""
     mode, tokens, hidden, bottleneck = point
     needs_grad = mode == "fwd_bwd"
     torch.manual_seed(cfg.seed)
@@ -172,33 +176,57 @@ def _run_point(cfg, point, units, env, run_id, element_size, copy_bw, gen, bar, 
     n_sets = timing.rotation_sets(set_bytes, cfg.device)
     xs, dys = _make_inputs(n_sets, tokens, hidden, cfg, needs_grad, gen)
     floor_s = fbytes / copy_bw
-    reference: Optional[torch.Tensor] = None
-    eager_median: Optional[float] = None
-    out: List[Dict[str, object]] = []
+    interleave = cfg.device.type == "cpu"
+    if interleave:
+        torch._dynamo.reset()  # once per point: at most one compiled entry per mode, never the cache limit
+    done = []  # (impl, graphed, y0, n_sets, fn or Timing)
     for _, impl, graphed in units:
         label = f"{mode} T={tokens} d={hidden} r={bottleneck} {impl.name}{'+graph' if graphed else ''}"
         bar.set_postfix(label)
         try:
-            if impl.compiled:
+            if impl.compiled and not interleave:
                 torch._dynamo.reset()
             forward, params = impl.build(eager)
             with torch.set_grad_enabled(needs_grad):
                 steps = _steps(forward, params, xs, dys, mode)
                 first = steps[0]()  # compiles / autotunes; its output is what the error check compares
                 y0 = (first if mode == "fwd" else first[0]).detach().float()
-                n = len(steps)
+                del first
                 if graphed:
-                    steps = steps[: min(n, 8)]
+                    steps = steps[:8]
                     fn = timing.cuda_graph_callables(steps, cfg.device)
                 else:
                     fn = _rotating(steps)
-                t = timing.time_fn(fn, cfg.device, min_run_time=cfg.min_run_time, warmup_ms=cfg.warmup_ms,
-                                   rep_ms=cfg.rep_ms)
+                result = fn if interleave else timing.time_fn(
+                    fn, cfg.device, min_run_time=cfg.min_run_time, warmup_ms=cfg.warmup_ms, rep_ms=cfg.rep_ms)
+            done.append((impl, graphed, y0, len(steps), result))
         except Exception as exc:  # noqa: BLE001 - one implementation failing must not lose the others
             cfg.notes.append(f"{label}: failed, {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             log(f"[bench] {cfg.notes[-1]}")
+        if not interleave:
             bar.update(1)
-            continue
+    if interleave and done:
+        samples: List[List[float]] = [[] for _ in done]
+        rounds = max(1, cfg.cpu_rounds)
+        grad = torch.set_grad_enabled(needs_grad)
+        with grad:
+            for k, (impl, graphed, _, _, fn) in enumerate(done):  # warm-up, in the same order as timing
+                timing.time_cpu(fn, min_run_time=0.0, warmup_time=0.01, samples_only=True)
+            for _ in range(rounds):
+                for k, (impl, graphed, _, _, fn) in enumerate(done):
+                    samples[k] += timing.time_cpu(fn, min_run_time=cfg.min_run_time / rounds, warmup_time=0.0,
+                                                  samples_only=True)
+        done = [(impl, graphed, y0, n, timing.summarize(samples[k], f"torch.utils.benchmark.blocked_autorange, "
+                                                                   f"{rounds} alternating rounds"))
+                for k, (impl, graphed, y0, n, _) in enumerate(done)]
+        bar.update(len(units))
+    elif interleave:
+        bar.update(len(units))
+
+    out: List[Dict[str, object]] = []
+    reference: Optional[torch.Tensor] = None
+    eager_median: Optional[float] = None
+    for impl, graphed, y0, n, t in done:
         if reference is None:
             reference = y0  # eager comes first at every point
         err = ((y0 - reference).abs().max() / reference.abs().max().clamp_min(1e-30)).item() if y0.numel() else 0.0
@@ -209,15 +237,14 @@ def _run_point(cfg, point, units, env, run_id, element_size, copy_bw, gen, bar, 
             "mode": mode, "dtype": str(cfg.dtype).replace("torch.", ""), "tokens": tokens, "hidden": hidden,
             "bottleneck": bottleneck, "activation": cfg.activation, "impl": impl.name, "cuda_graph": graphed,
             "median_us": t.median_s * 1e6, "iqr_us": t.iqr_s * 1e6, "samples": t.samples, "timer": t.timer,
-            "rotate_sets": len(steps),
+            "rotate_sets": n,
             "floor_bytes": fbytes, "copy_GBps": copy_bw / 1e9, "floor_us": floor_s * 1e6,
             "pct_of_floor": 100.0 * floor_s / t.median_s, "achieved_GBps": fbytes / t.median_s / 1e9,
             "achieved_GFLOPs": flops(mode, tokens, hidden, bottleneck) / t.median_s / 1e9,
             "speedup_vs_eager": (eager_median / t.median_s) if eager_median else math.nan,
             "max_rel_err": err,
         })
-        bar.update(1)
-    del xs, dys
+    del xs, dys, done
     if cfg.device.type == "cuda":
         torch.cuda.empty_cache()
     return out

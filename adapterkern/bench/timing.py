@@ -49,19 +49,23 @@ def summarize(times_s: Sequence[float], timer: str) -> Timing:
     )
 
 
-def time_cpu(fn: Callable[[], object], min_run_time: float = 0.2, warmup_time: float = 0.02) -> Timing:
-    """Median and IQR of ``fn`` on the CPU with ``torch.utils.benchmark`` (blocks of calls)."""
+def time_cpu(fn: Callable[[], object], min_run_time: float = 0.2, warmup_time: float = 0.02,
+             samples_only: bool = False):
+    """Median and IQR of ``fn`` on the CPU with ``torch.utils.benchmark`` (blocks of calls).
+
+    With ``samples_only`` returns the raw per-call block means instead (to pool several rounds).
+    """
     from torch.utils.benchmark import Timer
 
-    fn()
     end = time.perf_counter() + warmup_time
     while time.perf_counter() < end:
         fn()
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     m = timer.blocked_autorange(min_run_time=min_run_time)
-    # m.times are per-call means of each block; keep at least 3 blocks so an IQR exists.
-    times = list(m.times)
-    while len(times) < 3:
+    times = list(m.times)  # per-call means of each block
+    if samples_only:
+        return times
+    while len(times) < 3:  # keep at least 3 blocks so an IQR exists
         times += list(timer.blocked_autorange(min_run_time=min_run_time / 2).times)
     return summarize(times, "torch.utils.benchmark.blocked_autorange")
 
