@@ -72,3 +72,14 @@ def test_plot_from_csv(tmp_path):
     png = tmp_path / "grid.png"
     assert plot.main([str(path), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("sub", ["layer", "tradeoffs"])
+def test_subcommands_skip_cleanly_without_transformers(monkeypatch, capsys, tmp_path, sub):
+    from adapterkern.bench import models
+
+    monkeypatch.setattr(models, "transformers_reason", lambda: "transformers is not importable (test)")
+    assert cli.main([sub, "--csv", str(tmp_path / "x.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "skipped" in out and "transformers" in out
+    assert not (tmp_path / "x.csv").exists()

@@ -106,6 +106,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{backend}; {rounds} alternating rounds per point", flush=True)
 
     rows: List[Dict[str, object]] = []
+    csv_path = args.csv or default_csv("layer", device)
     for spec in specs:
         r = max(1, spec.hidden // args.reduction_factor)
         torch.manual_seed(0)
@@ -167,6 +168,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     torch.cuda.empty_cache()
                 continue
             t_none = times[0].median_s
+            first_new = len(rows)
             for (name, _), t, out in zip(variants.items(), times, outs):
                 diff = ((out - outs[1]).abs().max() / outs[1].abs().max()).item() if name != "none" else 0.0
                 rows.append({
@@ -180,6 +182,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "median_ms": t.median_s * 1e3, "iqr_ms": t.iqr_s * 1e3, "rounds": t.samples,
                     "overhead_pct": 100.0 * (t.median_s / t_none - 1.0), "max_rel_diff": diff,
                 })
+            csv_path = append_csv(csv_path, rows[first_new:], LAYER_COLUMNS)  # now: a killed run keeps it
             del x, dy, outs
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -193,8 +196,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if rows:
         print(f"note: {env['device']}; torch {env['torch']}, transformers {transformers.__version__}, "
               f"commit {env['git_commit'] or '?'}; run {run_id}")
-        path = append_csv(args.csv or default_csv("layer", device), rows, LAYER_COLUMNS)
-        print(f"wrote {len(rows)} rows to {path}")
+        print(f"wrote {len(rows)} rows to {csv_path}")
     return 0 if rows else 1
 
 
