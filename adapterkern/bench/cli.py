@@ -68,7 +68,8 @@ def grid_parser() -> argparse.ArgumentParser:
     p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                    help="CPU: raise glibc's mmap/trim thresholds so tensors are not page-faulted in on every "
                         "call (default tuned; see adapterkern.bench.timing.tune_cpu_malloc)")
-    p.add_argument("--threads", type=int, help="CPU: torch threads (default: torch's default, all cores)")
+    p.add_argument("--threads", default="auto",
+                   help="CPU: torch threads; auto (default) = all cores unless a probe finds them busy, then 1")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -80,10 +81,10 @@ def grid_main(argv: List[str]) -> int:
     from .plot import have_matplotlib, plot_grid
 
     device = _device(args.device)
-    if args.threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(args.threads)
+    auto_threads = torch.get_num_threads() if args.threads in (None, "", "auto") else 0
+    threads_note = timing.choose_cpu_threads(args.threads) if device.type == "cpu" else None
     base = grid.default_grid(device, args.full)
     modes = grid.parse_list(args.mode, str) or base["modes"]
     for m in modes:
@@ -109,10 +110,13 @@ def grid_main(argv: List[str]) -> int:
         copy_bytes=int((args.copy_mib if args.copy_mib is not None else (1024 if device.type == "cuda" else 256))
                        * 2**20),
         cpu_rounds=args.rounds,
+        auto_threads=auto_threads,
         time_limit=args.time_limit,
         priority_first=full,
         seed=args.seed,
     )
+    if threads_note:
+        cfg.notes.append(threads_note.replace("CPU threads: 1", "CPU threads at start: 1"))
     if device.type == "cpu" and args.malloc == "tuned":
         cfg.notes.append(f"CPU allocator: {timing.tune_cpu_malloc()} (--malloc default to measure without)")
     print(f"[bench] {len(cfg.points())} points: modes {cfg.modes}, T {cfg.tokens}, d {cfg.hidden}, "
@@ -129,7 +133,7 @@ def grid_main(argv: List[str]) -> int:
     noisy = [r for r in rows if float(r["iqr_us"]) > 0.25 * float(r["median_us"])]
     if noisy:
         cfg.notes.append(f"{len(noisy)} of {len(rows)} rows have IQR > 25% of the median: the machine was busy "
-                         "(on a shared CPU, --threads 1 is steadier); compare such rows with care")
+                         "(on a shared CPU, --threads 1 may be steadier); compare such rows with care")
     for note in cfg.notes:
         print(f"note: {note}")
     if rows:

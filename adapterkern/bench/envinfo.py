@@ -12,7 +12,9 @@ import torch
 
 
 def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else ``platform.processor()``, with the thread count."""
+    """The CPU model from /proc/cpuinfo (Linux), else ``platform.processor()``, with the CPU count.
+
+    The torch thread count is a separate column (``threads``): it can change between points."""
     name = ""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -23,7 +25,7 @@ def cpu_name() -> str:
     except OSError:
         pass
     name = name or platform.processor() or platform.machine() or "cpu"
-    return f"{name} ({os.cpu_count()} cpus, {torch.get_num_threads()} torch threads)"
+    return f"{name} ({os.cpu_count()} cpus)"
 
 
 def device_name(device: torch.device) -> str:

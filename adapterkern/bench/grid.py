@@ -55,6 +55,7 @@ class GridConfig:
     graph_max_tokens: int = 64
     min_run_time: float = 0.15  # CPU: seconds of blocks per implementation and point, over all rounds
     cpu_rounds: int = 3  # CPU: alternating rounds the blocks are spread over
+    auto_threads: int = 0  # CPU: >1 = before each point, use this many threads unless the cores are busy, then 1
     warmup_ms: float = 25.0  # CUDA: do_bench warm-up and repetition budgets
     rep_ms: float = 100.0
     copy_bytes: int = 256 * 2**20
@@ -133,7 +134,8 @@ def run_grid(cfg: GridConfig, *, log: Callable[[str], None] = print, show_progre
     copy_bw = timing.copy_bandwidth(cfg.device, cfg.copy_bytes, min_run_time=cfg.min_run_time,
                                     warmup_ms=cfg.warmup_ms / 2, rep_ms=cfg.rep_ms / 2)
     cfg.notes.append(f"copy bandwidth (floor denominator): {copy_bw / 1e9:.1f} GB/s "
-                     f"(copy_ of {cfg.copy_bytes / 2**20:.0f} MiB on {env['device']})")
+                     f"(copy_ of {cfg.copy_bytes / 2**20:.0f} MiB on {env['device']}"
+                     + (f", {torch.get_num_threads()} threads" if cfg.device.type == "cpu" else "") + ")")
 
     points = cfg.points()
     graph_ok = cfg.cuda_graph and cfg.device.type == "cuda"
@@ -143,6 +145,7 @@ def run_grid(cfg: GridConfig, *, log: Callable[[str], None] = print, show_progre
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     bar = progress(total=len(units), desc="adapter bench", enabled=show_progress)
     skipped = 0
+    single = 0  # points that auto_threads ran on one thread
     by_point: Dict[tuple, List[tuple]] = {}
     for unit in units:
         by_point.setdefault(unit[0], []).append(unit)
@@ -152,12 +155,21 @@ def run_grid(cfg: GridConfig, *, log: Callable[[str], None] = print, show_progre
                 skipped += 1
                 bar.update(len(point_units))
                 continue
-            point_rows = _run_point(cfg, point, point_units, env, run_id, element_size, copy_bw, gen, bar, log)
+            if cfg.auto_threads > 1 and cfg.device.type == "cpu":
+                busy = timing.busy_cores_slowdown(cfg.auto_threads) > timing.BUSY_SLOWDOWN
+                torch.set_num_threads(1 if busy else cfg.auto_threads)
+                single += busy
+            point_env = dict(env, threads=str(torch.get_num_threads())) if cfg.device.type == "cpu" else env
+            point_rows = _run_point(cfg, point, point_units, point_env, run_id, element_size, copy_bw, gen, bar,
+                                    log)
             rows.extend(point_rows)
             if on_rows is not None and point_rows:
                 on_rows(point_rows)
     finally:
         bar.close()
+    if single:
+        cfg.notes.append(f"CPU threads: {single} of {len(by_point)} points ran on 1 thread instead of "
+                         f"{cfg.auto_threads}: a probe before them found the cores busy (see the threads column)")
     if skipped:
         cfg.notes.append(f"--time-limit {cfg.time_limit:.0f}s reached: {skipped} of {len(by_point)} points not run")
     return rows

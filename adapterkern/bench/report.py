@@ -84,8 +84,8 @@ def _cell(value: float, digits: int) -> str:
     return f"{value:,.{digits}f}"
 
 
-TABLE_HEADER = ["mode", "dtype", "T", "d", "r", "impl", "median us", "IQR us", "GB/s", "floor us", "% floor",
-                "vs eager", "rel err"]
+TABLE_HEADER = ["mode", "dtype", "T", "d", "r", "impl", "thr", "median us", "IQR us", "GB/s", "floor us",
+                "% floor", "vs eager", "rel err"]
 
 
 def table_cells(rows: Iterable[Dict[str, object]]) -> List[List[str]]:
@@ -94,7 +94,7 @@ def table_cells(rows: Iterable[Dict[str, object]]) -> List[List[str]]:
         impl = str(r["impl"]) + ("+graph" if str(r.get("cuda_graph")) in ("1", "True") else "")
         out.append([
             str(r["mode"]), str(r["dtype"]).replace("torch.", ""), str(r["tokens"]), str(r["hidden"]),
-            str(r["bottleneck"]), impl,
+            str(r["bottleneck"]), impl, str(r.get("threads") or "-"),
             _cell(_num(r, "median_us"), 1), _cell(_num(r, "iqr_us"), 1), _cell(_num(r, "achieved_GBps"), 1),
             _cell(_num(r, "floor_us"), 1), _cell(_num(r, "pct_of_floor"), 1),
             _cell(_num(r, "speedup_vs_eager"), 2) + ("x" if not math.isnan(_num(r, "speedup_vs_eager")) else ""),
@@ -107,7 +107,7 @@ def format_table(rows: Iterable[Dict[str, object]], markdown: bool = False) -> s
     cells = table_cells(rows)
     if markdown:
         lines = ["| " + " | ".join(TABLE_HEADER) + " |",
-                 "|" + "|".join("---" if i < 6 else "---:" for i in range(len(TABLE_HEADER))) + "|"]
+                 "|" + "|".join("---" if i < 7 else "---:" for i in range(len(TABLE_HEADER))) + "|"]
         lines += ["| " + " | ".join(c) + " |" for c in cells]
         return "\n".join(lines)
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(TABLE_HEADER)]

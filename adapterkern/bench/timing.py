@@ -17,7 +17,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -245,3 +245,53 @@ def tune_cpu_malloc() -> str:
 
 def malloc_setting() -> str:
     return _MALLOC_SETTING["value"]
+
+
+def busy_cores_slowdown(threads: int) -> float:
+    """How much slower a ``threads``-thread matmul runs than a 1-thread one right now (>1: cores busy).
+
+    Leaves torch at ``threads`` threads. About 0.1 s.
+    """
+    a = torch.randn(256, 768)
+    b = torch.randn(768, 768)
+
+    def probe(n: int) -> float:
+        torch.set_num_threads(n)
+        for _ in range(3):
+            a @ b
+        times = []
+        for _ in range(15):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    t_one = probe(1)
+    t_all = probe(threads)
+    return t_all / t_one
+
+
+BUSY_SLOWDOWN = 1.3
+
+
+def choose_cpu_threads(requested: Optional[str]) -> Optional[str]:
+    """Apply ``--threads`` (a number, or ``auto``/None); return a note saying what was chosen and why.
+
+    ``auto`` keeps PyTorch's default (all cores) unless a quick probe shows the cores are busy with
+    other work: then every parallel region waits for a descheduled thread, the multi-threaded matmul
+    runs slower than a single-threaded one, and timings turn into scheduler noise (tens of ms per
+    op on a shared 2-core machine). In that case it measures with one thread and says so. (The grid
+    probes again before every point; see ``GridConfig.auto_threads``.)
+    """
+    if requested not in (None, "", "auto"):
+        torch.set_num_threads(int(requested))
+        return None
+    n = torch.get_num_threads()
+    if n <= 1:
+        return None
+    slowdown = busy_cores_slowdown(n)
+    if slowdown > BUSY_SLOWDOWN:
+        torch.set_num_threads(1)
+        return (f"CPU threads: 1 (a {n}-thread matmul probe ran {slowdown:.1f}x slower than 1 thread: the "
+                f"cores are busy with other work; --threads {n} to insist)")
+    return None

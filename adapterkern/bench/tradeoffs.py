@@ -47,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="default bfloat16 on GPU, float32 on CPU")
     p.add_argument("--device")
     p.add_argument("--rounds", type=int, help="alternating timing rounds (default 5 quick, 10 full)")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", default="auto", help="CPU: torch threads (default auto, see the grid's --help)")
     p.add_argument("--malloc", choices=("tuned", "default"), default="tuned")
     p.add_argument("--csv", help="append here (default benchmarks/results/tradeoffs-<device>.csv)")
     p.add_argument("--png", help="PNG path (default: the CSV path with .png; needs matplotlib)")
@@ -85,9 +85,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .report import append_csv, read_csv
 
     device = _device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     notes: List[str] = []
+    if device.type == "cpu":
+        threads_note = timing.choose_cpu_threads(args.threads)
+        if threads_note:
+            notes.append(threads_note)
     if device.type == "cpu" and args.malloc == "tuned":
         notes.append(f"CPU allocator: {timing.tune_cpu_malloc()}")
     dtype = grid.DTYPES[args.dtype] if args.dtype else grid.default_dtype(device)
