@@ -5,7 +5,7 @@ One BERT-base-sized model (random weights) and one batch, four ways side by side
 * full fine-tuning (every weight trained; the checkpoint is the whole model);
 * eager adapters (frozen backbone, a Pfeiffer adapter after every feed-forward sublayer, r = d/16);
 * fused adapters (the same adapters through ``adapterkern.bottleneck_adapter``, same weights);
-* LoRA on the attention query/value projections, with the rank that gives the adapters' parameter
+* LoRA on the attention query/value projections (trained unmerged), with the rank that gives the adapters' parameter
   count, merged into the weights for inference: the zero-added-latency reference.
 
 For each: trainable parameters (count and percent of the backbone), checkpoint size on disk (what
@@ -32,7 +32,7 @@ TRADEOFF_COLUMNS = [
     "trainable_pct", "checkpoint_MiB", "train_step_ms", "train_step_iqr_ms", "peak_mem_MiB", "mem_method",
     "infer_ms", "infer_iqr_ms",
 ]
-CONFIGS = ("full fine-tuning", "eager adapters", "fused adapters", "LoRA (merged)")
+CONFIGS = ("full fine-tuning", "eager adapters", "fused adapters", "LoRA (merged for inference)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -126,7 +126,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             for p in model.parameters():
                 p.requires_grad_(False)
-            if config == "LoRA (merged)":
+            if config == "LoRA (merged for inference)":
                 trainable = [p for m in add_lora(model, lora_rank) for p in (m.lora_a, m.lora_b)]
             else:
                 mods = add_adapters(model, "eager" if config == "eager adapters" else "fused", r, "relu", backend)
@@ -159,6 +159,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     results: Dict[str, Dict[str, object]] = {c: {} for c in CONFIGS}
     models, steps, opts = {}, {}, {}
     for config in CONFIGS:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)  # the other configurations' models stay resident
         model, trainable = build(config)
         n_train = _count(trainable)
         state = model.state_dict() if config == "full fine-tuning" else {
@@ -169,13 +172,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         step, opt = step_fn(model, trainable)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
             for _ in range(2):
                 step()
             torch.cuda.synchronize(device)
-            res.update(peak_mem_MiB=torch.cuda.max_memory_allocated(device) / 2**20,
-                       mem_method="cuda max_memory_allocated (all resident models)")
+            res.update(peak_mem_MiB=(torch.cuda.max_memory_allocated(device) - before) / 2**20,
+                       mem_method="cuda max_memory_allocated over 2 steps, less what was allocated before "
+                                  "this configuration's model was built")
         else:
             saved: Dict[int, int] = {}
 
@@ -214,7 +217,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     del opts, steps
     for model in models.values():
         model.eval()
-    merge_lora(models["LoRA (merged)"])
+    merge_lora(models["LoRA (merged for inference)"])
     print(f"[tradeoffs] timing inference ({rounds} alternating rounds) ...", flush=True)
     infer_t = timing.interleaved([infer_fn(models[c]) for c in CONFIGS], device, rounds=rounds, min_block_s=block_s)
     for c, t in zip(CONFIGS, infer_t):
