@@ -113,6 +113,7 @@ def grid_main(argv: List[str]) -> int:
         auto_threads=auto_threads,
         time_limit=args.time_limit,
         priority_first=full,
+        full=full,
         seed=args.seed,
     )
     if threads_note:

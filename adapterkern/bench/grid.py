@@ -61,6 +61,7 @@ class GridConfig:
     copy_bytes: int = 256 * 2**20
     time_limit: Optional[float] = None  # seconds; points not started by then are skipped (and said so)
     priority_first: bool = False
+    full: bool = False  # --full: also the slow-to-build defaults (compile-max-autotune on CUDA)
     seed: int = 0
     notes: List[str] = field(default_factory=list)
 
@@ -125,7 +126,7 @@ def run_grid(cfg: GridConfig, *, log: Callable[[str], None] = print, show_progre
     the CSV there, so a run that is killed keeps every finished point).
     """
     started = time.perf_counter()
-    chosen, notes = impls_mod.select(cfg.impl_patterns, cfg.device)
+    chosen, notes = impls_mod.select(cfg.impl_patterns, cfg.device, full=cfg.full)
     cfg.notes.extend(notes)
     env = envinfo.environment(cfg.device)
     run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]

@@ -11,8 +11,8 @@ Names (``--impl`` takes a comma-separated list of these or of glob patterns such
 ``compile``                ``torch.compile(eager)`` in the default mode, specialised to the shape
                            (``dynamic=False``; dynamo is reset before each point so no cache limit
                            ever sends it back to eager).
-``compile-max-autotune``   the same with ``mode="max-autotune"`` (GPU only; that mode already runs
-                           the compiled graph under CUDA graphs).
+``compile-max-autotune``   the same with ``mode="max-autotune"`` (that mode already runs the compiled
+                           graph under CUDA graphs). By default only in ``--full`` on GPU; else when named.
 ``adapterkern-<backend>``  ``adapterkern.bottleneck_adapter(..., backend=<backend>)`` for each backend
                            in ``adapterkern.available_backends(device)``. On CPU the ``triton`` backend
                            runs in the Triton interpreter (a correctness tool, not a fast path), so it
@@ -140,8 +140,11 @@ def adapterkern_backends(device: torch.device) -> Tuple[List[str], Optional[str]
         return [], f"adapterkern.available_backends failed ({type(exc).__name__}: {exc})"
 
 
-def all_impls(device: torch.device) -> Tuple[List[Impl], List[Impl], List[str]]:
-    """(default implementations, ones run only when named, notes about ones that cannot run here)."""
+def all_impls(device: torch.device, full: bool = False) -> Tuple[List[Impl], List[Impl], List[str]]:
+    """(default implementations, ones run only when named, notes about ones that cannot run here).
+
+    ``compile-max-autotune`` is a default only for ``--full`` on CUDA: it autotunes every new shape
+    (minutes over a grid), so the quick grid runs it only when named."""
     notes: List[str] = []
     default = [Impl("eager", _eager)]
     on_request: List[Impl] = []
@@ -152,7 +155,7 @@ def all_impls(device: torch.device) -> Tuple[List[Impl], List[Impl], List[str]]:
         notes.append(f"adapters: skipped, {reason}; install it with `pip install adapters` to compare")
     default.append(Impl("compile", _compiled(None), compiled=True))
     max_autotune = Impl("compile-max-autotune", _compiled("max-autotune"), compiled=True, graphable=False)
-    (default if device.type == "cuda" else on_request).append(max_autotune)
+    (default if device.type == "cuda" and full else on_request).append(max_autotune)
     backends, reason = adapterkern_backends(device)
     if reason:
         notes.append(f"adapterkern-*: skipped, {reason}")
@@ -166,9 +169,9 @@ def all_impls(device: torch.device) -> Tuple[List[Impl], List[Impl], List[str]]:
     return default, on_request, notes
 
 
-def select(patterns: Optional[List[str]], device: torch.device) -> Tuple[List[Impl], List[str]]:
+def select(patterns: Optional[List[str]], device: torch.device, full: bool = False) -> Tuple[List[Impl], List[str]]:
     """The implementations to run: ``eager`` first, then the defaults or those matching ``patterns``."""
-    default, on_request, notes = all_impls(device)
+    default, on_request, notes = all_impls(device, full)
     if not patterns:
         return default, notes
     candidates = default + on_request
