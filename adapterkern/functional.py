@@ -10,7 +10,8 @@ from . import library  # noqa: F401  (registers the torch.library ops)
 from .activations import get_activation
 from .backends import reference, resolve_backend
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 is accepted too (for gradcheck and references); the kernels then accumulate in float64.
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _describe(t: Tensor) -> str:
@@ -82,7 +83,7 @@ def bottleneck_adapter(
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor of shape (..., d), got {type(x).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x: expected dtype float32, float16 or bfloat16, got {x.dtype}")
+        raise TypeError(f"x: expected dtype float32, float16, bfloat16 or float64, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] < 1:
         raise ValueError(f"x: expected shape (..., d) with d >= 1, got {tuple(x.shape)}")
     d = x.shape[-1]

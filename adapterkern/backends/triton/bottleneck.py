@@ -79,9 +79,10 @@ def _tanh(x):
 
 @triton.jit
 def _act(h, ACT: tl.constexpr):
-    """act(h) for fp32 ``h``."""
+    """act(h), computed in h's (accumulator) dtype."""
+    # relu / relu6 via tl.where, not tl.maximum / tl.minimum: those drop NaN (PyTorch propagates it).
     if ACT == _RELU:
-        return tl.maximum(h, 0.0)
+        return tl.where(h < 0.0, 0.0, h)
     elif ACT == _GELU:
         return 0.5 * h * (1.0 + tl.erf(h * _INV_SQRT_2))
     elif ACT == _GELU_TANH:
@@ -97,14 +98,14 @@ def _act(h, ACT: tl.constexpr):
     elif ACT == _LEAKY_RELU:
         return tl.where(h > 0.0, h, h * _SLOPE)
     elif ACT == _RELU6:
-        return tl.minimum(tl.maximum(h, 0.0), 6.0)
+        return tl.where(h < 0.0, 0.0, tl.where(h > 6.0, 6.0, h))
     else:
         return h
 
 
 @triton.jit
 def _act_grad(h, ACT: tl.constexpr):
-    """d act / d h for fp32 ``h`` (at kinks, the subgradient PyTorch's autograd uses)."""
+    """d act / d h in h's dtype (at kinks, the subgradient PyTorch's autograd uses)."""
     if ACT == _RELU:
         return tl.where(h > 0.0, 1.0, 0.0)
     elif ACT == _GELU:
@@ -129,7 +130,7 @@ def _act_grad(h, ACT: tl.constexpr):
     elif ACT == _RELU6:
         return tl.where((h > 0.0) & (h < 6.0), 1.0, 0.0)
     else:
-        return tl.full(h.shape, 1.0, tl.float32)
+        return tl.full(h.shape, 1.0, h.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,6 +202,7 @@ def _fwd_kernel(
     HAS_S: tl.constexpr,
     SAVE_H: tl.constexpr,
     PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
     R_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -212,7 +214,7 @@ def _fwd_kernel(
     mask_r = offs_r < R
 
     # h = x @ w_down.T : reduce over d in BLOCK_D chunks, the (BLOCK_T, R_PAD) tile stays in registers.
-    h = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
+    h = tl.zeros((BLOCK_T, R_PAD), dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
@@ -226,7 +228,7 @@ def _fwd_kernel(
         )
         h = tl.dot(x, wd_t, h, input_precision=PRECISION)
     if HAS_BD:
-        h += tl.load(BD + offs_r, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+        h += tl.load(BD + offs_r, mask=mask_r, other=0.0).to(ACC)[None, :]
     if SAVE_H:
         tl.store(H + offs_t[:, None] * R + offs_r[None, :], h.to(H.dtype.element_ty),
                  mask=mask_t[:, None] & mask_r[None, :])
@@ -244,13 +246,13 @@ def _fwd_kernel(
         )
         u = tl.dot(a, wu_t, input_precision=PRECISION)
         if HAS_BU:
-            u += tl.load(BU + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+            u += tl.load(BU + offs_d, mask=mask_d, other=0.0).to(ACC)[None, :]
         if HAS_S:
-            u *= tl.load(S + offs_d * stride_s, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+            u *= tl.load(S + offs_d * stride_s, mask=mask_d, other=0.0).to(ACC)[None, :]
         else:
             u *= scale_value
         res = tl.load(RES + offs_t[:, None] * stride_rt + offs_d[None, :] * stride_rd, mask=mask_td, other=0.0)
-        y = res.to(tl.float32) + u
+        y = res.to(ACC) + u
         tl.store(Y + offs_t[:, None] * D + offs_d[None, :], y.to(Y.dtype.element_ty), mask=mask_td)
 
 
@@ -271,6 +273,7 @@ def _bwd_dh_kernel(
     ACT: tl.constexpr,
     HAS_S: tl.constexpr,
     PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
     R_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -282,16 +285,16 @@ def _bwd_dh_kernel(
     mask_r = offs_r < R
     mask_tr = mask_t[:, None] & mask_r[None, :]
 
-    da = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
+    da = tl.zeros((BLOCK_T, R_PAD), dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
         dz = tl.load(
             DY + offs_t[:, None] * stride_dyt + offs_d[None, :] * stride_dyd,
             mask=mask_t[:, None] & mask_d[None, :], other=0.0,
-        ).to(tl.float32)
+        ).to(ACC)
         if HAS_S:
-            dz *= tl.load(S + offs_d * stride_s, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+            dz *= tl.load(S + offs_d * stride_s, mask=mask_d, other=0.0).to(ACC)[None, :]
         else:
             dz *= scale_value
         wu = tl.load(  # w_up[d-chunk, :] -> (BLOCK_D, R_PAD)
@@ -299,7 +302,7 @@ def _bwd_dh_kernel(
             mask=mask_d[:, None] & mask_r[None, :], other=0.0,
         )
         da = tl.dot(dz.to(WU.dtype.element_ty), wu, da, input_precision=PRECISION)
-    h = tl.load(H + offs_t[:, None] * R + offs_r[None, :], mask=mask_tr, other=0.0).to(tl.float32)
+    h = tl.load(H + offs_t[:, None] * R + offs_r[None, :], mask=mask_tr, other=0.0).to(ACC)
     dh = da * _act_grad(h, ACT)
     tl.store(DH + offs_t[:, None] * R + offs_r[None, :], dh.to(DH.dtype.element_ty), mask=mask_tr)
 
@@ -322,7 +325,7 @@ def _bwd_main_kernel(
     BU,  # (D,)
     S, stride_s, scale_value,
     DX,  # (T, D) contiguous output
-    DWD_P,  # (SPLITS, R, D) fp32 partials
+    DWD_P,  # (SPLITS, R, D) partials in ACC dtype
     DBD_P,  # (SPLITS, R) fp32 partials
     DWU_P,  # (SPLITS, D, R) fp32 partials
     DBU_P,  # (SPLITS, D) fp32 partials
@@ -339,6 +342,7 @@ def _bwd_main_kernel(
     NEED_DBU: tl.constexpr,
     NEED_DS: tl.constexpr,
     PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
     R_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -355,15 +359,15 @@ def _bwd_main_kernel(
     wd = tl.load(WD + offs_r[:, None] * stride_wd_r + offs_d[None, :] * stride_wd_d, mask=mask_rd, other=0.0)
     wu_t = tl.load(WU + offs_d[None, :] * stride_wu_d + offs_r[:, None] * stride_wu_r, mask=mask_rd, other=0.0)
     if HAS_S:
-        s = tl.load(S + offs_d * stride_s, mask=mask_d, other=0.0).to(tl.float32)
+        s = tl.load(S + offs_d * stride_s, mask=mask_d, other=0.0).to(ACC)
     if HAS_BU:
-        bu = tl.load(BU + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        bu = tl.load(BU + offs_d, mask=mask_d, other=0.0).to(ACC)
 
-    acc_dwd = tl.zeros((R_PAD, BLOCK_D), dtype=tl.float32)
-    acc_dwu = tl.zeros((BLOCK_D, R_PAD), dtype=tl.float32)
-    acc_dbd = tl.zeros((R_PAD,), dtype=tl.float32)
-    acc_dbu = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    acc_ds = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc_dwd = tl.zeros((R_PAD, BLOCK_D), dtype=ACC)
+    acc_dwu = tl.zeros((BLOCK_D, R_PAD), dtype=ACC)
+    acc_dbd = tl.zeros((R_PAD,), dtype=ACC)
+    acc_dbu = tl.zeros((BLOCK_D,), dtype=ACC)
+    acc_ds = tl.zeros((BLOCK_D,), dtype=ACC)
 
     num_tiles = tl.cdiv(T, BLOCK_T)
     tiles_per_split = tl.cdiv(num_tiles, SPLITS)
@@ -375,7 +379,7 @@ def _bwd_main_kernel(
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_tr = mask_t[:, None] & mask_r[None, :]
         dy = tl.load(DY + offs_t[:, None] * stride_dyt + offs_d[None, :] * stride_dyd, mask=mask_td, other=0.0)
-        dy = dy.to(tl.float32)
+        dy = dy.to(ACC)
         if NEED_DX or NEED_DWD or NEED_DBD:
             dh = tl.load(DH + offs_t[:, None] * R + offs_r[None, :], mask=mask_tr, other=0.0)
             if NEED_DX:
@@ -387,21 +391,21 @@ def _bwd_main_kernel(
                 x = tl.load(X + offs_t[:, None] * stride_xt + offs_d[None, :] * stride_xd, mask=mask_td, other=0.0)
                 acc_dwd = tl.dot(tl.trans(dh), x, acc_dwd, input_precision=PRECISION)
             if NEED_DBD:
-                acc_dbd += tl.sum(dh.to(tl.float32), axis=0)
+                acc_dbd += tl.sum(dh.to(ACC), axis=0)
         if NEED_DWU or NEED_DBU:
             if HAS_S:
                 dz = dy * s[None, :]
             else:
                 dz = dy * scale_value
             if NEED_DWU:
-                h = tl.load(H + offs_t[:, None] * R + offs_r[None, :], mask=mask_tr, other=0.0).to(tl.float32)
+                h = tl.load(H + offs_t[:, None] * R + offs_r[None, :], mask=mask_tr, other=0.0).to(ACC)
                 # Zero the padded / out-of-range rows of a: act(0) may be non-zero (sigmoid).
                 a = tl.where(mask_tr, _act(h, ACT), 0.0).to(dtype)
                 acc_dwu = tl.dot(tl.trans(dz.to(dtype)), a, acc_dwu, input_precision=PRECISION)
             if NEED_DBU:
                 acc_dbu += tl.sum(dz, axis=0)
         if NEED_DS:
-            h = tl.load(H + offs_t[:, None] * R + offs_r[None, :], mask=mask_tr, other=0.0).to(tl.float32)
+            h = tl.load(H + offs_t[:, None] * R + offs_r[None, :], mask=mask_tr, other=0.0).to(ACC)
             a = tl.where(mask_tr, _act(h, ACT), 0.0).to(dtype)
             u = tl.dot(a, wu_t, input_precision=PRECISION)
             if HAS_BU:
@@ -428,12 +432,17 @@ def _bwd_main_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _precision(dtype: torch.dtype) -> str:
+def _precision(dtype: torch.dtype):
     """fp32 matches torch's matmul: IEEE unless the user allowed TF32 for CUDA matmuls.
-    (For fp16/bf16 operands the setting has no effect; "tf32" is Triton's default.)"""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+    Other dtypes take Triton's default (the setting only applies to fp32 operands)."""
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return None
+
+
+def _acc_dtype(dtype: torch.dtype):
+    """Accumulate in fp32; float64 inputs (gradcheck) accumulate in fp64."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _r_pad(r: int) -> int:
@@ -496,6 +505,7 @@ def adapter_forward(
         HAS_S=has_s,
         SAVE_H=save_preact,
         PRECISION=_precision(x.dtype),
+        ACC=_acc_dtype(x.dtype),
         R_PAD=_r_pad(r),
     )
     return y, preact
@@ -520,7 +530,7 @@ def adapter_backward(
     num_tokens, d = x.shape
     r = w_down.shape[0]
     dev, dtype = x.device, x.dtype
-    f32 = torch.float32
+    f32 = torch.float64 if dtype == torch.float64 else torch.float32  # partial sums
     if num_tokens == 0:
         zeros = lambda t: None if t is None else torch.zeros_like(t)  # noqa: E731
         return (
@@ -533,6 +543,7 @@ def adapter_backward(
         )
     s, stride_s, s_val, has_s = _scale_args(scale, scale_value, w_up)
     precision = _precision(dtype)
+    acc = _acc_dtype(dtype)
     r_pad = _r_pad(r)
     t_bucket = _t_bucket(num_tokens)
 
@@ -546,7 +557,7 @@ def adapter_backward(
             s, stride_s, s_val,
             dh,
             num_tokens, d, r, t_bucket,
-            ACT=activation_id, HAS_S=has_s, PRECISION=precision, R_PAD=r_pad,
+            ACT=activation_id, HAS_S=has_s, PRECISION=precision, ACC=acc, R_PAD=r_pad,
         )
 
     splits = _num_splits(num_tokens, d, dev)
@@ -575,7 +586,7 @@ def adapter_backward(
         RES_IS_X=residual_is_x,
         NEED_DX=need_dx, NEED_DWD=need_dwd, NEED_DBD=need_dbd,
         NEED_DWU=need_dwu, NEED_DBU=need_dbu, NEED_DS=need_ds,
-        PRECISION=precision, R_PAD=r_pad,
+        PRECISION=precision, ACC=acc, R_PAD=r_pad,
     )
 
     # Fixed-order reductions over the T-splits: deterministic.

@@ -1,0 +1,95 @@
+"""Test harness. Runs unchanged on a CUDA machine (native kernels) and on a CPU-only one (Triton interpreter)."""
+import os
+import shutil
+
+# Must happen before triton (or adapterkern) is imported: the interpreter is chosen at kernel definition.
+# Without a GPU, Triton kernels run on the CPU interpreter.
+if shutil.which("nvidia-smi") is None and not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402,F401
+import torch  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+if INTERPRET:
+    import triton.language as tl
+    from triton.runtime import interpreter as _interpreter
+
+    _create_dot = _interpreter.InterpreterBuilder.create_dot
+
+    def _create_dot_bf16_as_float(self, a, b, d, input_precision, max_num_imprecise_acc):
+        # Triton 3.9's interpreter stores bf16 as uint16 and hands those integers to np.matmul
+        # (triton-lang/triton#11584): convert bf16 operands to float32 first, as a GPU would.
+        if a.dtype.scalar == tl.bfloat16:
+            a = self.cast_impl(a, tl.float32)
+        if b.dtype.scalar == tl.bfloat16:
+            b = self.cast_impl(b, tl.float32)
+        return _create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    _interpreter.InterpreterBuilder.create_dot = _create_dot_bf16_as_float
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Fill every fresh torch.empty / empty_like float tensor with NaN, so an unwritten output element fails."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+
+
+# ------------------------------------------------------------------------------------------------
+# An independent float64 reference, written from the formula (not by calling adapterkern):
+#   y = residual + scaling * (act(x @ w_down.T + b_down) @ w_up.T + b_up)
+# ------------------------------------------------------------------------------------------------
+import math  # noqa: E402
+
+_REF_ACTIVATIONS = {
+    "relu": lambda h: torch.where(h > 0, h, torch.zeros_like(h)),
+    "gelu": lambda h: 0.5 * h * (1 + torch.erf(h / math.sqrt(2))),
+    "gelu_new": lambda h: 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3))),
+    "quick_gelu": lambda h: h / (1 + torch.exp(-1.702 * h)),
+    "silu": lambda h: h / (1 + torch.exp(-h)),
+    "tanh": lambda h: torch.tanh(h),
+    "sigmoid": lambda h: 1 / (1 + torch.exp(-h)),
+    "leakyrelu": lambda h: torch.where(h > 0, h, 0.01 * h),
+    "relu6": lambda h: torch.clamp(h, 0, 6),
+    "linear": lambda h: h,
+}
+REF_ALIASES = {"gelu_pytorch_tanh": "gelu_new", "gelu_fast": "gelu_new", "swish": "silu", "leaky_relu": "leakyrelu", "identity": "linear"}
+ACTIVATIONS = sorted(_REF_ACTIVATIONS)
+
+
+def reference_activation(name):
+    name = name.lower()
+    return _REF_ACTIVATIONS[REF_ALIASES.get(name, name)]
+
+
+def reference_adapter(x, w_down, b_down, w_up, b_up, activation="relu", scaling=1.0, residual=None):
+    """float64 maths on float64 copies of the inputs (differentiable w.r.t. the float64 copies)."""
+    d = x.shape[-1]
+    h = x.reshape(-1, d) @ w_down.t()
+    if b_down is not None:
+        h = h + b_down
+    u = reference_activation(activation)(h) @ w_up.t()
+    if b_up is not None:
+        u = u + b_up
+    u = u * scaling
+    res = x if residual is None else residual
+    return (res.reshape(-1, d) + u).reshape(x.shape)
+
+
+def rel_err(out, ref):
+    """max |out - ref| / max |ref|: the error relative to the tensor's scale."""
+    if ref.numel() == 0:
+        assert out.numel() == 0
+        return 0.0
+    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()

@@ -1,0 +1,268 @@
+"""adapterkern.bottleneck_adapter on every backend against the float64 reference: forward and every gradient."""
+import pytest
+import torch
+
+import adapterkern
+from adapterkern.backends import is_available
+from conftest import ACTIVATIONS, DEVICE, REF_ALIASES, reference_adapter, rel_err
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Max error relative to the tensor's scale, per dtype (inputs rounded to dtype, fp32 accumulation,
+# the bottleneck activations rounded to dtype before the up-projection as PyTorch does): the floor of
+# the bound in check().
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _backend_param(name):
+    reason = f"backend {name!r} is not available on {DEVICE}"
+    if name == "cuda":
+        reason = "the CUDA backend needs a CUDA device and the built extension"
+    return pytest.param(name, marks=pytest.mark.skipif(not is_available(name, DEVICE), reason=reason), id=name)
+
+
+BACKENDS = [_backend_param(name) for name in ("torch", "triton", "cuda")]
+KERNEL_BACKENDS = [_backend_param(name) for name in ("triton", "cuda")]
+
+
+def make_case(
+    shape, r, dtype, *, bias=(True, True), scaling=0.75, residual=False, grad=("x", "w_down", "b_down", "w_up", "b_up", "scaling", "residual")
+):
+    """Fresh random inputs (never zeros) at scales where every term of y matters."""
+    d = shape[-1]
+    dev = DEVICE
+
+    def rand(*s, scale=1.0, name=None):
+        t = (torch.randn(*s, device=dev, dtype=torch.float32) * scale).to(dtype)
+        return t.requires_grad_(name in grad)
+
+    case = {
+        "x": rand(*shape, name="x"),
+        "w_down": rand(r, d, scale=d**-0.5, name="w_down"),
+        "b_down": rand(r, scale=0.5, name="b_down") if bias[0] else None,
+        "w_up": rand(d, r, scale=r**-0.5, name="w_up"),
+        "b_up": rand(d, scale=0.5, name="b_up") if bias[1] else None,
+        "scaling": scaling,
+        "residual": rand(*shape, name="residual") if residual else None,
+    }
+    # Learned scaling parameters stay float32 (as in a mixed-precision model), float64 for gradcheck.
+    s_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    if scaling == "scalar":
+        case["scaling"] = (torch.rand(1, device=dev, dtype=s_dtype) + 0.5).requires_grad_("scaling" in grad)
+    elif scaling == "channel":
+        case["scaling"] = (torch.rand(d, device=dev, dtype=s_dtype) + 0.5).requires_grad_("scaling" in grad)
+    return case
+
+
+def run(case, backend, activation="relu", dy=None):
+    """y and the grads of every input that requires grad (None for the others)."""
+    names = ("x", "w_down", "b_down", "w_up", "b_up", "scaling", "residual")
+    y = adapterkern.bottleneck_adapter(
+        case["x"], case["w_down"], case["b_down"], case["w_up"], case["b_up"],
+        activation=activation, scaling=case["scaling"], residual=case["residual"], backend=backend,
+    )
+    leaves = [case[n] for n in names]
+    wants = [isinstance(t, torch.Tensor) and t.requires_grad for t in leaves]
+    grads = [None] * len(names)
+    if any(wants):
+        got = torch.autograd.grad(y, [t for t, w in zip(leaves, wants) if w], dy)
+        it = iter(got)
+        grads = [next(it) if w else None for w in wants]
+    return y, dict(zip(names, grads))
+
+
+def reference(case, activation="relu", dy=None):
+    """The float64 reference on float64 copies of the same inputs."""
+    f64 = {k: (v.detach().double().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    return run_reference(f64, activation, dy)
+
+
+def run_reference(inputs, activation, dy):
+    """reference_adapter on ``inputs`` in their own dtype, and its autograd gradients."""
+    names = ("x", "w_down", "b_down", "w_up", "b_up", "scaling", "residual")
+    y = reference_adapter(
+        inputs["x"], inputs["w_down"], inputs["b_down"], inputs["w_up"], inputs["b_up"], activation, inputs["scaling"], inputs["residual"]
+    )
+    leaves = [inputs[n] for n in names]
+    wants = [isinstance(t, torch.Tensor) and t.requires_grad for t in leaves]
+    grads = [None] * len(names)
+    if any(wants):
+        got = torch.autograd.grad(y, [t for t, w in zip(leaves, wants) if w], None if dy is None else dy.to(y.dtype))
+        it = iter(got)
+        grads = [next(it) if w else None for w in wants]
+    return y, dict(zip(names, grads))
+
+
+def check(case, backend, activation="relu", dy=None):
+    """Compare y and every gradient with the float64 reference.
+
+    Bound per tensor: max(TOL[dtype], 2 x the error of plain PyTorch in the same dtype), the
+    FlashAttention criterion; the second term covers reductions whose result cancels (a bias
+    gradient summed over T can be much smaller than its terms), where any low-precision
+    implementation loses relative accuracy.
+    """
+    dtype = case["x"].dtype
+    requires = any(isinstance(v, torch.Tensor) and v.requires_grad for v in case.values())
+    if dy is None and requires:
+        dy = torch.randn(case["x"].shape, device=DEVICE).to(dtype)
+    y, grads = run(case, backend, activation, dy)
+    y_ref, grads_ref = reference(case, activation, dy)
+    y_base, grads_base = run_reference(case, activation, dy)  # the formula in the inputs' dtype
+    assert y.shape == case["x"].shape and y.dtype == dtype
+    assert torch.isfinite(y).all(), "output has non-finite values (unwritten elements?)"
+    outs = {"y": (y, y_ref, y_base), **{n: (grads[n], grads_ref[n], grads_base[n]) for n in grads_ref}}
+    for name, (out, ref, base) in outs.items():
+        if ref is None:
+            assert out is None, f"d{name} should be None"
+            continue
+        assert out is not None, f"d{name} missing"
+        like = y if name == "y" else case[name]
+        assert out.shape == like.shape and out.dtype == like.dtype, f"d{name}: {out.shape} {out.dtype}"
+        assert torch.isfinite(out).all(), f"{name}: non-finite values"
+        err, base_err = rel_err(out, ref), rel_err(base, ref)
+        bound = max(TOL[dtype], 2.0 * base_err)
+        assert err <= bound, f"{name}: relative error {err:.3g} > {bound:.3g} (plain PyTorch in {dtype}: {base_err:.3g})"
+    return y, grads
+
+
+# (T, d, r): every pair of T x r, d x r and most of T x d covered, plus T = 0.
+SHAPES = [
+    (0, 16, 8),
+    (1, 16, 1), (1, 100, 8), (1, 768, 48), (1, 16, 64),
+    (3, 100, 1), (3, 768, 8), (3, 16, 48), (3, 100, 64),
+    (37, 768, 1), (37, 16, 8), (37, 100, 48), (37, 768, 64),
+    (257, 16, 1), (257, 100, 8), (257, 768, 48), (257, 16, 64),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,d,r", SHAPES)
+def test_shapes(backend, dtype, T, d, r, poison_empty):
+    check(make_case((T, d), r, dtype), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activations(backend, dtype, activation, poison_empty):
+    # channel scaling requiring grad: exercises dscale through every activation too.
+    check(make_case((37, 100), 8, dtype, scaling="channel"), backend, activation)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("alias", sorted(REF_ALIASES))
+def test_activation_aliases(backend, alias, poison_empty):
+    check(make_case((5, 16), 4, torch.float32), backend, alias)
+
+
+def _noncontiguous(case):
+    """x, residual as (B, S, d) permuted views; w_down and w_up as transposed views."""
+    out = dict(case)
+    for name in ("x", "residual"):
+        t = case[name]
+        if t is not None:
+            out[name] = t.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(t.requires_grad)
+    for name in ("w_down", "w_up"):
+        t = case[name]
+        out[name] = t.detach().t().contiguous().t().requires_grad_(t.requires_grad)
+    assert not out["x"].is_contiguous() and not out["w_down"].is_contiguous()
+    return out
+
+
+VARIANTS = {
+    "3d": dict(shape=(3, 13, 100)),
+    "no_biases": dict(bias=(False, False)),
+    "no_down_bias": dict(bias=(False, True)),
+    "no_up_bias": dict(bias=(True, False)),
+    "scaling_one": dict(scaling=1.0),
+    "scaling_negative": dict(scaling=-2.5),
+    "scaling_scalar_tensor": dict(scaling="scalar"),
+    "scaling_channel": dict(scaling="channel"),
+    "residual": dict(residual=True),
+    "residual_channel": dict(residual=True, scaling="channel", bias=(False, True)),
+    "noncontiguous": dict(shape=(4, 11, 100), residual=True, transform=_noncontiguous),
+    "frozen_adapter": dict(grad=("x",)),  # a frozen adapter inside a trained model
+    "frozen_input": dict(grad=("w_down", "b_down", "w_up", "b_up")),  # first layer: x needs no grad
+    "frozen_input_residual": dict(residual=True, grad=("w_up", "residual")),
+    "inference": dict(grad=()),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variants(backend, dtype, variant, poison_empty):
+    spec = dict(VARIANTS[variant])
+    shape = spec.pop("shape", (37, 100))
+    transform = spec.pop("transform", None)
+    case = make_case(shape, 48, dtype, **spec)
+    if transform is not None:
+        case = transform(case)
+    check(case, backend)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_noncontiguous_grad_output(backend, poison_empty):
+    case = make_case((37, 100), 8, torch.float32)
+    dy = torch.randn(100, 37, device=DEVICE).t()  # (37, 100) with strides (1, 37)
+    check(case, backend, dy=dy)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_under_no_grad(backend, poison_empty):
+    case = make_case((37, 100), 8, torch.bfloat16, grad=())
+    with torch.no_grad():
+        y, _ = run(case, backend)
+    y_ref, _ = reference(case)
+    assert not y.requires_grad
+    assert rel_err(y, y_ref) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["relu", "sigmoid"])
+def test_nan_stays_in_its_row(backend, activation, poison_empty):
+    case = make_case((37, 100), 8, torch.float32, grad=())
+    case["x"][5, 17] = float("nan")
+    case["x"][9, 0] = float("inf")
+    y, _ = run(case, backend, activation)
+    bad = ~torch.isfinite(y)
+    assert bad[5].all() and bad[9].any()
+    assert torch.isfinite(y[[i for i in range(37) if i not in (5, 9)]]).all()
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_weight_gradients_are_deterministic(backend):
+    case = make_case((257, 100), 48, torch.bfloat16, scaling="channel")
+    dy = torch.randn(257, 100, device=DEVICE).to(torch.bfloat16)
+    _, first = run(case, backend, "gelu", dy)
+    _, second = run(case, backend, "gelu", dy)
+    for name, g in first.items():
+        if g is not None:
+            assert torch.equal(g, second[name]), f"d{name} differs between two identical backward passes"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
+    case = make_case((2, 3, 16), 3, torch.float64, scaling="channel", residual=True)
+    names = ("x", "w_down", "b_down", "w_up", "b_up", "scaling", "residual")
+
+    def fn(*tensors):
+        kw = dict(zip(names, tensors))
+        return adapterkern.bottleneck_adapter(
+            kw["x"], kw["w_down"], kw["b_down"], kw["w_up"], kw["b_up"],
+            activation="gelu", scaling=kw["scaling"], residual=kw["residual"], backend=backend,
+        )
+
+    assert torch.autograd.gradcheck(fn, tuple(case[n] for n in names), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a GPU with >8 GiB free: the CPU interpreter would take hours on 2^31 elements")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_int64_offsets(backend):
+    # T * d > 2^31: token offsets must be 64-bit.
+    T, d, r = 2**31 // 1024 + 64, 1024, 16
+    case = make_case((T, d), r, torch.bfloat16, grad=())
+    y, _ = run(case, backend)
+    tail = slice(T - 64, T)
+    ref = reference_adapter(*(case[n][tail].double() if n in ("x",) else (case[n].double() if case[n] is not None else None) for n in ("x", "w_down", "b_down", "w_up", "b_up")), "relu", case["scaling"])
+    assert rel_err(y[tail], ref) <= TOL[torch.bfloat16]
