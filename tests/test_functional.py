@@ -266,3 +266,55 @@ def test_int64_offsets(backend):
     tail = slice(T - 64, T)
     ref = reference_adapter(*(case[n][tail].double() if n in ("x",) else (case[n].double() if case[n] is not None else None) for n in ("x", "w_down", "b_down", "w_up", "b_up")), "relu", case["scaling"])
     assert rel_err(y[tail], ref) <= TOL[torch.bfloat16]
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: a clear ValueError / TypeError naming the argument, expected and actual.
+# ------------------------------------------------------------------------------------------------
+
+
+def _good(T=4, d=16, r=4, dtype=torch.float32):
+    return dict(
+        x=torch.randn(T, d, device=DEVICE, dtype=dtype),
+        w_down=torch.randn(r, d, device=DEVICE, dtype=dtype),
+        b_down=torch.randn(r, device=DEVICE, dtype=dtype),
+        w_up=torch.randn(d, r, device=DEVICE, dtype=dtype),
+        b_up=torch.randn(d, device=DEVICE, dtype=dtype),
+    )
+
+
+BAD_INPUTS = {
+    "d_mismatch_w_down": (lambda a: a.update(w_down=torch.randn(4, 15)), ValueError, r"w_down.*\(4, 16\)"),
+    "r_mismatch_w_up": (lambda a: a.update(w_up=torch.randn(16, 5)), ValueError, r"w_up.*\(16, 4\).*\(16, 5\)"),
+    "w_up_transposed": (lambda a: a.update(w_up=torch.randn(4, 16)), ValueError, r"w_up"),
+    "w_down_rank": (lambda a: a.update(w_down=torch.randn(4, 16, 1)), ValueError, r"w_down.*2-D"),
+    "w_up_rank": (lambda a: a.update(w_up=torch.randn(16 * 4)), ValueError, r"w_up.*2-D"),
+    "b_down_shape": (lambda a: a.update(b_down=torch.randn(5)), ValueError, r"b_down.*\(4,\)"),
+    "b_up_shape": (lambda a: a.update(b_up=torch.randn(4)), ValueError, r"b_up.*\(16,\)"),
+    "dtype_mixed": (lambda a: a.update(w_up=torch.randn(16, 4, dtype=torch.float16)), TypeError, r"w_up.*float32.*float16"),
+    "x_int": (lambda a: a.update(x=torch.ones(4, 16, dtype=torch.int64)), TypeError, r"x: expected dtype"),
+    "x_not_tensor": (lambda a: a.update(x=[[1.0] * 16]), TypeError, r"x: expected a torch.Tensor"),
+    "x_scalar": (lambda a: a.update(x=torch.tensor(1.0)), ValueError, r"x: expected shape"),
+    "device_mixed": (lambda a: a.update(b_up=torch.randn(16, device="meta")), ValueError, r"b_up: expected device"),
+    "residual_shape": (lambda a: a.update(residual=torch.randn(4, 15)), ValueError, r"residual.*\(4, 16\).*\(4, 15\)"),
+    "residual_dtype": (lambda a: a.update(residual=torch.randn(4, 16, dtype=torch.float64)), TypeError, r"residual.*float64"),
+    "unknown_activation": (lambda a: a.update(activation="gelu_x"), ValueError, r"activation.*'gelu_x'.*relu"),
+    "activation_not_str": (lambda a: a.update(activation=3), TypeError, r"activation"),
+    "scaling_shape": (lambda a: a.update(scaling=torch.ones(3)), ValueError, r"scaling.*\(1,\) or \(16,\)"),
+    "scaling_bool": (lambda a: a.update(scaling=True), TypeError, r"scaling"),
+    "scaling_str": (lambda a: a.update(scaling="learned"), TypeError, r"scaling"),
+    "scaling_int_tensor": (lambda a: a.update(scaling=torch.ones(1, dtype=torch.int32)), TypeError, r"scaling.*floating"),
+    "unknown_backend": (lambda a: a.update(backend="cudnn"), ValueError, r"backend.*'cudnn'.*torch, triton, cuda"),
+}
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the bad tensors are built on the CPU")
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_raises_clear_error(case):
+    mutate, exc, pattern = BAD_INPUTS[case]
+    args = _good()
+    mutate(args)
+    with pytest.raises(exc, match=pattern):
+        adapterkern.bottleneck_adapter(
+            args.pop("x"), args.pop("w_down"), args.pop("b_down"), args.pop("w_up"), args.pop("b_up"), **args
+        )

@@ -71,6 +71,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [name for name in ("cuda", "triton", "torch") if is_available(name, device)]
 
 
+@torch.compiler.assume_constant_result  # a plain string to torch.compile: no graph break on imports
 def resolve_backend(requested: str, device: torch.device) -> str:
     """Turn a requested backend (``auto`` or a name) into the backend that will run.
 
