@@ -70,13 +70,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .report import append_csv
 
     device = _device(args.device)
-    notes: List[str] = []
-    if device.type == "cpu":
-        threads_note = timing.choose_cpu_threads(args.threads)
-        if threads_note:
-            notes.append(threads_note)
-    if device.type == "cpu" and args.malloc == "tuned":
-        notes.append(f"CPU allocator: {timing.tune_cpu_malloc()}")
+    notes: List[str] = timing.prepare_cpu(device, args.threads, args.malloc)
     dtype = grid.DTYPES[args.dtype] if args.dtype else grid.default_dtype(device)
     cpu_quick = device.type == "cpu" and not args.full
     batches = _parse_batches(args.batches) if args.batches else ([(1, 128), (4, 128)] if cpu_quick

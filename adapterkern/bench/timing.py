@@ -295,3 +295,16 @@ def choose_cpu_threads(requested: Optional[str]) -> Optional[str]:
         return (f"CPU threads: 1 (a {n}-thread matmul probe ran {slowdown:.1f}x slower than 1 thread: the "
                 f"cores are busy with other work; --threads {n} to insist)")
     return None
+
+
+def prepare_cpu(device, threads: str, malloc: str) -> list:
+    """On a CPU device, pick the thread count and tune the allocator; returns the notes to print."""
+    notes = []
+    if device.type != "cpu":
+        return notes
+    threads_note = choose_cpu_threads(threads)
+    if threads_note:
+        notes.append(threads_note)
+    if malloc == "tuned":
+        notes.append(f"CPU allocator: {tune_cpu_malloc()}")
+    return notes
