@@ -71,9 +71,27 @@ def run(case, backend, activation="relu", dy=None):
 
 
 def reference(case, activation="relu", dy=None):
-    """The float64 reference on float64 copies of the same inputs."""
+    """The float64 reference on float64 copies of the same inputs.
+
+    Also returns, for the bias gradients (sums over tokens that may cancel), their condition scale
+    sum_T |per-token term|: the biases enter the reference expanded to one copy per token.
+    """
     f64 = {k: (v.detach().double().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
-    return run_reference(f64, activation, dy)
+    y, grads = run_reference(f64, activation, dy)
+    scales = {}
+    num_tokens = case["x"].reshape(-1, case["x"].shape[-1]).shape[0]
+    bias_names = [n for n in ("b_down", "b_up") if grads.get(n) is not None]
+    if bias_names and num_tokens > 0:
+        per_token = dict(f64)
+        for n in bias_names:
+            per_token[n] = f64[n].detach().expand(num_tokens, -1).clone().requires_grad_()
+        terms = torch.autograd.grad(
+            reference_adapter(*(per_token[n] for n in ("x", "w_down", "b_down", "w_up", "b_up")), activation,
+                              per_token["scaling"], per_token["residual"]),
+            [per_token[n] for n in bias_names], None if dy is None else dy.double(), allow_unused=True,
+        )
+        scales = {n: t.abs().sum(0) for n, t in zip(bias_names, terms)}
+    return y, grads, scales
 
 
 def run_reference(inputs, activation, dy):
@@ -105,7 +123,7 @@ def check(case, backend, activation="relu", dy=None):
     if dy is None and requires:
         dy = torch.randn(case["x"].shape, device=DEVICE).to(dtype)
     y, grads = run(case, backend, activation, dy)
-    y_ref, grads_ref = reference(case, activation, dy)
+    y_ref, grads_ref, scales = reference(case, activation, dy)
     y_base, grads_base = run_reference(case, activation, dy)  # the formula in the inputs' dtype
     assert y.shape == case["x"].shape and y.dtype == dtype
     assert torch.isfinite(y).all(), "output has non-finite values (unwritten elements?)"
@@ -118,7 +136,7 @@ def check(case, backend, activation="relu", dy=None):
         like = y if name == "y" else case[name]
         assert out.shape == like.shape and out.dtype == like.dtype, f"d{name}: {out.shape} {out.dtype}"
         assert torch.isfinite(out).all(), f"{name}: non-finite values"
-        err, base_err = rel_err(out, ref), rel_err(base, ref)
+        err, base_err = rel_err(out, ref, scales.get(name)), rel_err(base, ref, scales.get(name))
         bound = max(TOL[dtype], 2.0 * base_err)
         assert err <= bound, f"{name}: relative error {err:.3g} > {bound:.3g} (plain PyTorch in {dtype}: {base_err:.3g})"
     return y, grads
@@ -213,7 +231,7 @@ def test_inference_under_no_grad(backend, poison_empty):
     case = make_case((37, 100), 8, torch.bfloat16, grad=())
     with torch.no_grad():
         y, _ = run(case, backend)
-    y_ref, _ = reference(case)
+    y_ref, _, _ = reference(case)
     assert not y.requires_grad
     assert rel_err(y, y_ref) <= TOL[torch.bfloat16]
 

@@ -1,10 +1,11 @@
 """The pure-PyTorch backend: runs on any device, differentiable by ordinary autograd.
 
 It is the documented fallback (what CPU users run) and the maths the kernels are tested against,
-so it is written for speed within eager PyTorch: the up-projection bias, the scaling and the residual
-add are folded into one ``addmm`` (the residual is its ``beta`` term, the bias a column of ones
-appended to the bottleneck activations, the scaling folded into the small (d, r) weight), so the
-(T, d) output is written in a single pass.
+so it is written for speed within eager PyTorch: for T > r the up-projection bias, the scaling and
+the residual add are folded into one ``addmm`` (the residual is its ``beta`` term, the bias a column
+of ones appended to the bottleneck activations, the scaling folded into the small (d, r) weight), so
+the (T, d) output is written in a single pass; for T <= r (decode) refolding the weight would cost
+more than the output, so bias goes into ``addmm`` and scaling + residual into one ``add``/``addcmul``.
 """
 from __future__ import annotations
 
@@ -39,6 +40,15 @@ def bottleneck_adapter(
         hidden = torch.addmm(b_down, x, w_down.t())
     hidden = act(hidden)
 
+    res = x if residual is None else residual
+    if x.shape[0] <= w_up.shape[1]:
+        # Few tokens (T <= r, decode): refolding the (d, r) weight costs more than two small passes over
+        # the (T, d) output, so apply the bias in addmm and the scaling and residual in one more op.
+        up = hidden @ w_up.t() if b_up is None else torch.addmm(b_up, hidden, w_up.t())
+        if isinstance(scaling, torch.Tensor):
+            return torch.addcmul(res, up, scaling.to(x.dtype))
+        return torch.add(res, up, alpha=scaling)
+
     w_eff, b_eff = w_up, b_up
     if isinstance(scaling, torch.Tensor):
         scale = scaling.to(x.dtype).reshape(-1, 1)  # (1, 1) or (d, 1)
@@ -50,4 +60,4 @@ def bottleneck_adapter(
     if b_eff is not None:
         hidden = torch.cat([hidden, hidden.new_ones(hidden.shape[0], 1)], dim=1)
         w_eff = torch.cat([w_eff, b_eff.unsqueeze(1)], dim=1)
-    return torch.addmm(x if residual is None else residual, hidden, w_eff.t())
+    return torch.addmm(res, hidden, w_eff.t())
