@@ -53,21 +53,27 @@ def make_case(
     return case
 
 
+NAMES = ("x", "w_down", "b_down", "w_up", "b_up", "scaling", "residual")
+
+
+def _with_grads(y, inputs, dy):
+    """(y, {name: grad of y w.r.t. inputs[name], or None where it does not require grad})."""
+    leaves = [inputs[n] for n in NAMES]
+    wants = [isinstance(t, torch.Tensor) and t.requires_grad for t in leaves]
+    grads = [None] * len(NAMES)
+    if any(wants):
+        got = iter(torch.autograd.grad(y, [t for t, w in zip(leaves, wants) if w], None if dy is None else dy.to(y.dtype)))
+        grads = [next(got) if w else None for w in wants]
+    return y, dict(zip(NAMES, grads))
+
+
 def run(case, backend, activation="relu", dy=None):
     """y and the grads of every input that requires grad (None for the others)."""
-    names = ("x", "w_down", "b_down", "w_up", "b_up", "scaling", "residual")
     y = adapterkern.bottleneck_adapter(
         case["x"], case["w_down"], case["b_down"], case["w_up"], case["b_up"],
         activation=activation, scaling=case["scaling"], residual=case["residual"], backend=backend,
     )
-    leaves = [case[n] for n in names]
-    wants = [isinstance(t, torch.Tensor) and t.requires_grad for t in leaves]
-    grads = [None] * len(names)
-    if any(wants):
-        got = torch.autograd.grad(y, [t for t, w in zip(leaves, wants) if w], dy)
-        it = iter(got)
-        grads = [next(it) if w else None for w in wants]
-    return y, dict(zip(names, grads))
+    return _with_grads(y, case, dy)
 
 
 def reference(case, activation="relu", dy=None):
@@ -96,18 +102,10 @@ def reference(case, activation="relu", dy=None):
 
 def run_reference(inputs, activation, dy):
     """reference_adapter on ``inputs`` in their own dtype, and its autograd gradients."""
-    names = ("x", "w_down", "b_down", "w_up", "b_up", "scaling", "residual")
     y = reference_adapter(
         inputs["x"], inputs["w_down"], inputs["b_down"], inputs["w_up"], inputs["b_up"], activation, inputs["scaling"], inputs["residual"]
     )
-    leaves = [inputs[n] for n in names]
-    wants = [isinstance(t, torch.Tensor) and t.requires_grad for t in leaves]
-    grads = [None] * len(names)
-    if any(wants):
-        got = torch.autograd.grad(y, [t for t, w in zip(leaves, wants) if w], None if dy is None else dy.to(y.dtype))
-        it = iter(got)
-        grads = [next(it) if w else None for w in wants]
-    return y, dict(zip(names, grads))
+    return _with_grads(y, inputs, dy)
 
 
 def check(case, backend, activation="relu", dy=None):
@@ -262,16 +260,14 @@ def test_weight_gradients_are_deterministic(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64(backend):
     case = make_case((2, 3, 16), 3, torch.float64, scaling="channel", residual=True)
-    names = ("x", "w_down", "b_down", "w_up", "b_up", "scaling", "residual")
-
     def fn(*tensors):
-        kw = dict(zip(names, tensors))
+        kw = dict(zip(NAMES, tensors))
         return adapterkern.bottleneck_adapter(
             kw["x"], kw["w_down"], kw["b_down"], kw["w_up"], kw["b_up"],
             activation="gelu", scaling=kw["scaling"], residual=kw["residual"], backend=backend,
         )
 
-    assert torch.autograd.gradcheck(fn, tuple(case[n] for n in names), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(fn, tuple(case[n] for n in NAMES), eps=1e-6, atol=1e-5)
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a GPU with >8 GiB free: the CPU interpreter would take hours on 2^31 elements")
