@@ -4,8 +4,12 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+# The AdapterHub `adapters` library pins transformers~=4.57; its tests run in a venv of their own so
+# that the rest of the package is tested against the newest transformers.
+ADAPTERHUB_VENV ?= .venv-adapterhub
+AH_PY := $(ADAPTERHUB_VENV)/bin/python
 
-.PHONY: test bench bench-full bench-layer bench-tradeoffs bench-suite gpu-check check-cuda
+.PHONY: test test-main test-adapterhub bench bench-full bench-layer bench-tradeoffs bench-suite gpu-check check-cuda
 
 $(VENV)/.installed-%: pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,8 +18,24 @@ $(VENV)/.installed-%: pyproject.toml setup.py
 	$(PY) -m pip install -q -e '.[$*]'
 	touch $@
 
-test: $(VENV)/.installed-test
+$(ADAPTERHUB_VENV)/.installed: pyproject.toml setup.py
+	test -x $(AH_PY) || python3 -m venv $(ADAPTERHUB_VENV)
+	$(AH_PY) -m pip install -q --upgrade pip
+	$(if $(TORCH_SPEC),$(AH_PY) -m pip install -q '$(TORCH_SPEC)')
+	$(AH_PY) -m pip install -q -e '.[test,adapterhub]'
+	touch $@
+
+# Both suites run even if the first fails; the target fails if either did.
+test: $(VENV)/.installed-test $(ADAPTERHUB_VENV)/.installed
+	@rc=0; $(MAKE) --no-print-directory test-main || rc=$$?; \
+	$(MAKE) --no-print-directory test-adapterhub || rc=$$?; exit $$rc
+
+test-main: $(VENV)/.installed-test
 	$(PY) -m pytest tests -q
+
+# ADAPTERKERN_REQUIRE_ADAPTERS turns the "adapters not installed" skip into a failure here.
+test-adapterhub: $(ADAPTERHUB_VENV)/.installed
+	ADAPTERKERN_REQUIRE_ADAPTERS=1 $(AH_PY) -m pytest tests/test_adapterhub.py -q
 
 bench: $(VENV)/.installed-bench
 	$(PY) -m adapterkern.bench
