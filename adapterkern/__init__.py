@@ -3,7 +3,38 @@ from . import nn
 from .activations import ACTIVATION_NAMES, get_activation
 from .backends import available_backends
 from .functional import bottleneck_adapter
+from .integrations.transformers import (
+    AdapterConfig,
+    AdapterSummary,
+    add_adapter,
+    adapter_summary,
+    delete_adapter,
+    get_active_adapter,
+    list_adapters,
+    load_adapter,
+    save_adapter,
+    set_active_adapter,
+    train_adapter,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["ACTIVATION_NAMES", "available_backends", "bottleneck_adapter", "get_activation", "nn", "__version__"]
+__all__ = [
+    "ACTIVATION_NAMES",
+    "AdapterConfig",
+    "AdapterSummary",
+    "__version__",
+    "adapter_summary",
+    "add_adapter",
+    "available_backends",
+    "bottleneck_adapter",
+    "delete_adapter",
+    "get_activation",
+    "get_active_adapter",
+    "list_adapters",
+    "load_adapter",
+    "nn",
+    "save_adapter",
+    "set_active_adapter",
+    "train_adapter",
+]
