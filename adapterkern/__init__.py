@@ -2,7 +2,7 @@
 from . import nn
 from .activations import ACTIVATION_NAMES, get_activation
 from .backends import available_backends
-from .functional import bottleneck_adapter
+from .functional import bottleneck_adapter, multi_adapter
 from .integrations.transformers import (
     AdapterConfig,
     AdapterSummary,
@@ -33,6 +33,7 @@ __all__ = [
     "get_active_adapter",
     "list_adapters",
     "load_adapter",
+    "multi_adapter",
     "nn",
     "save_adapter",
     "set_active_adapter",

@@ -48,6 +48,37 @@ def _check_scaling(scaling, d: int, x: Tensor) -> None:
             raise ValueError(f"scaling: expected device {x.device} (x's device), got {scaling.device}")
 
 
+def _check_x(x) -> int:
+    """x: a floating tensor (..., d) of a supported dtype; returns d."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor of shape (..., d), got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x: expected dtype float32, float16, bfloat16 or float64, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x: expected shape (..., d) with d >= 1, got {tuple(x.shape)}")
+    return x.shape[-1]
+
+
+def _check_residual(residual, x: Tensor) -> None:
+    if residual is None:
+        return
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"residual: expected None or a tensor of x's shape {tuple(x.shape)}, got {type(residual).__name__}")
+    if residual.shape != x.shape:
+        raise ValueError(f"residual: expected x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if residual.dtype != x.dtype:
+        raise TypeError(f"residual: expected dtype {x.dtype} (x's dtype), got {residual.dtype}")
+    if residual.device != x.device:
+        raise ValueError(f"residual: expected device {x.device} (x's device), got {residual.device}")
+
+
+def _kernel_scaling(scaling):
+    """(scale tensor or None, Python float) as the kernel ops take them."""
+    if isinstance(scaling, Tensor):
+        return scaling, 1.0
+    return None, float(scaling)
+
+
 def bottleneck_adapter(
     x: Tensor,
     w_down: Tensor,
@@ -80,13 +111,7 @@ def bottleneck_adapter(
     Returns:
         y with x's shape and dtype (contiguous). Accumulation is in float32 on every backend.
     """
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x: expected a torch.Tensor of shape (..., d), got {type(x).__name__}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x: expected dtype float32, float16, bfloat16 or float64, got {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] < 1:
-        raise ValueError(f"x: expected shape (..., d) with d >= 1, got {tuple(x.shape)}")
-    d = x.shape[-1]
+    d = _check_x(x)
     if not isinstance(w_down, Tensor):
         raise TypeError(f"w_down: expected a torch.Tensor of shape (r, {d}), got {type(w_down).__name__}")
     if w_down.dim() != 2 or w_down.shape[0] < 1:
@@ -97,15 +122,7 @@ def bottleneck_adapter(
     _check_param(w_up, "w_up", (d, r), x, optional=False)
     _check_param(b_up, "b_up", (d,), x, optional=True)
     _check_scaling(scaling, d, x)
-    if residual is not None:
-        if not isinstance(residual, Tensor):
-            raise TypeError(f"residual: expected None or a tensor of x's shape {tuple(x.shape)}, got {type(residual).__name__}")
-        if residual.shape != x.shape:
-            raise ValueError(f"residual: expected x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        if residual.dtype != x.dtype:
-            raise TypeError(f"residual: expected dtype {x.dtype} (x's dtype), got {residual.dtype}")
-        if residual.device != x.device:
-            raise ValueError(f"residual: expected device {x.device} (x's device), got {residual.device}")
+    _check_residual(residual, x)
     act = get_activation(activation)
     name = resolve_backend(backend, x.device)
 
@@ -114,13 +131,106 @@ def bottleneck_adapter(
     if name == "torch":
         y = reference.bottleneck_adapter(x2d, w_down, b_down, w_up, b_up, scaling, res2d, act.name)
     else:
-        if isinstance(scaling, Tensor):
-            scale, scale_value = scaling.reshape(-1), 1.0
-        else:
-            scale, scale_value = None, float(scaling)
+        scale, scale_value = _kernel_scaling(scaling.reshape(-1) if isinstance(scaling, Tensor) else scaling)
         inputs = (x, w_down, b_down, w_up, b_up, scale, residual)
         save_preact = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
         y, _ = torch.ops.adapterkern.bottleneck_adapter_fwd(
             x2d, w_down, b_down, w_up, b_up, scale, scale_value, res2d, act.kernel_id, save_preact, name
         )
     return y.view(x.shape)
+
+
+def multi_adapter(
+    x: Tensor,
+    w_down: Tensor,
+    b_down: Optional[Tensor],
+    w_up: Tensor,
+    b_up: Optional[Tensor],
+    *,
+    activation: Optional[str] = "relu",
+    scaling: Union[float, Tensor] = 1.0,
+    residual: Optional[Tensor] = None,
+    add_residual: bool = True,
+    weights: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """N bottleneck adapters (one stack of weights) on the same input, in one launch::
+
+        out[n] = res + scaling[n] * (act(x @ w_down[n].T + b_down[n]) @ w_up[n].T + b_up[n])
+
+    Args:
+        x: (..., d) float32, float16, bfloat16 (or float64); any leading shape and strides.
+        w_down: (N, r, d) stacked down-projections (``nn.Linear(d, r).weight`` each); x's dtype and device.
+        b_down: (N, r) or None.
+        w_up: (N, d, r) stacked up-projections.
+        b_up: (N, d) or None.
+        activation: one activation for all N (see :data:`adapterkern.activations.ACTIVATION_NAMES`).
+        scaling: a float, or a tensor of shape (N,) (one scalar per adapter) or (N, d) (per channel).
+        residual: None (res = x) or a tensor of x's shape (parallel adapters).
+        add_residual: False gives the adapters' own contributions ``scaling[n] * up_n(...)`` without
+            ``res`` (what AdapterFusion mixes).
+        weights: None, or mixing weights of shape (N,) or ``x.shape[:-1] + (N,)`` (per token); then the
+            result is ``res + sum_n weights[..., n] * scaling[n] * up_n(...)`` of x's shape.
+        backend: ``auto``, ``torch`` or ``triton`` (the CUDA extension has no multi-adapter kernel yet).
+
+    Returns:
+        (N, *x.shape) without ``weights``; x's shape with ``weights``. The stack is computed by one
+        kernel launch (x's tiles reused from cache across the N adapters); the weighted sum over N is
+        a separate PyTorch reduction over that stack.
+    """
+    d = _check_x(x)
+    for name, t, dims in (("w_down", w_down, "(N, r, d)"), ("w_up", w_up, "(N, d, r)")):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor of shape {dims}, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name}: expected a 3-D tensor of shape {dims}, got {_describe(t)}")
+    n, r = w_down.shape[0], w_down.shape[1]
+    if n < 1 or r < 1:
+        raise ValueError(f"w_down: expected shape (N, r, {d}) with N, r >= 1, got {tuple(w_down.shape)}")
+    _check_param(w_down, "w_down", (n, r, d), x, optional=False)
+    _check_param(b_down, "b_down", (n, r), x, optional=True)
+    _check_param(w_up, "w_up", (n, d, r), x, optional=False)
+    _check_param(b_up, "b_up", (n, d), x, optional=True)
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float, Tensor)):
+        raise TypeError(f"scaling: expected a float or a tensor of shape ({n},) or ({n}, {d}), got {type(scaling).__name__}")
+    if isinstance(scaling, Tensor):
+        if scaling.shape not in ((n,), (n, d)):
+            raise ValueError(f"scaling: expected a tensor of shape ({n},) or ({n}, {d}), got shape {tuple(scaling.shape)}")
+        _check_scaling(scaling.reshape(-1)[:1], d, x)  # dtype and device
+    if not isinstance(add_residual, bool):
+        raise TypeError(f"add_residual: expected a bool, got {type(add_residual).__name__}")
+    _check_residual(residual, x)
+    if residual is not None and not add_residual:
+        raise ValueError("residual: given with add_residual=False, where it would be ignored")
+    if weights is not None:
+        if not isinstance(weights, Tensor) or not weights.is_floating_point():
+            raise TypeError(f"weights: expected a floating-point tensor of shape ({n},) or {tuple(x.shape[:-1]) + (n,)}")
+        if weights.shape not in ((n,), tuple(x.shape[:-1]) + (n,)):
+            raise ValueError(f"weights: expected shape ({n},) or {tuple(x.shape[:-1]) + (n,)}, got {tuple(weights.shape)}")
+        if weights.device != x.device:
+            raise ValueError(f"weights: expected device {x.device} (x's device), got {weights.device}")
+    act = get_activation(activation)
+    name = resolve_backend(backend, x.device)
+    if name == "cuda":
+        raise ValueError("backend: the CUDA extension has no multi-adapter kernel; use backend='triton' or 'torch'")
+
+    x2d = x.reshape(-1, d)
+    stack_residual = add_residual and weights is None
+    res2d = None if residual is None or not stack_residual else residual.reshape(-1, d)
+    scale_2d = scaling.reshape(n, -1) if isinstance(scaling, Tensor) else scaling
+    if name == "torch":
+        out = reference.multi_adapter(x2d, w_down, b_down, w_up, b_up, scale_2d, res2d, stack_residual, act.name)
+    else:
+        scale, scale_value = _kernel_scaling(scale_2d)
+        inputs = (x, w_down, b_down, w_up, b_up, scale, residual)
+        save_preact = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+        out, _ = torch.ops.adapterkern.multi_adapter_fwd(
+            x2d, w_down, b_down, w_up, b_up, scale, scale_value, res2d, stack_residual, act.kernel_id, save_preact, name
+        )
+    if weights is None:
+        return out.view((n,) + tuple(x.shape))
+    w = weights.to(out.dtype)
+    mixed = torch.einsum("ntd,n->td", out, w) if w.dim() == 1 else torch.einsum("ntd,tn->td", out, w.reshape(-1, n))
+    if add_residual:
+        mixed = mixed + (x2d if residual is None else residual.reshape(-1, d))
+    return mixed.view(x.shape)

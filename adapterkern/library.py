@@ -7,6 +7,9 @@ Two custom ops, shared by every kernel backend (the ``backend`` string argument 
 * ``adapterkern::bottleneck_adapter_bwd(dy, x, preact, w_down, b_down, w_up, b_up, scale, scale_value,
   residual_is_x, activation_id, backend, needs) -> (dx, dw_down, db_down, dw_up, db_up, dscale)``
 
+* ``adapterkern::multi_adapter_fwd`` / ``multi_adapter_bwd``: the same for a stack of N adapters on one
+  input (``w_down`` (N, r, d), ...; ``y`` (N, T, d)), with ``add_residual``.
+
 Shapes and semantics are the kernel-backend interface documented in :mod:`adapterkern.backends`.
 The forward saves only the pre-activation (T, r) for backward, never the (T, d) output (see
 benchmarks/NOTES.md for the byte count). Outputs not needed are returned as empty tensors by the
@@ -70,8 +73,8 @@ def bottleneck_adapter_bwd(
     return tuple(x.new_empty(0) if g is None else g for g in grads)
 
 
-@bottleneck_adapter_bwd.register_fake
-def _(dy, x, preact, w_down, b_down, w_up, b_up, scale, scale_value, residual_is_x, activation_id, backend, needs):
+def _bwd_fake(dy, x, preact, w_down, b_down, w_up, b_up, scale, scale_value, residual_is_x, activation_id, backend, needs):
+    """Gradients have their inputs' shapes (contiguous); those not needed are empty."""
     likes = (x, w_down, b_down, w_up, b_up, scale)
     return tuple(
         torch.empty_like(t, memory_format=torch.contiguous_format) if need and t is not None else x.new_empty(0)
@@ -79,34 +82,100 @@ def _(dy, x, preact, w_down, b_down, w_up, b_up, scale, scale_value, residual_is
     )
 
 
-def _setup_context(ctx, inputs, output):
-    x, w_down, b_down, w_up, b_up, scale, scale_value, residual, activation_id, save_preact, backend = inputs
-    ctx.save_for_backward(x, output[1], w_down, b_down, w_up, b_up, scale)
-    ctx.scale_value = scale_value
-    ctx.residual_is_x = residual is None
-    ctx.activation_id = activation_id
-    ctx.backend = backend
+bottleneck_adapter_bwd.register_fake(_bwd_fake)
 
 
-def _backward(ctx, dy, _dpreact):
-    x, preact, w_down, b_down, w_up, b_up, scale = ctx.saved_tensors
-    need_x, need_wd, need_bd, need_wu, need_bu, need_s, _, need_res = ctx.needs_input_grad[:8]
-    needs = [need_x, need_wd, need_bd, need_wu, need_bu, need_s]
-    grads = [None] * 6
-    if any(needs):
-        if preact.numel() == 0 and x.shape[0] * w_down.shape[0] > 0:
-            raise RuntimeError(
-                "adapterkern: backward through bottleneck_adapter_fwd called with save_preact=False; "
-                "call the op through adapterkern.bottleneck_adapter, which saves it when grads are needed"
+def _register_autograd(fwd_op, bwd_op) -> None:
+    """Autograd for a forward op whose first args are (x, w_down, b_down, w_up, b_up, scale,
+    scale_value, residual, [add_residual,] activation_id, save_preact, backend): the backward op gets the
+    saved pre-activation; d_residual is dy itself (summed over the stack for the multi-adapter op)."""
+    has_add_residual = fwd_op is not bottleneck_adapter_fwd
+
+    def setup_context(ctx, inputs, output):
+        x, w_down, b_down, w_up, b_up, scale, scale_value, residual = inputs[:8]
+        add_residual = inputs[8] if has_add_residual else True
+        activation_id, _, backend = inputs[-3:]
+        ctx.save_for_backward(x, output[1], w_down, b_down, w_up, b_up, scale)
+        ctx.scale_value = scale_value
+        ctx.residual_is_x = add_residual and residual is None
+        ctx.activation_id = activation_id
+        ctx.backend = backend
+
+    def backward(ctx, dy, _dpreact):
+        x, preact, w_down, b_down, w_up, b_up, scale = ctx.saved_tensors
+        need_x, need_wd, need_bd, need_wu, need_bu, need_s, _, need_res = ctx.needs_input_grad[:8]
+        needs = [need_x, need_wd, need_bd, need_wu, need_bu, need_s]
+        grads = [None] * 6
+        if any(needs):
+            if preact.numel() == 0 and x.shape[0] * w_down.shape[-2] > 0:
+                raise RuntimeError(
+                    "adapterkern: backward through an adapter op called with save_preact=False; call it "
+                    "through adapterkern.bottleneck_adapter / multi_adapter, which save it when grads are needed"
+                )
+            outs = bwd_op(
+                dy, x, preact, w_down, b_down, w_up, b_up, scale, ctx.scale_value, ctx.residual_is_x,
+                ctx.activation_id, ctx.backend, needs,
             )
-        outs = torch.ops.adapterkern.bottleneck_adapter_bwd(
-            dy, x, preact, w_down, b_down, w_up, b_up, scale, ctx.scale_value, ctx.residual_is_x,
-            ctx.activation_id, ctx.backend, needs,
-        )
-        grads = [g if need else None for g, need in zip(outs, needs)]
-    d_residual = dy if need_res else None
-    dx, dw_down, db_down, dw_up, db_up, dscale = grads
-    return dx, dw_down, db_down, dw_up, db_up, dscale, None, d_residual, None, None, None
+            grads = [g if need else None for g, need in zip(outs, needs)]
+        d_residual = None
+        if need_res:
+            d_residual = dy.sum(0) if has_add_residual else dy
+        n_rest = len(ctx.needs_input_grad) - 8
+        return (*grads, None, d_residual) + (None,) * n_rest
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
 
 
-bottleneck_adapter_fwd.register_autograd(_backward, setup_context=_setup_context)
+_register_autograd(bottleneck_adapter_fwd, torch.ops.adapterkern.bottleneck_adapter_bwd)
+
+
+@torch.library.custom_op("adapterkern::multi_adapter_fwd", mutates_args=())
+def multi_adapter_fwd(
+    x: Tensor,
+    w_down: Tensor,
+    b_down: Optional[Tensor],
+    w_up: Tensor,
+    b_up: Optional[Tensor],
+    scale: Optional[Tensor],
+    scale_value: float,
+    residual: Optional[Tensor],
+    add_residual: bool,
+    activation_id: int,
+    save_preact: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    return kernel_backend(backend).multi_adapter_forward(
+        x, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_residual, activation_id, save_preact
+    )
+
+
+@multi_adapter_fwd.register_fake
+def _(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_residual, activation_id, save_preact, backend):
+    (num_tokens, d), (n, r) = x.shape, w_down.shape[:2]
+    return x.new_empty((n, num_tokens, d)), x.new_empty((n, num_tokens, r) if save_preact else (0,))
+
+
+@torch.library.custom_op("adapterkern::multi_adapter_bwd", mutates_args=())
+def multi_adapter_bwd(
+    dy: Tensor,
+    x: Tensor,
+    preact: Tensor,
+    w_down: Tensor,
+    b_down: Optional[Tensor],
+    w_up: Tensor,
+    b_up: Optional[Tensor],
+    scale: Optional[Tensor],
+    scale_value: float,
+    residual_is_x: bool,
+    activation_id: int,
+    backend: str,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = kernel_backend(backend).multi_adapter_backward(
+        dy, x, preact, w_down, b_down, w_up, b_up, scale, scale_value, residual_is_x, activation_id, needs
+    )
+    return tuple(x.new_empty(0) if g is None else g for g in grads)
+
+
+multi_adapter_bwd.register_fake(_bwd_fake)
+_register_autograd(multi_adapter_fwd, torch.ops.adapterkern.multi_adapter_bwd)

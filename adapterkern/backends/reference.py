@@ -61,3 +61,38 @@ def bottleneck_adapter(
         hidden = torch.cat([hidden, hidden.new_ones(hidden.shape[0], 1)], dim=1)
         w_eff = torch.cat([w_eff, b_eff.unsqueeze(1)], dim=1)
     return torch.addmm(res, hidden, w_eff.t())
+
+
+def multi_adapter(
+    x: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: Optional[torch.Tensor],
+    w_up: torch.Tensor,
+    b_up: Optional[torch.Tensor],
+    scaling: Union[float, torch.Tensor],
+    residual: Optional[torch.Tensor],
+    add_residual: bool,
+    activation: str,
+) -> torch.Tensor:
+    """N adapters on one 2-D input ``x`` (T, d): returns (N, T, d) with
+    ``out[n] = res + scaling[n] * (act(x @ w_down[n].T + b_down[n]) @ w_up[n].T + b_up[n])``.
+
+    ``w_down`` (N, r, d), ``w_up`` (N, d, r), biases (N, r) / (N, d) or None, ``scaling`` a float or a
+    tensor of shape (N, 1) or (N, d); ``res`` is ``residual`` (x if None) when ``add_residual``, else 0.
+    """
+    act = get_activation(activation).fn
+    hidden = torch.matmul(x, w_down.transpose(1, 2))  # (N, T, r)
+    if b_down is not None:
+        hidden = hidden + b_down.unsqueeze(1)
+    hidden = act(hidden)
+    if b_up is None:
+        up = torch.bmm(hidden, w_up.transpose(1, 2))
+    else:
+        up = torch.baddbmm(b_up.unsqueeze(1), hidden, w_up.transpose(1, 2))
+    if isinstance(scaling, torch.Tensor):
+        up = up * scaling.to(x.dtype).unsqueeze(1)
+    elif scaling != 1.0:
+        up = up * scaling
+    if not add_residual:
+        return up
+    return up + (x if residual is None else residual)

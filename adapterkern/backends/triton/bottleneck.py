@@ -195,11 +195,13 @@ def _fwd_kernel(
     S, stride_s, scale_value,  # (1,) or (D,) with stride 0 or 1; scale_value when S is unused
     Y,  # (T, D) contiguous
     H,  # (T, R) contiguous pre-activation (written only when SAVE_H)
+    stride_wd_n, stride_bd_n, stride_wu_n, stride_bu_n, stride_s_n,  # adapter axis (grid axis 1)
     T, D, R, T_BUCKET,
     ACT: tl.constexpr,
     HAS_BD: tl.constexpr,
     HAS_BU: tl.constexpr,
     HAS_S: tl.constexpr,
+    ADD_RES: tl.constexpr,
     SAVE_H: tl.constexpr,
     PRECISION: tl.constexpr,
     ACC: tl.constexpr,
@@ -208,6 +210,14 @@ def _fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)  # adapter n of a stack: its weights, and its (T, D) / (T, R) outputs
+    WD += n * stride_wd_n
+    BD += n * stride_bd_n
+    WU += n * stride_wu_n
+    BU += n * stride_bu_n
+    S += n * stride_s_n
+    Y += n * T * D
+    H += n * T * R
     offs_t = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     offs_r = tl.arange(0, R_PAD)
@@ -251,8 +261,11 @@ def _fwd_kernel(
             u *= tl.load(S + offs_d * stride_s, mask=mask_d, other=0.0).to(ACC)[None, :]
         else:
             u *= scale_value
-        res = tl.load(RES + offs_t[:, None] * stride_rt + offs_d[None, :] * stride_rd, mask=mask_td, other=0.0)
-        y = res.to(ACC) + u
+        if ADD_RES:
+            res = tl.load(RES + offs_t[:, None] * stride_rt + offs_d[None, :] * stride_rd, mask=mask_td, other=0.0)
+            y = res.to(ACC) + u
+        else:
+            y = u
         tl.store(Y + offs_t[:, None] * D + offs_d[None, :], y.to(Y.dtype.element_ty), mask=mask_td)
 
 
@@ -269,6 +282,7 @@ def _bwd_dh_kernel(
     WU, stride_wu_d, stride_wu_r,  # (D, R)
     S, stride_s, scale_value,
     DH,  # (T, R) contiguous, output
+    stride_dy_n, stride_wu_n, stride_s_n,  # adapter axis (grid axis 1); H and DH are (N, T, R) contiguous
     T, D, R, T_BUCKET,
     ACT: tl.constexpr,
     HAS_S: tl.constexpr,
@@ -279,6 +293,12 @@ def _bwd_dh_kernel(
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    DY += n * stride_dy_n
+    WU += n * stride_wu_n
+    S += n * stride_s_n
+    H += n * T * R
+    DH += n * T * R
     offs_t = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     offs_r = tl.arange(0, R_PAD)
@@ -330,6 +350,7 @@ def _bwd_main_kernel(
     DWU_P,  # (SPLITS, D, R) fp32 partials
     DBU_P,  # (SPLITS, D) fp32 partials
     DS_P,  # (SPLITS, D) fp32 partials of sum_T dy * u
+    stride_dy_n, stride_wd_n, stride_wu_n, stride_bu_n, stride_s_n,  # adapter axis (grid axis 2)
     T, D, R, T_BUCKET, SPLITS,
     ACT: tl.constexpr,
     HAS_BU: tl.constexpr,
@@ -349,6 +370,21 @@ def _bwd_main_kernel(
 ):
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
+    # Adapter n of a stack: its dy, pre-activation, dh, weights and partial sums. dx of a stack (the sum
+    # over adapters) is left to the host (NEED_DX is only set for a single adapter).
+    n = tl.program_id(2).to(tl.int64)
+    DY += n * stride_dy_n
+    H += n * T * R
+    DH += n * T * R
+    WD += n * stride_wd_n
+    WU += n * stride_wu_n
+    BU += n * stride_bu_n
+    S += n * stride_s_n
+    DWD_P += n * SPLITS * R * D
+    DBD_P += n * SPLITS * R
+    DWU_P += n * SPLITS * D * R
+    DBU_P += n * SPLITS * D
+    DS_P += n * SPLITS * D
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     offs_r = tl.arange(0, R_PAD)
@@ -450,9 +486,10 @@ def _r_pad(r: int) -> int:
 
 
 def _scale_args(scale: Optional[torch.Tensor], scale_value: float, like: torch.Tensor):
+    """(pointer, stride over d, stride over adapters, value, HAS_S) for a (N, 1) / (N, D) scale or None."""
     if scale is None:
-        return like, 0, float(scale_value), False
-    return scale, (0 if scale.numel() == 1 else scale.stride(0)), 1.0, True
+        return like, 0, 0, float(scale_value), False
+    return scale, (0 if scale.shape[1] == 1 else scale.stride(1)), scale.stride(0), 1.0, True
 
 
 def _num_splits(num_tokens: int, d: int, device: torch.device) -> int:
@@ -467,7 +504,7 @@ def _num_splits(num_tokens: int, d: int, device: torch.device) -> int:
     return max(1, min(splits, triton.cdiv(num_tokens, 256 if device.type == "cuda" else 32)))
 
 
-def adapter_forward(
+def multi_adapter_forward(
     x: torch.Tensor,
     w_down: torch.Tensor,
     b_down: Optional[torch.Tensor],
@@ -476,33 +513,43 @@ def adapter_forward(
     scale: Optional[torch.Tensor],
     scale_value: float,
     residual: Optional[torch.Tensor],
+    add_residual: bool,
     activation_id: int,
     save_preact: bool,
 ):
-    """Fused forward. ``x``/``residual`` (T, d) any strides; returns (y (T, d) contiguous, preact)."""
+    """N adapters on one input, one launch: grid (T-blocks, N), adapter n's programs write ``y[n]``.
+
+    ``x``/``residual`` (T, d) any strides; ``w_down`` (N, r, d), ``w_up`` (N, d, r), biases (N, r) /
+    (N, d) or None, ``scale`` (N, 1) / (N, d) or None (then ``scale_value``). Returns (y (N, T, d)
+    contiguous, preact (N, T, r) or empty). ``y[n] = res + s_n * u_n`` with ``res`` = residual (x if
+    None) when ``add_residual``, else 0.
+    """
     num_tokens, d = x.shape
-    r = w_down.shape[0]
-    y = torch.empty((num_tokens, d), dtype=x.dtype, device=x.device)
-    preact = torch.empty((num_tokens, r) if save_preact else (0,), dtype=x.dtype, device=x.device)
+    n_adapters, r = w_down.shape[0], w_down.shape[1]
+    y = torch.empty((n_adapters, num_tokens, d), dtype=x.dtype, device=x.device)
+    preact = torch.empty((n_adapters, num_tokens, r) if save_preact else (0,), dtype=x.dtype, device=x.device)
     if num_tokens == 0:
         return y, preact
     res = x if residual is None else residual
-    s, stride_s, s_val, has_s = _scale_args(scale, scale_value, w_up)
-    grid = lambda meta: (triton.cdiv(num_tokens, meta["BLOCK_T"]),)  # noqa: E731
+    s, stride_s, stride_s_n, s_val, has_s = _scale_args(scale, scale_value, w_up)
+    grid = lambda meta: (triton.cdiv(num_tokens, meta["BLOCK_T"]), n_adapters)  # noqa: E731
     _fwd_kernel[grid](
         x, x.stride(0), x.stride(1),
         res, res.stride(0), res.stride(1),
-        w_down, w_down.stride(0), w_down.stride(1),
+        w_down, w_down.stride(1), w_down.stride(2),
         b_down if b_down is not None else w_down,
-        w_up, w_up.stride(0), w_up.stride(1),
+        w_up, w_up.stride(1), w_up.stride(2),
         b_up if b_up is not None else w_up,
         s, stride_s, s_val,
         y, preact if save_preact else y,
+        w_down.stride(0), 0 if b_down is None else b_down.stride(0), w_up.stride(0),
+        0 if b_up is None else b_up.stride(0), stride_s_n,
         num_tokens, d, r, _t_bucket(num_tokens),
         ACT=activation_id,
         HAS_BD=b_down is not None,
         HAS_BU=b_up is not None,
         HAS_S=has_s,
+        ADD_RES=add_residual,
         SAVE_H=save_preact,
         PRECISION=_precision(x.dtype),
         ACC=_acc_dtype(x.dtype),
@@ -511,7 +558,7 @@ def adapter_forward(
     return y, preact
 
 
-def adapter_backward(
+def multi_adapter_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
     preact: torch.Tensor,
@@ -525,10 +572,12 @@ def adapter_backward(
     activation_id: int,
     needs: Sequence[bool],
 ):
-    """Fused backward; returns (dx, dw_down, db_down, dw_up, db_up, dscale), None where not needed."""
+    """Backward of :func:`multi_adapter_forward` for ``dy`` (N, T, d) (any strides). Returns
+    (dx (T, d), dw_down (N, r, d), db_down, dw_up, db_up, dscale (scale's shape)), None where not needed.
+    ``dx`` includes ``sum_n dy[n]`` when ``residual_is_x`` (x was added to every output)."""
     need_dx, need_dwd, need_dbd, need_dwu, need_dbu, need_ds = (bool(n) for n in needs)
     num_tokens, d = x.shape
-    r = w_down.shape[0]
+    n_adapters, r = w_down.shape[0], w_down.shape[1]
     dev, dtype = x.device, x.dtype
     f32 = torch.float64 if dtype == torch.float64 else torch.float32  # partial sums
     if num_tokens == 0:
@@ -541,7 +590,7 @@ def adapter_backward(
             zeros(b_up) if need_dbu else None,
             zeros(scale) if need_ds else None,
         )
-    s, stride_s, s_val, has_s = _scale_args(scale, scale_value, w_up)
+    s, stride_s, stride_s_n, s_val, has_s = _scale_args(scale, scale_value, w_up)
     precision = _precision(dtype)
     acc = _acc_dtype(dtype)
     r_pad = _r_pad(r)
@@ -549,53 +598,93 @@ def adapter_backward(
 
     dh = None
     if need_dx or need_dwd or need_dbd:
-        dh = torch.empty((num_tokens, r), dtype=dtype, device=dev)
-        _bwd_dh_kernel[lambda meta: (triton.cdiv(num_tokens, meta["BLOCK_T"]),)](
-            dy, dy.stride(0), dy.stride(1),
+        dh = torch.empty((n_adapters, num_tokens, r), dtype=dtype, device=dev)
+        _bwd_dh_kernel[lambda meta: (triton.cdiv(num_tokens, meta["BLOCK_T"]), n_adapters)](
+            dy, dy.stride(1), dy.stride(2),
             preact,
-            w_up, w_up.stride(0), w_up.stride(1),
+            w_up, w_up.stride(1), w_up.stride(2),
             s, stride_s, s_val,
             dh,
+            dy.stride(0), w_up.stride(0), stride_s_n,
             num_tokens, d, r, t_bucket,
             ACT=activation_id, HAS_S=has_s, PRECISION=precision, ACC=acc, R_PAD=r_pad,
         )
 
+    # One adapter: dx in the kernel. A stack: dx = sum_n dh[n] @ w_down[n] is one (T, N r) x (N r, d)
+    # matmul over the concatenated bottleneck, done after the kernel.
+    fused_dx = need_dx and n_adapters == 1
     splits = _num_splits(num_tokens, d, dev)
-    dx = torch.empty((num_tokens, d), dtype=dtype, device=dev) if need_dx else None
-    dwd_p = torch.empty((splits, r, d), dtype=f32, device=dev) if need_dwd else None
-    dbd_p = torch.empty((splits, r), dtype=f32, device=dev) if need_dbd else None
-    dwu_p = torch.empty((splits, d, r), dtype=f32, device=dev) if need_dwu else None
-    dbu_p = torch.empty((splits, d), dtype=f32, device=dev) if need_dbu else None
-    ds_p = torch.empty((splits, d), dtype=f32, device=dev) if need_ds else None
-    dummy = preact
-    _bwd_main_kernel[lambda meta: (triton.cdiv(d, meta["BLOCK_D"]), splits)](
-        dy, dy.stride(0), dy.stride(1),
-        x, x.stride(0), x.stride(1),
-        preact,
-        dh if dh is not None else dummy,
-        w_down, w_down.stride(0), w_down.stride(1),
-        w_up, w_up.stride(0), w_up.stride(1),
-        b_up if b_up is not None else w_up,
-        s, stride_s, s_val,
-        dx if dx is not None else dummy,
-        *(p if p is not None else dummy for p in (dwd_p, dbd_p, dwu_p, dbu_p, ds_p)),
-        num_tokens, d, r, t_bucket, splits,
-        ACT=activation_id,
-        HAS_BU=b_up is not None,
-        HAS_S=has_s,
-        RES_IS_X=residual_is_x,
-        NEED_DX=need_dx, NEED_DWD=need_dwd, NEED_DBD=need_dbd,
-        NEED_DWU=need_dwu, NEED_DBU=need_dbu, NEED_DS=need_ds,
-        PRECISION=precision, ACC=acc, R_PAD=r_pad,
-    )
+    dx = torch.empty((num_tokens, d), dtype=dtype, device=dev) if fused_dx else None
+    dwd_p = torch.empty((n_adapters, splits, r, d), dtype=f32, device=dev) if need_dwd else None
+    dbd_p = torch.empty((n_adapters, splits, r), dtype=f32, device=dev) if need_dbd else None
+    dwu_p = torch.empty((n_adapters, splits, d, r), dtype=f32, device=dev) if need_dwu else None
+    dbu_p = torch.empty((n_adapters, splits, d), dtype=f32, device=dev) if need_dbu else None
+    ds_p = torch.empty((n_adapters, splits, d), dtype=f32, device=dev) if need_ds else None
+    if fused_dx or need_dwd or need_dbd or need_dwu or need_dbu or need_ds:
+        dummy = preact
+        _bwd_main_kernel[lambda meta: (triton.cdiv(d, meta["BLOCK_D"]), splits, n_adapters)](
+            dy, dy.stride(1), dy.stride(2),
+            x, x.stride(0), x.stride(1),
+            preact,
+            dh if dh is not None else dummy,
+            w_down, w_down.stride(1), w_down.stride(2),
+            w_up, w_up.stride(1), w_up.stride(2),
+            b_up if b_up is not None else w_up,
+            s, stride_s, s_val,
+            dx if dx is not None else dummy,
+            *(p if p is not None else dummy for p in (dwd_p, dbd_p, dwu_p, dbu_p, ds_p)),
+            dy.stride(0), w_down.stride(0), w_up.stride(0), 0 if b_up is None else b_up.stride(0), stride_s_n,
+            num_tokens, d, r, t_bucket, splits,
+            ACT=activation_id,
+            HAS_BU=b_up is not None,
+            HAS_S=has_s,
+            RES_IS_X=residual_is_x,
+            NEED_DX=fused_dx, NEED_DWD=need_dwd, NEED_DBD=need_dbd,
+            NEED_DWU=need_dwu, NEED_DBU=need_dbu, NEED_DS=need_ds,
+            PRECISION=precision, ACC=acc, R_PAD=r_pad,
+        )
+    if need_dx and not fused_dx:
+        dh_cat = dh.permute(1, 0, 2).reshape(num_tokens, n_adapters * r)
+        dx = dh_cat @ w_down.reshape(n_adapters * r, d)
+        if residual_is_x:
+            dx += dy.sum(0, dtype=f32).to(dtype)
 
     # Fixed-order reductions over the T-splits: deterministic.
-    dw_down = dwd_p.sum(0).to(dtype) if need_dwd else None
-    db_down = dbd_p.sum(0).to(dtype) if need_dbd else None
-    dw_up = dwu_p.sum(0).to(dtype) if need_dwu else None
-    db_up = dbu_p.sum(0).to(dtype) if need_dbu else None
+    dw_down = dwd_p.sum(1).to(dtype) if need_dwd else None
+    db_down = dbd_p.sum(1).to(dtype) if need_dbd else None
+    dw_up = dwu_p.sum(1).to(dtype) if need_dwu else None
+    db_up = dbu_p.sum(1).to(dtype) if need_dbu else None
     dscale = None
     if need_ds:
-        ds = ds_p.sum(0)
-        dscale = (ds.sum().reshape(scale.shape) if scale.numel() == 1 else ds).to(scale.dtype)
+        ds = ds_p.sum(1)  # (N, d)
+        dscale = (ds.sum(1, keepdim=True) if scale.shape[1] == 1 else ds).to(scale.dtype)
     return dx, dw_down, db_down, dw_up, db_up, dscale
+
+
+def _as_stack(scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if scale is None else scale.reshape(1, -1)
+
+
+def _unsqueeze(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.unsqueeze(0)
+
+
+def adapter_forward(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, activation_id, save_preact):
+    """One adapter: :func:`multi_adapter_forward` with a stack of one. ``x``/``residual`` (T, d) any
+    strides; returns (y (T, d) contiguous, preact (T, r) or empty)."""
+    y, preact = multi_adapter_forward(
+        x, w_down.unsqueeze(0), _unsqueeze(b_down), w_up.unsqueeze(0), _unsqueeze(b_up), _as_stack(scale),
+        scale_value, residual, True, activation_id, save_preact,
+    )
+    return y[0], (preact[0] if save_preact else preact)
+
+
+def adapter_backward(dy, x, preact, w_down, b_down, w_up, b_up, scale, scale_value, residual_is_x, activation_id, needs):
+    """Fused backward of one adapter; returns (dx, dw_down, db_down, dw_up, db_up, dscale), None where not needed."""
+    grads = multi_adapter_backward(
+        dy.unsqueeze(0), x, preact.unsqueeze(0) if preact.numel() else preact, w_down.unsqueeze(0),
+        _unsqueeze(b_down), w_up.unsqueeze(0), _unsqueeze(b_up), _as_stack(scale), scale_value, residual_is_x,
+        activation_id, needs,
+    )
+    shapes = (x, w_down, b_down, w_up, b_up, scale)
+    return tuple(None if g is None else (g if i == 0 else g.reshape(t.shape)) for i, (g, t) in enumerate(zip(grads, shapes)))
