@@ -16,6 +16,7 @@ from .integrations.transformers import (
     set_active_adapter,
     train_adapter,
 )
+from .integrations.adapterhub import AdapterPatchReport, patch_adapters, unpatch_adapters
 
 __version__ = "0.1.0"
 
@@ -38,4 +39,7 @@ __all__ = [
     "save_adapter",
     "set_active_adapter",
     "train_adapter",
+    "AdapterPatchReport",
+    "patch_adapters",
+    "unpatch_adapters",
 ]
