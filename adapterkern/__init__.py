@@ -2,7 +2,7 @@
 from . import nn
 from .activations import ACTIVATION_NAMES, get_activation
 from .backends import available_backends
-from .functional import bottleneck_adapter, multi_adapter
+from .functional import TokenGroups, bottleneck_adapter, bottleneck_adapter_batched, multi_adapter, token_groups
 from .integrations.transformers import (
     AdapterConfig,
     AdapterSummary,
@@ -29,6 +29,7 @@ __all__ = [
     "add_adapter",
     "available_backends",
     "bottleneck_adapter",
+    "bottleneck_adapter_batched",
     "delete_adapter",
     "get_activation",
     "get_active_adapter",
@@ -38,7 +39,9 @@ __all__ = [
     "nn",
     "save_adapter",
     "set_active_adapter",
+    "token_groups",
     "train_adapter",
+    "TokenGroups",
     "AdapterPatchReport",
     "patch_adapters",
     "unpatch_adapters",

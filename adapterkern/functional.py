@@ -1,7 +1,7 @@
 """Functional ops: each checks its arguments once, picks the backend, and calls it."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -140,6 +140,35 @@ def bottleneck_adapter(
     return y.view(x.shape)
 
 
+def _check_stack(x: Tensor, w_down, b_down, w_up, b_up, scaling) -> int:
+    """A stack of N adapters' weights for x (..., d); returns N."""
+    d = x.shape[-1]
+    for name, t, dims in (("w_down", w_down, "(N, r, d)"), ("w_up", w_up, "(N, d, r)")):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor of shape {dims}, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name}: expected a 3-D tensor of shape {dims}, got {_describe(t)}")
+    n, r = w_down.shape[0], w_down.shape[1]
+    if n < 1 or r < 1:
+        raise ValueError(f"w_down: expected shape (N, r, {d}) with N, r >= 1, got {tuple(w_down.shape)}")
+    _check_param(w_down, "w_down", (n, r, d), x, optional=False)
+    _check_param(b_down, "b_down", (n, r), x, optional=True)
+    _check_param(w_up, "w_up", (n, d, r), x, optional=False)
+    _check_param(b_up, "b_up", (n, d), x, optional=True)
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float, Tensor)):
+        raise TypeError(f"scaling: expected a float or a tensor of shape ({n},) or ({n}, {d}), got {type(scaling).__name__}")
+    if isinstance(scaling, Tensor):
+        if scaling.shape not in ((n,), (n, d)):
+            raise ValueError(f"scaling: expected a tensor of shape ({n},) or ({n}, {d}), got shape {tuple(scaling.shape)}")
+        _check_scaling(scaling.reshape(-1)[:1], d, x)  # dtype and device
+    return n
+
+
+def _stack_scaling(scaling, n: int):
+    """A float, or the per-adapter scaling as (N, 1) / (N, d)."""
+    return scaling.reshape(n, -1) if isinstance(scaling, Tensor) else scaling
+
+
 def multi_adapter(
     x: Tensor,
     w_down: Tensor,
@@ -179,24 +208,7 @@ def multi_adapter(
         a separate PyTorch reduction over that stack.
     """
     d = _check_x(x)
-    for name, t, dims in (("w_down", w_down, "(N, r, d)"), ("w_up", w_up, "(N, d, r)")):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor of shape {dims}, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{name}: expected a 3-D tensor of shape {dims}, got {_describe(t)}")
-    n, r = w_down.shape[0], w_down.shape[1]
-    if n < 1 or r < 1:
-        raise ValueError(f"w_down: expected shape (N, r, {d}) with N, r >= 1, got {tuple(w_down.shape)}")
-    _check_param(w_down, "w_down", (n, r, d), x, optional=False)
-    _check_param(b_down, "b_down", (n, r), x, optional=True)
-    _check_param(w_up, "w_up", (n, d, r), x, optional=False)
-    _check_param(b_up, "b_up", (n, d), x, optional=True)
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float, Tensor)):
-        raise TypeError(f"scaling: expected a float or a tensor of shape ({n},) or ({n}, {d}), got {type(scaling).__name__}")
-    if isinstance(scaling, Tensor):
-        if scaling.shape not in ((n,), (n, d)):
-            raise ValueError(f"scaling: expected a tensor of shape ({n},) or ({n}, {d}), got shape {tuple(scaling.shape)}")
-        _check_scaling(scaling.reshape(-1)[:1], d, x)  # dtype and device
+    n = _check_stack(x, w_down, b_down, w_up, b_up, scaling)
     if not isinstance(add_residual, bool):
         raise TypeError(f"add_residual: expected a bool, got {type(add_residual).__name__}")
     _check_residual(residual, x)
@@ -217,7 +229,7 @@ def multi_adapter(
     x2d = x.reshape(-1, d)
     stack_residual = add_residual and weights is None
     res2d = None if residual is None or not stack_residual else residual.reshape(-1, d)
-    scale_2d = scaling.reshape(n, -1) if isinstance(scaling, Tensor) else scaling
+    scale_2d = _stack_scaling(scaling, n)
     if name == "torch":
         out = reference.multi_adapter(x2d, w_down, b_down, w_up, b_up, scale_2d, res2d, stack_residual, act.name)
     else:
@@ -234,3 +246,119 @@ def multi_adapter(
     if add_residual:
         mixed = mixed + (x2d if residual is None else residual.reshape(-1, d))
     return mixed.view(x.shape)
+
+
+class TokenGroups(NamedTuple):
+    """Tokens grouped by adapter, for :func:`bottleneck_adapter_batched` (computed on the index's
+    device with no host synchronisation; sizes depend only on T and N, so a CUDA graph can replay them).
+
+    perm: (T,) int64, token ids sorted by adapter (stable); counts: (N + 1,) int32, tokens per group,
+    group 0 being the tokens with no adapter (index -1), group g the tokens of adapter g - 1;
+    starts: (N + 1,) int32, where each group begins in ``perm``.
+    """
+
+    perm: Tensor
+    counts: Tensor
+    starts: Tensor
+
+
+def token_groups(adapter_index: Tensor, num_adapters: int) -> TokenGroups:
+    """Group the tokens of ``adapter_index`` (any shape, integer, values in [-1, num_adapters)) by adapter.
+
+    Compute it once per batch and pass it to every layer's :func:`bottleneck_adapter_batched` call.
+    Values are not range-checked here (that needs a host sync); the op checks them when it can.
+    """
+    if not isinstance(adapter_index, Tensor) or adapter_index.is_floating_point() or adapter_index.is_complex() or adapter_index.dtype == torch.bool:
+        raise TypeError("adapter_index: expected an integer tensor")
+    if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 1:
+        raise ValueError(f"num_adapters: expected a positive int, got {num_adapters!r}")
+    group = adapter_index.reshape(-1).to(torch.int64) + 1  # 0: no adapter
+    counts = torch.zeros(num_adapters + 1, dtype=torch.int32, device=group.device)
+    counts.scatter_add_(0, group.clamp(0, num_adapters), torch.ones_like(group, dtype=torch.int32))
+    starts = torch.cumsum(counts, 0, dtype=torch.int32) - counts
+    perm = torch.sort(group, stable=True).indices
+    return TokenGroups(perm, counts, starts)
+
+
+def _token_index(adapter_index, x: Tensor, n: int) -> Tensor:
+    """adapter_index per token (x.shape[:-1]) or per sequence (x.shape[:1], for x of 3 or more dims), flattened."""
+    if not isinstance(adapter_index, Tensor):
+        raise TypeError(f"adapter_index: expected an integer tensor of shape {tuple(x.shape[:-1])} or {tuple(x.shape[:1])}")
+    if adapter_index.is_floating_point() or adapter_index.is_complex() or adapter_index.dtype == torch.bool:
+        raise TypeError(f"adapter_index: expected an integer dtype, got {adapter_index.dtype}")
+    if adapter_index.device != x.device:
+        raise ValueError(f"adapter_index: expected device {x.device} (x's device), got {adapter_index.device}")
+    if adapter_index.shape == x.shape[:-1]:
+        per_token = adapter_index
+    elif x.dim() >= 3 and adapter_index.shape == x.shape[:1]:
+        per_token = adapter_index.reshape((-1,) + (1,) * (x.dim() - 2)).expand(x.shape[:-1])
+    else:
+        raise ValueError(
+            f"adapter_index: expected shape {tuple(x.shape[:-1])} (per token) or {tuple(x.shape[:1])} (per sequence), "
+            f"got {tuple(adapter_index.shape)}"
+        )
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing and not torch.compiler.is_compiling() and per_token.numel():
+        lo, hi = int(per_token.min()), int(per_token.max())
+        if lo < -1 or hi >= n:
+            raise ValueError(f"adapter_index: values must lie in [-1, {n - 1}] (-1: no adapter), got [{lo}, {hi}]")
+    return per_token.reshape(-1)
+
+
+def bottleneck_adapter_batched(
+    x: Tensor,
+    adapter_index: Tensor,
+    w_down: Tensor,
+    b_down: Optional[Tensor],
+    w_up: Tensor,
+    b_up: Optional[Tensor],
+    *,
+    activation: Optional[str] = "relu",
+    scaling: Union[float, Tensor] = 1.0,
+    residual: Optional[Tensor] = None,
+    groups: Optional[TokenGroups] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """A heterogeneous batch: every token (or sequence) through its own adapter of a stack, one launch::
+
+        y[t] = res[t] + scaling[i] * (act(x[t] @ w_down[i].T + b_down[i]) @ w_up[i].T + b_up[i]),  i = adapter_index[t]
+        y[t] = res[t]                                                                  where adapter_index[t] == -1
+
+    Args:
+        x: (..., d) float32, float16, bfloat16 (or float64).
+        adapter_index: integer, shape x.shape[:-1] (per token) or x.shape[:1] (per sequence); -1 = no adapter.
+        w_down, b_down, w_up, b_up, scaling: the stack, as in :func:`multi_adapter`.
+        residual: None (res = x) or a tensor of x's shape.
+        groups: :func:`token_groups` of the same index, to compute once per batch and reuse in every layer.
+        backend: ``auto``, ``torch`` or ``triton``.
+
+    Returns: x's shape and dtype. Weight gradients of an adapter sum over its tokens only.
+    """
+    d = _check_x(x)
+    n = _check_stack(x, w_down, b_down, w_up, b_up, scaling)
+    _check_residual(residual, x)
+    index = _token_index(adapter_index, x, n)
+    if groups is None:
+        groups = token_groups(index, n)
+    elif not isinstance(groups, TokenGroups):
+        raise TypeError(f"groups: expected the TokenGroups of adapterkern.token_groups, got {type(groups).__name__}")
+    elif groups.perm.shape != index.shape or groups.counts.shape != (n + 1,):
+        raise ValueError(f"groups: made for {groups.perm.numel()} tokens and {groups.counts.numel() - 1} adapters, not {index.numel()} and {n}")
+    act = get_activation(activation)
+    name = resolve_backend(backend, x.device)
+    if name == "cuda":
+        raise ValueError("backend: the CUDA extension has no batched-adapter kernel; use backend='triton' or 'torch'")
+    x2d = x.reshape(-1, d)
+    res2d = None if residual is None else residual.reshape(-1, d)
+    scale_2d = _stack_scaling(scaling, n)
+    if name == "torch":
+        y = reference.batched_adapter(x2d, groups.perm, groups.counts, w_down, b_down, w_up, b_up, scale_2d, res2d, act.name)
+    else:
+        scale, scale_value = _kernel_scaling(scale_2d)
+        inputs = (x, w_down, b_down, w_up, b_up, scale, residual)
+        save_preact = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+        y, _ = torch.ops.adapterkern.batched_adapter_fwd(
+            x2d, w_down, b_down, w_up, b_up, scale, scale_value, res2d, groups.perm, groups.counts, groups.starts,
+            act.kernel_id, save_preact, name,
+        )
+    return y.view(x.shape)

@@ -85,24 +85,25 @@ def _bwd_fake(dy, x, preact, w_down, b_down, w_up, b_up, scale, scale_value, res
 bottleneck_adapter_bwd.register_fake(_bwd_fake)
 
 
-def _register_autograd(fwd_op, bwd_op) -> None:
-    """Autograd for a forward op whose first args are (x, w_down, b_down, w_up, b_up, scale,
-    scale_value, residual, [add_residual,] activation_id, save_preact, backend): the backward op gets the
-    saved pre-activation; d_residual is dy itself (summed over the stack for the multi-adapter op)."""
-    has_add_residual = fwd_op is not bottleneck_adapter_fwd
+def _register_autograd(fwd_op, bwd_op, kind: str) -> None:
+    """Autograd for a forward op whose args are (x, w_down, b_down, w_up, b_up, scale, scale_value,
+    residual, <extra>, activation_id, save_preact, backend), <extra> being nothing (``kind`` "single"),
+    add_residual ("multi") or the token groups perm, counts, starts ("batched"). The backward op gets
+    the saved pre-activation (and the groups); d_residual is dy (summed over the stack for "multi")."""
 
     def setup_context(ctx, inputs, output):
         x, w_down, b_down, w_up, b_up, scale, scale_value, residual = inputs[:8]
-        add_residual = inputs[8] if has_add_residual else True
+        add_residual = inputs[8] if kind == "multi" else True
+        groups = list(inputs[8:11]) if kind == "batched" else []
         activation_id, _, backend = inputs[-3:]
-        ctx.save_for_backward(x, output[1], w_down, b_down, w_up, b_up, scale)
+        ctx.save_for_backward(x, output[1], w_down, b_down, w_up, b_up, scale, *groups)
         ctx.scale_value = scale_value
         ctx.residual_is_x = add_residual and residual is None
         ctx.activation_id = activation_id
         ctx.backend = backend
 
     def backward(ctx, dy, _dpreact):
-        x, preact, w_down, b_down, w_up, b_up, scale = ctx.saved_tensors
+        x, preact, w_down, b_down, w_up, b_up, scale, *groups = ctx.saved_tensors
         need_x, need_wd, need_bd, need_wu, need_bu, need_s, _, need_res = ctx.needs_input_grad[:8]
         needs = [need_x, need_wd, need_bd, need_wu, need_bu, need_s]
         grads = [None] * 6
@@ -114,19 +115,19 @@ def _register_autograd(fwd_op, bwd_op) -> None:
                 )
             outs = bwd_op(
                 dy, x, preact, w_down, b_down, w_up, b_up, scale, ctx.scale_value, ctx.residual_is_x,
-                ctx.activation_id, ctx.backend, needs,
+                ctx.activation_id, ctx.backend, needs, *groups,
             )
             grads = [g if need else None for g, need in zip(outs, needs)]
         d_residual = None
         if need_res:
-            d_residual = dy.sum(0) if has_add_residual else dy
+            d_residual = dy.sum(0) if kind == "multi" else dy
         n_rest = len(ctx.needs_input_grad) - 8
         return (*grads, None, d_residual) + (None,) * n_rest
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
 
 
-_register_autograd(bottleneck_adapter_fwd, torch.ops.adapterkern.bottleneck_adapter_bwd)
+_register_autograd(bottleneck_adapter_fwd, torch.ops.adapterkern.bottleneck_adapter_bwd, "single")
 
 
 @torch.library.custom_op("adapterkern::multi_adapter_fwd", mutates_args=())
@@ -178,4 +179,65 @@ def multi_adapter_bwd(
 
 
 multi_adapter_bwd.register_fake(_bwd_fake)
-_register_autograd(multi_adapter_fwd, torch.ops.adapterkern.multi_adapter_bwd)
+_register_autograd(multi_adapter_fwd, torch.ops.adapterkern.multi_adapter_bwd, "multi")
+
+
+@torch.library.custom_op("adapterkern::batched_adapter_fwd", mutates_args=())
+def batched_adapter_fwd(
+    x: Tensor,
+    w_down: Tensor,
+    b_down: Optional[Tensor],
+    w_up: Tensor,
+    b_up: Optional[Tensor],
+    scale: Optional[Tensor],
+    scale_value: float,
+    residual: Optional[Tensor],
+    perm: Tensor,
+    counts: Tensor,
+    starts: Tensor,
+    activation_id: int,
+    save_preact: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    return kernel_backend(backend).batched_adapter_forward(
+        x, (perm, counts, starts), w_down, b_down, w_up, b_up, scale, scale_value, residual, activation_id, save_preact
+    )
+
+
+@batched_adapter_fwd.register_fake
+def _(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, perm, counts, starts, activation_id, save_preact, backend):
+    return x.new_empty(x.shape), x.new_empty((x.shape[0], w_down.shape[1]) if save_preact else (0,))
+
+
+@torch.library.custom_op("adapterkern::batched_adapter_bwd", mutates_args=())
+def batched_adapter_bwd(
+    dy: Tensor,
+    x: Tensor,
+    preact: Tensor,
+    w_down: Tensor,
+    b_down: Optional[Tensor],
+    w_up: Tensor,
+    b_up: Optional[Tensor],
+    scale: Optional[Tensor],
+    scale_value: float,
+    residual_is_x: bool,
+    activation_id: int,
+    backend: str,
+    needs: list[bool],
+    perm: Tensor,
+    counts: Tensor,
+    starts: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = kernel_backend(backend).batched_adapter_backward(
+        dy, x, preact, w_down, b_down, w_up, b_up, scale, scale_value, residual_is_x, activation_id, needs,
+        (perm, counts, starts),
+    )
+    return tuple(x.new_empty(0) if g is None else g for g in grads)
+
+
+@batched_adapter_bwd.register_fake
+def _(dy, x, preact, w_down, b_down, w_up, b_up, scale, scale_value, residual_is_x, activation_id, backend, needs, perm, counts, starts):
+    return _bwd_fake(dy, x, preact, w_down, b_down, w_up, b_up, scale, scale_value, residual_is_x, activation_id, backend, needs)
+
+
+_register_autograd(batched_adapter_fwd, torch.ops.adapterkern.batched_adapter_bwd, "batched")

@@ -30,6 +30,10 @@ def _compile(autotuned, dtype, constexprs, arch):
             signature[name] = "fp32"
         elif name.startswith("stride") or name in _INT_ARGS:
             signature[name] = "i32"
+        elif name == "PERM":
+            signature[name] = "*i64"  # token groups of the batched form
+        elif name in ("COUNTS", "STARTS"):
+            signature[name] = "*i32"
         elif name == "S" or name.endswith("_P"):
             signature[name] = "*fp64" if dtype == "fp64" else "*fp32"  # scaling / partial sums
         else:
@@ -53,14 +57,16 @@ def compile_all() -> int:
     for arch in ARCHS:
         for dtype, precision, acc in cases:
             for r_pad, block_t, block_d in tiles:
-                common = dict(ACT=2, PRECISION=precision, ACC=acc, R_PAD=r_pad, BLOCK_T=block_t, BLOCK_D=block_d, HAS_S=True)
+                # GATHER (the batched form's token groups) on the smallest bf16 tiles, the stack form elsewhere.
+                gather = dtype == "bf16" and r_pad == 16
+                common = dict(ACT=2, PRECISION=precision, ACC=acc, R_PAD=r_pad, BLOCK_T=block_t, BLOCK_D=block_d, HAS_S=True, GATHER=gather)
                 jobs = [
-                    (kernels._fwd_kernel, dict(common, HAS_BD=True, HAS_BU=True, SAVE_H=True)),
+                    (kernels._fwd_kernel, dict(common, HAS_BD=True, HAS_BU=True, ADD_RES=True, SAVE_H=True)),
                     (kernels._bwd_dh_kernel, common),
                     (kernels._bwd_main_kernel, dict(common, HAS_BU=True, RES_IS_X=True, **needs)),
                 ]
                 for kernel, constexprs in jobs:
-                    what = f"sm_{arch} {kernel.fn.__name__} {dtype} precision={precision} R_PAD={r_pad}"
+                    what = f"sm_{arch} {kernel.fn.__name__} {dtype} precision={precision} R_PAD={r_pad} GATHER={gather}"
                     try:
                         _compile(kernel, dtype, constexprs, arch)
                         print("ok  ", what)

@@ -96,3 +96,36 @@ def multi_adapter(
     if not add_residual:
         return up
     return up + (x if residual is None else residual)
+
+
+def batched_adapter(
+    x: torch.Tensor,
+    perm: torch.Tensor,
+    counts: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: Optional[torch.Tensor],
+    w_up: torch.Tensor,
+    b_up: Optional[torch.Tensor],
+    scaling: Union[float, torch.Tensor],
+    residual: Optional[torch.Tensor],
+    activation: str,
+) -> torch.Tensor:
+    """Each token of ``x`` (T, d) through its own adapter of the stack: the tokens of group g
+    (``perm``'s slice of length ``counts[g]``; group 0 = no adapter, group g = adapter g - 1) go through
+    :func:`bottleneck_adapter` together, the others keep ``residual`` (x if None). ``scaling`` a float
+    or (N, 1) / (N, d). Reads ``counts`` on the host (one sync; this is the CPU fallback)."""
+    res = x if residual is None else residual
+    y = res
+    start = 0
+    for g, count in enumerate(counts.tolist()):
+        if g > 0 and count > 0:
+            rows = perm[start : start + count]
+            s = scaling[g - 1] if isinstance(scaling, torch.Tensor) else scaling
+            part = bottleneck_adapter(
+                x.index_select(0, rows), w_down[g - 1], None if b_down is None else b_down[g - 1], w_up[g - 1],
+                None if b_up is None else b_up[g - 1], s, None if residual is None else residual.index_select(0, rows),
+                activation,
+            )
+            y = y.index_copy(0, rows, part)
+        start += count
+    return y if y is not res else res.clone()

@@ -36,4 +36,11 @@ def unavailable_reason(device: torch.device) -> str:
 
 
 if _IMPORT_ERROR is None:
-    from .bottleneck import adapter_backward, adapter_forward, multi_adapter_backward, multi_adapter_forward  # noqa: F401,E402
+    from .bottleneck import (  # noqa: F401,E402
+        adapter_backward,
+        adapter_forward,
+        batched_adapter_backward,
+        batched_adapter_forward,
+        multi_adapter_backward,
+        multi_adapter_forward,
+    )

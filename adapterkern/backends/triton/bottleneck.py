@@ -179,6 +179,32 @@ def _t_bucket(num_tokens: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# Token groups. Every kernel works on *groups* of token rows, one adapter per group:
+#   stack (GATHER=False): adapter n's group is every token, rows 0..T-1 (multi_adapter; one adapter
+#     is a stack of one), and adapter n writes its own (T, D) / (T, R) slab of the outputs;
+#   batch (GATHER=True): group g holds the tokens routed to adapter g - 1 (g = 0: "no adapter"), the
+#     rows PERM[STARTS[g] : STARTS[g] + COUNTS[g]] (tokens sorted by adapter, computed once per batch
+#     into fixed-size buffers), and every group writes its rows of one (T, D) output.
+# Grid axis for the group is fixed (N or N + 1) and programs past their group's end exit at once, so
+# the launch shape depends only on T and N: a CUDA graph can replay it for any routing.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _group_tile(local, g, PERM, COUNTS, STARTS, T, GATHER: tl.constexpr):
+    """(rows (int64 token ids), mask, group size) for the group-local row numbers ``local`` of group g."""
+    if GATHER:
+        count = tl.load(COUNTS + g).to(tl.int64)
+        mask = local < count
+        rows = tl.load(PERM + tl.load(STARTS + g).to(tl.int64) + local, mask=mask, other=0).to(tl.int64)
+    else:
+        count = T  # an int argument: T == 1 arrives as a constexpr
+        mask = local < count
+        rows = local
+    return rows, mask, count
+
+
+# ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
 
@@ -193,9 +219,10 @@ def _fwd_kernel(
     WU, stride_wu_d, stride_wu_r,  # (D, R)
     BU,  # (D,)
     S, stride_s, scale_value,  # (1,) or (D,) with stride 0 or 1; scale_value when S is unused
-    Y,  # (T, D) contiguous
-    H,  # (T, R) contiguous pre-activation (written only when SAVE_H)
-    stride_wd_n, stride_bd_n, stride_wu_n, stride_bu_n, stride_s_n,  # adapter axis (grid axis 1)
+    Y,  # (T, D) contiguous; a stack: (N, T, D)
+    H,  # (T, R) contiguous pre-activation (written only when SAVE_H); a stack: (N, T, R)
+    stride_wd_n, stride_bd_n, stride_wu_n, stride_bu_n, stride_s_n,  # adapter axis
+    PERM, COUNTS, STARTS,  # token groups (GATHER only; see _group_tile)
     T, D, R, T_BUCKET,
     ACT: tl.constexpr,
     HAS_BD: tl.constexpr,
@@ -203,6 +230,7 @@ def _fwd_kernel(
     HAS_S: tl.constexpr,
     ADD_RES: tl.constexpr,
     SAVE_H: tl.constexpr,
+    GATHER: tl.constexpr,
     PRECISION: tl.constexpr,
     ACC: tl.constexpr,
     R_PAD: tl.constexpr,
@@ -210,16 +238,52 @@ def _fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)  # adapter n of a stack: its weights, and its (T, D) / (T, R) outputs
-    WD += n * stride_wd_n
-    BD += n * stride_bd_n
-    WU += n * stride_wu_n
-    BU += n * stride_bu_n
-    S += n * stride_s_n
-    Y += n * T * D
-    H += n * T * R
-    offs_t = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask_t = offs_t < T
+    g = tl.program_id(1)
+    local = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_t, mask_t, count = _group_tile(local, g, PERM, COUNTS, STARTS, T, GATHER)
+    if GATHER:
+        n = g.to(tl.int64) - 1  # group 0: tokens with no adapter
+    else:
+        n = g.to(tl.int64)
+        Y += n * T * D
+        H += n * T * R
+    if pid.to(tl.int64) * BLOCK_T < count:
+        if n < 0:
+            _copy_rows(RES, stride_rt, stride_rd, Y, offs_t, mask_t, D, BLOCK_D)
+            if SAVE_H:  # defined values (zeros) in every row of the saved pre-activation
+                offs_r = tl.arange(0, R_PAD)
+                tl.store(H + offs_t[:, None] * R + offs_r[None, :], tl.zeros((BLOCK_T, R_PAD), dtype=H.dtype.element_ty),
+                         mask=mask_t[:, None] & (offs_r < R)[None, :])
+        else:
+            _fwd_tile(
+                X, stride_xt, stride_xd, RES, stride_rt, stride_rd,
+                WD + n * stride_wd_n, stride_wd_r, stride_wd_d, BD + n * stride_bd_n,
+                WU + n * stride_wu_n, stride_wu_d, stride_wu_r, BU + n * stride_bu_n,
+                S + n * stride_s_n, stride_s, scale_value, Y, H, offs_t, mask_t, D, R,
+                ACT, HAS_BD, HAS_BU, HAS_S, ADD_RES, SAVE_H, PRECISION, ACC, R_PAD, BLOCK_T, BLOCK_D,
+            )
+
+
+@triton.jit
+def _copy_rows(SRC, stride_st, stride_sd, DST, rows, mask_t, D, BLOCK_D: tl.constexpr):
+    """DST[rows, :] = SRC[rows, :] (DST contiguous (T, D)): tokens that no adapter touches."""
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = mask_t[:, None] & (offs_d < D)[None, :]
+        v = tl.load(SRC + rows[:, None] * stride_st + offs_d[None, :] * stride_sd, mask=mask, other=0.0)
+        tl.store(DST + rows[:, None] * D + offs_d[None, :], v.to(DST.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fwd_tile(
+    X, stride_xt, stride_xd, RES, stride_rt, stride_rd,
+    WD, stride_wd_r, stride_wd_d, BD, WU, stride_wu_d, stride_wu_r, BU,
+    S, stride_s, scale_value, Y, H, offs_t, mask_t, D, R,
+    ACT: tl.constexpr, HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, HAS_S: tl.constexpr,
+    ADD_RES: tl.constexpr, SAVE_H: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One adapter on the token rows ``offs_t`` (int64 ids, masked by ``mask_t``): rows of Y and H."""
     offs_r = tl.arange(0, R_PAD)
     mask_r = offs_r < R
 
@@ -282,10 +346,12 @@ def _bwd_dh_kernel(
     WU, stride_wu_d, stride_wu_r,  # (D, R)
     S, stride_s, scale_value,
     DH,  # (T, R) contiguous, output
-    stride_dy_n, stride_wu_n, stride_s_n,  # adapter axis (grid axis 1); H and DH are (N, T, R) contiguous
+    stride_dy_n, stride_wu_n, stride_s_n,  # adapter axis; a stack's H and DH are (N, T, R) contiguous
+    PERM, COUNTS, STARTS,  # token groups (GATHER only)
     T, D, R, T_BUCKET,
     ACT: tl.constexpr,
     HAS_S: tl.constexpr,
+    GATHER: tl.constexpr,
     PRECISION: tl.constexpr,
     ACC: tl.constexpr,
     R_PAD: tl.constexpr,
@@ -293,14 +359,29 @@ def _bwd_dh_kernel(
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
-    DY += n * stride_dy_n
-    WU += n * stride_wu_n
-    S += n * stride_s_n
-    H += n * T * R
-    DH += n * T * R
-    offs_t = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask_t = offs_t < T
+    g = tl.program_id(1)
+    offs_t, mask_t, count = _group_tile(pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T), g, PERM, COUNTS, STARTS, T, GATHER)
+    if GATHER:
+        n = g.to(tl.int64) - 1
+    else:
+        n = g.to(tl.int64)
+        DY += n * stride_dy_n
+        H += n * T * R
+        DH += n * T * R
+    if (n >= 0) & (pid.to(tl.int64) * BLOCK_T < count):
+        _bwd_dh_tile(DY, stride_dyt, stride_dyd, H, WU + n * stride_wu_n, stride_wu_d, stride_wu_r,
+                     S + n * stride_s_n, stride_s, scale_value, DH, offs_t, mask_t, D, R,
+                     ACT, HAS_S, PRECISION, ACC, R_PAD, BLOCK_T, BLOCK_D)
+
+
+@triton.jit
+def _bwd_dh_tile(
+    DY, stride_dyt, stride_dyd, H, WU, stride_wu_d, stride_wu_r, S, stride_s, scale_value, DH,
+    offs_t, mask_t, D, R,
+    ACT: tl.constexpr, HAS_S: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dh rows of one adapter for the token rows ``offs_t``."""
     offs_r = tl.arange(0, R_PAD)
     mask_r = offs_r < R
     mask_tr = mask_t[:, None] & mask_r[None, :]
@@ -351,7 +432,9 @@ def _bwd_main_kernel(
     DBU_P,  # (SPLITS, D) fp32 partials
     DS_P,  # (SPLITS, D) fp32 partials of sum_T dy * u
     stride_dy_n, stride_wd_n, stride_wu_n, stride_bu_n, stride_s_n,  # adapter axis (grid axis 2)
+    PERM, COUNTS, STARTS,  # token groups (GATHER only)
     T, D, R, T_BUCKET, SPLITS,
+    GATHER: tl.constexpr,
     ACT: tl.constexpr,
     HAS_BU: tl.constexpr,
     HAS_S: tl.constexpr,
@@ -370,21 +453,61 @@ def _bwd_main_kernel(
 ):
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
-    # Adapter n of a stack: its dy, pre-activation, dh, weights and partial sums. dx of a stack (the sum
-    # over adapters) is left to the host (NEED_DX is only set for a single adapter).
-    n = tl.program_id(2).to(tl.int64)
-    DY += n * stride_dy_n
-    H += n * T * R
-    DH += n * T * R
-    WD += n * stride_wd_n
-    WU += n * stride_wu_n
-    BU += n * stride_bu_n
-    S += n * stride_s_n
-    DWD_P += n * SPLITS * R * D
-    DBD_P += n * SPLITS * R
-    DWU_P += n * SPLITS * D * R
-    DBU_P += n * SPLITS * D
-    DS_P += n * SPLITS * D
+    g = tl.program_id(2)
+    # Adapter n: its dy, pre-activation, dh, weights and partial sums. dx of a stack (the sum over
+    # adapters) is left to the host (NEED_DX is only set for one adapter, or for a batch, where every
+    # token row belongs to one group).
+    if GATHER:
+        n = g.to(tl.int64) - 1
+        count = tl.load(COUNTS + g).to(tl.int64)
+    else:
+        n = g.to(tl.int64)
+        count = T
+        DY += n * stride_dy_n
+        H += n * T * R
+        DH += n * T * R
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    num_tiles = tl.cdiv(count, BLOCK_T)
+    tiles_per_split = tl.cdiv(num_tiles, SPLITS)
+    tile_lo = pid_s * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    if n < 0:
+        if NEED_DX:  # tokens with no adapter: dx = dy (the residual is x) or 0
+            for t_start in range(tile_lo * BLOCK_T, tile_hi * BLOCK_T, BLOCK_T):
+                local = t_start + tl.arange(0, BLOCK_T).to(tl.int64)
+                offs_t, mask_t, _ = _group_tile(local, g, PERM, COUNTS, STARTS, T, GATHER)
+                mask_td = mask_t[:, None] & mask_d[None, :]
+                if RES_IS_X:
+                    dx = tl.load(DY + offs_t[:, None] * stride_dyt + offs_d[None, :] * stride_dyd, mask=mask_td, other=0.0)
+                else:
+                    dx = tl.zeros((BLOCK_T, BLOCK_D), dtype=ACC)
+                tl.store(DX + offs_t[:, None] * D + offs_d[None, :], dx.to(DX.dtype.element_ty), mask=mask_td)
+    else:
+        _bwd_main_adapter(
+            DY, stride_dyt, stride_dyd, X, stride_xt, stride_xd, H, DH,
+            WD + n * stride_wd_n, stride_wd_r, stride_wd_d, WU + n * stride_wu_n, stride_wu_d, stride_wu_r,
+            BU + n * stride_bu_n, S + n * stride_s_n, stride_s, scale_value, DX,
+            DWD_P + n * SPLITS * R * D, DBD_P + n * SPLITS * R, DWU_P + n * SPLITS * D * R,
+            DBU_P + n * SPLITS * D, DS_P + n * SPLITS * D,
+            PERM, COUNTS, STARTS, g, pid_d, pid_s, tile_lo, tile_hi, T, D, R, GATHER,
+            ACT, HAS_BU, HAS_S, RES_IS_X, NEED_DX, NEED_DWD, NEED_DBD, NEED_DWU, NEED_DBU, NEED_DS,
+            PRECISION, ACC, R_PAD, BLOCK_T, BLOCK_D,
+        )
+
+
+@triton.jit
+def _bwd_main_adapter(
+    DY, stride_dyt, stride_dyd, X, stride_xt, stride_xd, H, DH,
+    WD, stride_wd_r, stride_wd_d, WU, stride_wu_d, stride_wu_r, BU, S, stride_s, scale_value, DX,
+    DWD_P, DBD_P, DWU_P, DBU_P, DS_P,
+    PERM, COUNTS, STARTS, g, pid_d, pid_s, tile_lo, tile_hi, T, D, R,
+    GATHER: tl.constexpr, ACT: tl.constexpr, HAS_BU: tl.constexpr, HAS_S: tl.constexpr,
+    RES_IS_X: tl.constexpr, NEED_DX: tl.constexpr, NEED_DWD: tl.constexpr, NEED_DBD: tl.constexpr,
+    NEED_DWU: tl.constexpr, NEED_DBU: tl.constexpr, NEED_DS: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, R_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One adapter's share of backward kernel 2: the group's tiles tile_lo..tile_hi, one d-block."""
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     offs_r = tl.arange(0, R_PAD)
@@ -405,13 +528,9 @@ def _bwd_main_kernel(
     acc_dbu = tl.zeros((BLOCK_D,), dtype=ACC)
     acc_ds = tl.zeros((BLOCK_D,), dtype=ACC)
 
-    num_tiles = tl.cdiv(T, BLOCK_T)
-    tiles_per_split = tl.cdiv(num_tiles, SPLITS)
-    tile_lo = pid_s * tiles_per_split
-    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
     for t_start in range(tile_lo * BLOCK_T, tile_hi * BLOCK_T, BLOCK_T):
-        offs_t = t_start + tl.arange(0, BLOCK_T).to(tl.int64)  # int64: T * stride may pass 2^31
-        mask_t = offs_t < T
+        local = t_start + tl.arange(0, BLOCK_T).to(tl.int64)  # int64: T * stride may pass 2^31
+        offs_t, mask_t, _ = _group_tile(local, g, PERM, COUNTS, STARTS, T, GATHER)
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_tr = mask_t[:, None] & mask_r[None, :]
         dy = tl.load(DY + offs_t[:, None] * stride_dyt + offs_d[None, :] * stride_dyd, mask=mask_td, other=0.0)
@@ -516,8 +635,13 @@ def multi_adapter_forward(
     add_residual: bool,
     activation_id: int,
     save_preact: bool,
+    groups: Optional[Sequence[torch.Tensor]] = None,
 ):
     """N adapters on one input, one launch: grid (T-blocks, N), adapter n's programs write ``y[n]``.
+
+    With ``groups`` = (perm, counts, starts) (see :func:`token_groups`) it is the batched form
+    instead: each token goes through the one adapter it is routed to (or none), grid (T-blocks, N + 1),
+    and the results are y (T, d), preact (T, r).
 
     ``x``/``residual`` (T, d) any strides; ``w_down`` (N, r, d), ``w_up`` (N, d, r), biases (N, r) /
     (N, d) or None, ``scale`` (N, 1) / (N, d) or None (then ``scale_value``). Returns (y (N, T, d)
@@ -526,13 +650,16 @@ def multi_adapter_forward(
     """
     num_tokens, d = x.shape
     n_adapters, r = w_down.shape[0], w_down.shape[1]
-    y = torch.empty((n_adapters, num_tokens, d), dtype=x.dtype, device=x.device)
-    preact = torch.empty((n_adapters, num_tokens, r) if save_preact else (0,), dtype=x.dtype, device=x.device)
+    stack = () if groups is not None else (n_adapters,)
+    y = torch.empty(stack + (num_tokens, d), dtype=x.dtype, device=x.device)
+    preact = torch.empty(stack + (num_tokens, r) if save_preact else (0,), dtype=x.dtype, device=x.device)
     if num_tokens == 0:
         return y, preact
     res = x if residual is None else residual
     s, stride_s, stride_s_n, s_val, has_s = _scale_args(scale, scale_value, w_up)
-    grid = lambda meta: (triton.cdiv(num_tokens, meta["BLOCK_T"]), n_adapters)  # noqa: E731
+    perm, counts, starts = groups if groups is not None else (y, y, y)
+    n_groups = n_adapters + 1 if groups is not None else n_adapters
+    grid = lambda meta: (triton.cdiv(num_tokens, meta["BLOCK_T"]), n_groups)  # noqa: E731
     _fwd_kernel[grid](
         x, x.stride(0), x.stride(1),
         res, res.stride(0), res.stride(1),
@@ -544,6 +671,7 @@ def multi_adapter_forward(
         y, preact if save_preact else y,
         w_down.stride(0), 0 if b_down is None else b_down.stride(0), w_up.stride(0),
         0 if b_up is None else b_up.stride(0), stride_s_n,
+        perm, counts, starts,
         num_tokens, d, r, _t_bucket(num_tokens),
         ACT=activation_id,
         HAS_BD=b_down is not None,
@@ -551,6 +679,7 @@ def multi_adapter_forward(
         HAS_S=has_s,
         ADD_RES=add_residual,
         SAVE_H=save_preact,
+        GATHER=groups is not None,
         PRECISION=_precision(x.dtype),
         ACC=_acc_dtype(x.dtype),
         R_PAD=_r_pad(r),
@@ -571,8 +700,10 @@ def multi_adapter_backward(
     residual_is_x: bool,
     activation_id: int,
     needs: Sequence[bool],
+    groups: Optional[Sequence[torch.Tensor]] = None,
 ):
-    """Backward of :func:`multi_adapter_forward` for ``dy`` (N, T, d) (any strides). Returns
+    """Backward of :func:`multi_adapter_forward` for ``dy`` (N, T, d) (any strides; (T, d) for the
+    batched form, with the same ``groups``). Returns
     (dx (T, d), dw_down (N, r, d), db_down, dw_up, db_up, dscale (scale's shape)), None where not needed.
     ``dx`` includes ``sum_n dy[n]`` when ``residual_is_x`` (x was added to every output)."""
     need_dx, need_dwd, need_dbd, need_dwu, need_dbu, need_ds = (bool(n) for n in needs)
@@ -596,23 +727,29 @@ def multi_adapter_backward(
     r_pad = _r_pad(r)
     t_bucket = _t_bucket(num_tokens)
 
+    gather = groups is not None
+    if gather:  # one (T, d) dy: give it a stack axis of stride 0 so one set of arguments serves both forms
+        dy = dy.unsqueeze(0)
+    perm, counts, starts = groups if gather else (preact, preact, preact)
+    n_groups = n_adapters + 1 if gather else n_adapters
     dh = None
     if need_dx or need_dwd or need_dbd:
-        dh = torch.empty((n_adapters, num_tokens, r), dtype=dtype, device=dev)
-        _bwd_dh_kernel[lambda meta: (triton.cdiv(num_tokens, meta["BLOCK_T"]), n_adapters)](
+        dh = torch.empty(((num_tokens, r) if gather else (n_adapters, num_tokens, r)), dtype=dtype, device=dev)
+        _bwd_dh_kernel[lambda meta: (triton.cdiv(num_tokens, meta["BLOCK_T"]), n_groups)](
             dy, dy.stride(1), dy.stride(2),
             preact,
             w_up, w_up.stride(1), w_up.stride(2),
             s, stride_s, s_val,
             dh,
-            dy.stride(0), w_up.stride(0), stride_s_n,
+            0 if gather else dy.stride(0), w_up.stride(0), stride_s_n,
+            perm, counts, starts,
             num_tokens, d, r, t_bucket,
-            ACT=activation_id, HAS_S=has_s, PRECISION=precision, ACC=acc, R_PAD=r_pad,
+            ACT=activation_id, HAS_S=has_s, GATHER=gather, PRECISION=precision, ACC=acc, R_PAD=r_pad,
         )
 
     # One adapter: dx in the kernel. A stack: dx = sum_n dh[n] @ w_down[n] is one (T, N r) x (N r, d)
     # matmul over the concatenated bottleneck, done after the kernel.
-    fused_dx = need_dx and n_adapters == 1
+    fused_dx = need_dx and (n_adapters == 1 or gather)
     splits = _num_splits(num_tokens, d, dev)
     dx = torch.empty((num_tokens, d), dtype=dtype, device=dev) if fused_dx else None
     dwd_p = torch.empty((n_adapters, splits, r, d), dtype=f32, device=dev) if need_dwd else None
@@ -622,7 +759,7 @@ def multi_adapter_backward(
     ds_p = torch.empty((n_adapters, splits, d), dtype=f32, device=dev) if need_ds else None
     if fused_dx or need_dwd or need_dbd or need_dwu or need_dbu or need_ds:
         dummy = preact
-        _bwd_main_kernel[lambda meta: (triton.cdiv(d, meta["BLOCK_D"]), splits, n_adapters)](
+        _bwd_main_kernel[lambda meta: (triton.cdiv(d, meta["BLOCK_D"]), splits, n_groups)](
             dy, dy.stride(1), dy.stride(2),
             x, x.stride(0), x.stride(1),
             preact,
@@ -633,8 +770,10 @@ def multi_adapter_backward(
             s, stride_s, s_val,
             dx if dx is not None else dummy,
             *(p if p is not None else dummy for p in (dwd_p, dbd_p, dwu_p, dbu_p, ds_p)),
-            dy.stride(0), w_down.stride(0), w_up.stride(0), 0 if b_up is None else b_up.stride(0), stride_s_n,
+            0 if gather else dy.stride(0), w_down.stride(0), w_up.stride(0), 0 if b_up is None else b_up.stride(0),
+            stride_s_n, perm, counts, starts,
             num_tokens, d, r, t_bucket, splits,
+            GATHER=gather,
             ACT=activation_id,
             HAS_BU=b_up is not None,
             HAS_S=has_s,
@@ -659,6 +798,21 @@ def multi_adapter_backward(
         ds = ds_p.sum(1)  # (N, d)
         dscale = (ds.sum(1, keepdim=True) if scale.shape[1] == 1 else ds).to(scale.dtype)
     return dx, dw_down, db_down, dw_up, db_up, dscale
+
+
+def batched_adapter_forward(x, groups, w_down, b_down, w_up, b_up, scale, scale_value, residual, activation_id, save_preact):
+    """Each token through its own adapter of the stack (or none): see :func:`multi_adapter_forward`
+    with ``groups``. Returns (y (T, d), preact (T, r) or empty)."""
+    return multi_adapter_forward(
+        x, w_down, b_down, w_up, b_up, scale, scale_value, residual, True, activation_id, save_preact, groups=groups
+    )
+
+
+def batched_adapter_backward(dy, x, preact, w_down, b_down, w_up, b_up, scale, scale_value, residual_is_x, activation_id, needs, groups):
+    """Backward of :func:`batched_adapter_forward`; dy (T, d)."""
+    return multi_adapter_backward(
+        dy, x, preact, w_down, b_down, w_up, b_up, scale, scale_value, residual_is_x, activation_id, needs, groups=groups
+    )
 
 
 def _as_stack(scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
