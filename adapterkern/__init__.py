@@ -16,6 +16,7 @@ from .integrations.transformers import (
     set_active_adapter,
     train_adapter,
 )
+from .integrations.compose import StochasticAdapterDrop, multi_task_forward, route_adapters, set_adapter_drop
 from .integrations.adapterhub import AdapterPatchReport, patch_adapters, unpatch_adapters
 
 __version__ = "0.1.0"
@@ -36,6 +37,10 @@ __all__ = [
     "list_adapters",
     "load_adapter",
     "multi_adapter",
+    "multi_task_forward",
+    "route_adapters",
+    "set_adapter_drop",
+    "StochasticAdapterDrop",
     "nn",
     "save_adapter",
     "set_active_adapter",

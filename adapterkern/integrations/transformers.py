@@ -181,45 +181,57 @@ class AdapterConfig:
 
 
 class AdapterSlot(nn.ModuleDict):
-    """The adapters at one place of a model, by name; ``active`` is the one applied (or None)."""
+    """The adapters at one place of a model, by name.
 
-    def __init__(self, mode: str, hidden_size: int):
+    ``active``: None, the name of the adapter applied, or a composition (a callable
+    ``(slot, x, residual) -> y``, e.g. per-token routing over several adapters or a fusion; see
+    :mod:`adapterkern.integrations.compose`). ``layer``: the place's layer index (None if it has none);
+    ``dropped``: True while AdapterDrop switches this place off.
+    """
+
+    def __init__(self, mode: str, hidden_size: int, layer: Optional[int] = None):
         super().__init__()
         self.mode = mode
         self.hidden_size = hidden_size
-        self.active: Optional[str] = None
+        self.layer = layer
+        self.active = None
+        self.dropped = False
+
+    def apply(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """The active adapter (or composition) on x: ``residual + adapter(x)`` (residual None: x)."""
+        if isinstance(self.active, str):
+            return self[self.active](x, residual=residual)
+        return self.active(self, x, residual)
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, active={self.active!r}"
+        return f"mode={self.mode!r}, layer={self.layer}, active={self.active!r}"
 
 
 def _slot_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     """PARALLEL_SKIP: replace the module's skip input (its 2nd argument) by ``skip + adapter(skip)``."""
     slot: AdapterSlot = getattr(module, SLOT_ATTR)
-    if slot.active is None:
+    if slot.active is None or slot.dropped:
         return None
-    adapter = slot[slot.active]
     if len(args) >= 2:
-        return args[:1] + (adapter(args[1]),) + args[2:], kwargs
+        return args[:1] + (slot.apply(args[1]),) + args[2:], kwargs
     if "input_tensor" in kwargs:
-        return args, {**kwargs, "input_tensor": adapter(kwargs["input_tensor"])}
+        return args, {**kwargs, "input_tensor": slot.apply(kwargs["input_tensor"])}
     raise TypeError(f"{type(module).__name__}: a parallel adapter expects the skip input as the 2nd argument")
 
 
 def _slot_post_hook(module: nn.Module, args: tuple, kwargs: dict, output):
     """SEQUENTIAL: ``adapter(output)``; PARALLEL: ``adapter(input, residual=output)``."""
     slot: AdapterSlot = getattr(module, SLOT_ATTR)
-    if slot.active is None:
+    if slot.active is None or slot.dropped:
         return None
-    adapter = slot[slot.active]
     rest = ()
     if isinstance(output, tuple):
         output, rest = output[0], output[1:]
     if slot.mode == SEQUENTIAL:
-        output = adapter(output)
+        output = slot.apply(output)
     else:
         x = args[0] if args else next(iter(kwargs.values()))
-        output = adapter(x, residual=output)
+        output = slot.apply(x, residual=output)
     return (output,) + rest if rest else output
 
 
@@ -363,7 +375,7 @@ def _attach(model: nn.Module, name: str, config: AdapterConfig, places: List[_Pl
     for place, adapter in zip(places, adapters):
         slot = place.module._modules.get(SLOT_ATTR)
         if slot is None:
-            slot = AdapterSlot(place.mode, place.hidden_size)
+            slot = AdapterSlot(place.mode, place.hidden_size, _layer_index(place.name))
             place.module.add_module(SLOT_ATTR, slot)
             if place.mode == PARALLEL_SKIP:
                 place.module.register_forward_pre_hook(_slot_pre_hook, with_kwargs=True)

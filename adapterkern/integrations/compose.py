@@ -1,0 +1,235 @@
+"""Several adapters of an :func:`~adapterkern.add_adapter` model at once: per-sequence routing
+(multi-task serving and training in one batch), AdapterDrop (static, stochastic, and the N-task
+form that runs the lower layers once), in one launch per place.
+
+::
+
+    with route_adapters(model, ["sst", "mnli", "qqp"], adapter_index):   # (B,) or (B, L); -1: none
+        out = model(**batch)                      # each sequence through its own adapter
+
+    set_adapter_drop(model, 5)                    # no adapters in layers 0-4
+    out = multi_task_forward(model, ["a", "b"], drop_layers=5, input_ids=ids)   # batch N*B, task-major
+
+A composition is a callable stored in each place's ``AdapterSlot.active``; it receives
+``(slot, x, residual)`` and returns ``residual + adapter(x)`` for its tokens.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..functional import bottleneck_adapter_batched, token_groups
+from ..nn.bottleneck import BottleneckAdapter
+from .transformers import SLOT_ATTR, AdapterSlot, _iter_slots, _require_adapter, get_active_adapter, set_active_adapter
+
+
+def _stack_adapters(adapters: List[BottleneckAdapter], x: Tensor):
+    """(w_down (N, r, d), b_down, w_up (N, d, r), b_up, scaling (N,) or (N, d), activation, backend)."""
+    first = adapters[0]
+    for a in adapters[1:]:
+        same = (a.bottleneck_size, a.activation, a.adapter_down.bias is None, a.adapter_up.bias is None)
+        want = (first.bottleneck_size, first.activation, first.adapter_down.bias is None, first.adapter_up.bias is None)
+        if same != want:
+            raise ValueError(
+                "route_adapters: adapters served in one launch must share bottleneck size, activation and bias "
+                f"layout; got (r, activation, no_bias_down, no_bias_up) {want} and {same}"
+            )
+    w_down = torch.stack([a.adapter_down.weight for a in adapters])
+    w_up = torch.stack([a.adapter_up.weight for a in adapters])
+    b_down = None if first.adapter_down.bias is None else torch.stack([a.adapter_down.bias for a in adapters])
+    b_up = None if first.adapter_up.bias is None else torch.stack([a.adapter_up.bias for a in adapters])
+    scales = [a.scaling for a in adapters]
+    if all(isinstance(s, float) for s in scales) and len(set(scales)) == 1:
+        scaling = scales[0]
+    else:
+        d = first.hidden_size
+        as_vec = [
+            (s.reshape(-1).to(torch.float32).expand(d) if isinstance(s, Tensor) else torch.full((d,), s, device=x.device))
+            for s in scales
+        ]
+        scaling = torch.stack(as_vec)
+        if all(not isinstance(s, Tensor) or s.numel() == 1 for s in scales):
+            scaling = scaling[:, 0].contiguous()  # one scalar per adapter
+    return w_down, b_down, w_up, b_up, scaling, first.activation, first.backend
+
+
+class Route:
+    """Composition: token t of the batch goes through adapter ``names[index[t]]`` (-1 or None: none).
+
+    ``index``: (B,) per sequence or (B, L) per token, integer, values in [-1, len(names)). The token
+    groups are computed once per (place layout, batch shape) and reused by every place.
+    """
+
+    def __init__(self, names: Sequence[Optional[str]], index: Tensor):
+        self.names = list(names)
+        self.index = index
+        self._groups: Dict[tuple, object] = {}
+
+    def _local_index(self, slot: AdapterSlot, x: Tensor):
+        present = [n for n in self.names if n is not None and n in slot]
+        lut = torch.tensor([-1] + [present.index(n) if (n is not None and n in slot) else -1 for n in self.names], device=x.device)
+        index = self.index
+        if index.dim() == 1 and x.dim() >= 3:  # per sequence
+            index = index.reshape((-1,) + (1,) * (x.dim() - 2)).expand(x.shape[:-1])
+        if index.shape != x.shape[:-1]:
+            raise ValueError(f"route_adapters: adapter_index has shape {tuple(self.index.shape)}; this place's input is {tuple(x.shape)}")
+        return present, lut[index.to(device=x.device, dtype=torch.long) + 1]
+
+    def __call__(self, slot: AdapterSlot, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+        present, local = self._local_index(slot, x)
+        if not present:
+            return x if residual is None else residual
+        key = (tuple(present), tuple(x.shape[:-1]))
+        if key not in self._groups:
+            self._groups[key] = token_groups(local, len(present))
+        w_down, b_down, w_up, b_up, scaling, activation, backend = _stack_adapters([slot[n] for n in present], x)
+        return bottleneck_adapter_batched(
+            x, local, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling, residual=residual,
+            groups=self._groups[key], backend=backend,
+        )
+
+    def __repr__(self) -> str:
+        return f"Route({self.names})"
+
+
+def _check_names(model: nn.Module, names: Sequence[Optional[str]]) -> List[Optional[str]]:
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
+        raise TypeError(f"names: expected a non-empty list of adapter names (None for no adapter), got {names!r}")
+    for name in names:
+        if name is not None:
+            _require_adapter(model, name)
+    return list(names)
+
+
+@contextlib.contextmanager
+def route_adapters(model: nn.Module, names: Sequence[Optional[str]], adapter_index: Tensor):
+    """Within the block, sequence b (or token (b, l)) of every forward goes through adapter
+    ``names[adapter_index[b]]`` (index -1, or a None name: no adapter), all adapters of a place in one
+    launch (:func:`adapterkern.bottleneck_adapter_batched`). Differentiable: a mixed batch trains
+    every routed adapter at once. The previously active adapter is restored on exit."""
+    names = _check_names(model, names)
+    if not isinstance(adapter_index, Tensor) or adapter_index.is_floating_point() or adapter_index.dim() not in (1, 2):
+        raise TypeError("adapter_index: expected an integer tensor of shape (B,) or (B, L)")
+    if adapter_index.numel() and (int(adapter_index.min()) < -1 or int(adapter_index.max()) >= len(names)):
+        raise ValueError(f"adapter_index: values must lie in [-1, {len(names) - 1}]")
+    previous = get_active_adapter(model)
+    route = Route(names, adapter_index)
+    try:
+        for _, _, slot in _iter_slots(model):
+            slot.active = route
+        yield route
+    finally:
+        set_active_adapter(model, previous)
+
+
+# ---------------------------------------------------------------------------------------------
+# AdapterDrop (Rücklé et al. 2021)
+# ---------------------------------------------------------------------------------------------
+
+
+def set_adapter_drop(model: nn.Module, num_layers: int) -> None:
+    """Switch off every adapter place in layers ``0 .. num_layers - 1`` (0: none dropped). Places
+    without a layer index are never dropped. Unlike ``AdapterConfig(leave_out=...)`` this keeps the
+    adapters' weights and can change between forwards."""
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
+        raise ValueError(f"num_layers: expected an int >= 0, got {num_layers!r}")
+    for _, _, slot in _iter_slots(model):
+        slot.dropped = slot.layer is not None and slot.layer < num_layers
+
+
+class StochasticAdapterDrop:
+    """Training-time AdapterDrop: each :meth:`step` drops the adapters of the lowest k layers, k drawn
+    uniformly from ``0 .. max_layers`` (default: the model's number of adapter layers - 1), so one
+    trained adapter serves every k at inference. Reproducible: its own ``random.Random(seed)``.
+
+    Call :meth:`step` before each training forward; :meth:`disable` (or ``set_adapter_drop(model, 0)``)
+    for evaluation.
+    """
+
+    def __init__(self, model: nn.Module, max_layers: Optional[int] = None, seed: int = 0):
+        layers = sorted({slot.layer for _, _, slot in _iter_slots(model) if slot.layer is not None})
+        if not layers:
+            raise ValueError("model: has no adapter places with a layer index")
+        self.model = model
+        self.max_layers = layers[-1] if max_layers is None else max_layers
+        if isinstance(self.max_layers, bool) or not isinstance(self.max_layers, int) or self.max_layers < 0:
+            raise ValueError(f"max_layers: expected an int >= 0, got {max_layers!r}")
+        self.rng = random.Random(seed)
+        self.current = 0
+
+    def step(self) -> int:
+        self.current = self.rng.randint(0, self.max_layers)
+        set_adapter_drop(self.model, self.current)
+        return self.current
+
+    def disable(self) -> None:
+        self.current = 0
+        set_adapter_drop(self.model, 0)
+
+
+def _layer_modules(model: nn.Module) -> Dict[int, nn.Module]:
+    """Layer index -> the transformer layer module holding that layer's adapter places."""
+    out: Dict[int, nn.Module] = {}
+    modules = dict(model.named_modules())
+    for name, _, slot in _iter_slots(model):
+        if slot.layer is None:
+            continue
+        parts = name.split(".")
+        cut = max(i for i, p in enumerate(parts) if p == str(slot.layer))
+        out.setdefault(slot.layer, modules[".".join(parts[: cut + 1])])
+    return out
+
+
+def _expand_batch(value, batch: int, tasks: int):
+    """Tile every tensor of batch size ``batch`` (2-D or more) ``tasks`` times along dim 0 (task-major)."""
+    if isinstance(value, Tensor) and value.dim() >= 2 and value.shape[0] == batch:
+        return value.repeat((tasks,) + (1,) * (value.dim() - 1))
+    if isinstance(value, tuple):
+        return tuple(_expand_batch(v, batch, tasks) for v in value)
+    return value
+
+
+def multi_task_forward(model: nn.Module, names: Sequence[Optional[str]], drop_layers: int = 0, **inputs):
+    """Run ``model(**inputs)`` for N task adapters at once with AdapterDrop's sharing: the layers below
+    ``drop_layers`` (which get no adapters) run once on the batch of B; from layer ``drop_layers`` on the
+    batch is tiled to N * B (task-major: rows ``i*B .. (i+1)*B - 1`` are task ``names[i]``) and every
+    place serves the N adapters in one launch. Returns the model's output for the N * B batch.
+
+    ``drop_layers=0`` is plain multi-task inference (the embeddings still run once).
+    """
+    names = _check_names(model, names)
+    layers = _layer_modules(model)
+    if not layers:
+        raise ValueError("model: has no adapter places with a layer index")
+    if isinstance(drop_layers, bool) or not isinstance(drop_layers, int) or not 0 <= drop_layers <= max(layers):
+        raise ValueError(f"drop_layers: expected an int in [0, {max(layers)}], got {drop_layers!r}")
+    state = {}
+
+    def expand(module, args, kwargs):
+        batch = state.get("batch")
+        if batch is None:
+            batch = state["batch"] = args[0].shape[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor)).shape[0]
+            state["index"] = torch.arange(len(names), device=(args[0] if args else kwargs["hidden_states"]).device).repeat_interleave(batch)
+            route.index = state["index"]
+        return tuple(_expand_batch(a, batch, len(names)) for a in args), {k: _expand_batch(v, batch, len(names)) for k, v in kwargs.items()}
+
+    later = [m for i, m in layers.items() if i >= drop_layers]
+    route = Route(names, torch.empty(0, dtype=torch.long))
+    previous = get_active_adapter(model)
+    dropped = {id(slot): slot.dropped for _, _, slot in _iter_slots(model)}
+    handles = [m.register_forward_pre_hook(expand, with_kwargs=True) for m in later]
+    try:
+        set_adapter_drop(model, drop_layers)
+        for _, _, slot in _iter_slots(model):
+            slot.active = route
+        return model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        set_active_adapter(model, previous)
+        for _, _, slot in _iter_slots(model):
+            slot.dropped = dropped.get(id(slot), False)
