@@ -74,7 +74,7 @@ def test_plot_from_csv(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("sub", ["layer", "tradeoffs"])
+@pytest.mark.parametrize("sub", ["layer", "tradeoffs", "adapterdrop"])
 def test_subcommands_skip_cleanly_without_transformers(monkeypatch, capsys, tmp_path, sub):
     from adapterkern.bench import models
 
@@ -83,3 +83,17 @@ def test_subcommands_skip_cleanly_without_transformers(monkeypatch, capsys, tmp_
     out = capsys.readouterr().out
     assert "skipped" in out and "transformers" in out
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_adapterdrop_runs_and_checks_its_outputs(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    import csv
+
+    path = tmp_path / "ad.csv"
+    argv = ["adapterdrop", "--layers", "2", "--tasks", "2", "--drops", "0,1", "--seq", "8", "--rounds", "1",
+            "--block-ms", "1", "--threads", "1", "--backend", "torch", "--csv", str(path)]
+    assert cli.main(argv) == 0
+    rows = list(csv.DictReader(path.open()))
+    assert [r["variant"] for r in rows] == ["loop (N passes)", "drop 0", "drop 1"]
+    assert all(float(r["max_rel_diff"]) < 1e-5 and float(r["median_ms"]) > 0 for r in rows)
+    assert "speed-up vs drop 0" in capsys.readouterr().out

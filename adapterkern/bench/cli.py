@@ -1,5 +1,5 @@
 """``python -m adapterkern.bench``: the grid benchmark (default), and the ``layer``, ``tradeoffs``,
-``plot`` and ``table`` subcommands. ``python -m adapterkern.bench SUBCOMMAND --help`` for each."""
+``adapterdrop``, ``plot`` and ``table`` subcommands. ``python -m adapterkern.bench SUBCOMMAND --help`` for each."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import os
 import sys
 from typing import List, Optional
 
-SUBCOMMANDS = ("layer", "tradeoffs", "plot", "table")
+SUBCOMMANDS = ("layer", "tradeoffs", "adapterdrop", "plot", "table")
 
 
 def _device(name: Optional[str]):
@@ -191,6 +191,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .tradeoffs import main as tradeoffs_main
 
             return tradeoffs_main(rest)
+        if sub == "adapterdrop":
+            from .adapterdrop import main as adapterdrop_main
+
+            return adapterdrop_main(rest)
         if sub == "plot":
             from .plot import main as plot_main
 
