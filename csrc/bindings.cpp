@@ -220,48 +220,42 @@ std::vector<at::Tensor> cuda_adapter_bwd(const at::Tensor& dy, const at::Tensor&
     check_launch(adapterkern::adapter_bwd_token(a, plan, dt, tf32, stream), "adapter backward (token kernel)");
   }
 
-  // 2. Up-projection: dw_up = dz^T act(pre), db_up = sum_t dz, with dz = dy * scale.
-  if (need_dw_up || need_db_up) {
-    const adapterkern::WgradPlan plan = adapterkern::adapter_wgrad_plan(T, (int)d, (int)r);
-    at::Tensor ws_w = need_dw_up ? at::empty({plan.nsplit, d, r}, f32) : at::Tensor();
-    at::Tensor ws_b = need_db_up ? at::empty({plan.nsplit, d}, f32) : at::Tensor();
-    if (need_dw_up) out[3] = at::empty({d, r}, opts);
-    if (need_db_up) out[4] = at::empty({d}, opts);
+  // Weight gradient w = sum_t A(t, :)^T B(t, :) (M x N) into w_out and bias gradient b = sum_t A(t, :)
+  // (M) into b_out, each allocated and computed only when asked for (split-K over tokens through fp32
+  // workspaces; see adapter_api.h).
+  auto wgrad = [&](const at::Tensor& a_src, adapterkern::SrcMode a_mode, const at::Tensor& b_src,
+                   adapterkern::SrcMode b_mode, int64_t M, int64_t N, bool need_w, bool need_b, at::Tensor& w_out,
+                   at::Tensor& b_out, const char* what) {
+    const adapterkern::WgradPlan plan = adapterkern::adapter_wgrad_plan(T, (int)M, (int)N);
+    at::Tensor ws_w = need_w ? at::empty({plan.nsplit, M, N}, f32) : at::Tensor();
+    at::Tensor ws_b = need_b ? at::empty({plan.nsplit, M}, f32) : at::Tensor();
+    if (need_w) w_out = at::empty({M, N}, opts);
+    if (need_b) b_out = at::empty({M}, opts);
     adapterkern::WgradArgs a;
-    a.a = mat(dy); a.a_mode = adapterkern::kScaled;
-    a.b = mat(preact); a.b_mode = adapterkern::kAct;
-    a.M = (int)d; a.N = (int)r;
-    a.need_w = need_dw_up; a.need_b = need_db_up;
+    a.a = mat(a_src); a.a_mode = a_mode;
+    a.b = mat(b_src); a.b_mode = b_mode;
+    a.M = (int)M; a.N = (int)N;
+    a.need_w = need_w; a.need_b = need_b;
     a.scale = sa;
     a.act = (int)activation;
     a.T = T;
-    a.ws_w = need_dw_up ? ws_w.data_ptr<float>() : nullptr;
-    a.ws_b = need_db_up ? ws_b.data_ptr<float>() : nullptr;
-    a.w_out = need_dw_up ? out[3].data_ptr() : nullptr;
-    a.b_out = need_db_up ? out[4].data_ptr() : nullptr;
-    check_launch(adapterkern::adapter_wgrad(a, plan, dt, tf32, stream), "adapter backward (dw_up)");
+    a.ws_w = need_w ? ws_w.data_ptr<float>() : nullptr;
+    a.ws_b = need_b ? ws_b.data_ptr<float>() : nullptr;
+    a.w_out = need_w ? w_out.data_ptr() : nullptr;
+    a.b_out = need_b ? b_out.data_ptr() : nullptr;
+    check_launch(adapterkern::adapter_wgrad(a, plan, dt, tf32, stream), what);
+  };
+
+  // 2. Up-projection: dw_up = dz^T act(pre), db_up = sum_t dz, with dz = dy * scale.
+  if (need_dw_up || need_db_up) {
+    wgrad(dy, adapterkern::kScaled, preact, adapterkern::kAct, d, r, need_dw_up, need_db_up, out[3], out[4],
+          "adapter backward (dw_up)");
   }
 
   // 3. Down-projection: dw_down = dh^T x, db_down = sum_t dh.
   if (need_dh) {
-    const adapterkern::WgradPlan plan = adapterkern::adapter_wgrad_plan(T, (int)r, (int)d);
-    at::Tensor ws_w = need_dw_down ? at::empty({plan.nsplit, r, d}, f32) : at::Tensor();
-    at::Tensor ws_b = need_db_down ? at::empty({plan.nsplit, r}, f32) : at::Tensor();
-    if (need_dw_down) out[1] = at::empty({r, d}, opts);
-    if (need_db_down) out[2] = at::empty({r}, opts);
-    adapterkern::WgradArgs a;
-    a.a = mat(dh); a.a_mode = adapterkern::kPlain;
-    a.b = mat(x); a.b_mode = adapterkern::kPlain;
-    a.M = (int)r; a.N = (int)d;
-    a.need_w = need_dw_down; a.need_b = need_db_down;
-    a.scale = sa;
-    a.act = (int)activation;
-    a.T = T;
-    a.ws_w = need_dw_down ? ws_w.data_ptr<float>() : nullptr;
-    a.ws_b = need_db_down ? ws_b.data_ptr<float>() : nullptr;
-    a.w_out = need_dw_down ? out[1].data_ptr() : nullptr;
-    a.b_out = need_db_down ? out[2].data_ptr() : nullptr;
-    check_launch(adapterkern::adapter_wgrad(a, plan, dt, tf32, stream), "adapter backward (dw_down)");
+    wgrad(dh, adapterkern::kPlain, x, adapterkern::kPlain, r, d, need_dw_down, need_db_down, out[1], out[2],
+          "adapter backward (dw_down)");
   }
 
   // 4. dscale: the per-block partial rows are summed by torch's (deterministic) reduction.

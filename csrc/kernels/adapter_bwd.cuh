@@ -75,26 +75,6 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_bwd_token_kernel(const Bw
   const int lane = threadIdx.x & 31;
   const int kr = round_up(p.r, kBK);
 
-  // Hs[BT][0:kr) @ wu[n0:n0+64, 0:kr)^T -> acc (the forward's up-projection, for dscale).
-  auto up_proj = [&](float (&acc)[L::MT][L::NT][4], int n0) {
-    zero_acc(acc);
-    RegTile<kTileN, kBK, false, S> wr;  // rows: output column j, cols: bottleneck i (contiguous)
-    auto load = [&](int k0) {
-      wr.load([&](int row, int col) -> S {
-        const int j = n0 + row, i = k0 + col;
-        return (j < p.d && i < p.r) ? wu[j * p.swu0 + i * p.swu1] : zero;
-      });
-    };
-    load(0);
-    for (int k0 = 0; k0 < kr; k0 += kBK) {
-      wr.store(Ws, LDW);
-      __syncthreads();
-      if (k0 + kBK < kr) load(k0 + kBK);
-      warp_tile_mma<Op, L::MT, L::NT>(acc, Hs + wm0 * ldh + k0, ldh, Ws + wn0 * LDW, LDW);
-      __syncthreads();
-    }
-  };
-
   // ---- (1) dscale partials: ws[block][j] = sum_t dy[t,j] * (h @ wu^T + bu)[t,j] --------------
   if (p.dscale_ws != nullptr) {
     copy_tile_batched<8>(Hs, ldh, BT, rpad, [&](int row, int col) -> S {
@@ -108,11 +88,12 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_bwd_token_kernel(const Bw
         *hp = from_f<S>(act_fwd(A.value, to_f(*hp)));
       }
     });
-    // (the first __syncthreads inside up_proj orders these writes before the MMAs)
+    // (the first __syncthreads inside smem_by_weight_mma orders these writes before the MMAs)
     float* ws_row = p.dscale_ws + (int64_t)blockIdx.x * p.d;
     for (int n0 = 0; n0 < p.d; n0 += kTileN) {
-      float acc[L::MT][L::NT][4];
-      up_proj(acc, n0);
+      float acc[L::MT][L::NT][4];  // h @ wu[n0:n0+64, :]^T (the forward's up-projection); wu[j][i]
+                                   // is contiguous in i
+      smem_by_weight_mma<Op, false>(acc, Hs + wm0 * ldh, ldh, Ws, wn0, wu, p.swu0, p.swu1, n0, p.d, p.r, kr);
       float dv[L::MT][L::NT][4];
       gather_acc(dv, wm0, wn0, [&](int row, int col) -> float {
         const int64_t t = t0 + row;
@@ -219,23 +200,8 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_bwd_token_kernel(const Bw
 
   // ---- (3) dx = dh @ wd + add -------------------------------------------------------------------
   for (int n0 = 0; n0 < p.d; n0 += kTileN) {
-    float acc[L::MT][L::NT][4];
-    zero_acc(acc);
-    RegTile<kTileN, kBK, true, S> wr;  // wd^T tile: rows j, cols i; wd[i][j] is contiguous in j
-    auto load = [&](int k0) {
-      wr.load([&](int row, int col) -> S {
-        const int j = n0 + row, i = k0 + col;
-        return (j < p.d && i < p.r) ? wd[i * p.swd0 + j * p.swd1] : zero;
-      });
-    };
-    load(0);
-    for (int k0 = 0; k0 < kr; k0 += kBK) {
-      wr.store(Ws, LDW);
-      __syncthreads();
-      if (k0 + kBK < kr) load(k0 + kBK);
-      warp_tile_mma<Op, L::MT, L::NT>(acc, Hs + wm0 * ldh + k0, ldh, Ws + wn0 * LDW, LDW);
-      __syncthreads();
-    }
+    float acc[L::MT][L::NT][4];  // Hs @ wd^T tile (rows j, cols i); wd[i][j] is contiguous in j
+    smem_by_weight_mma<Op, true>(acc, Hs + wm0 * ldh, ldh, Ws, wn0, wd, p.swd1, p.swd0, n0, p.d, p.r, kr);
     float av[L::MT][L::NT][4];  // all loads of `add` before any store to dx (they may alias)
     gather_acc(av, wm0, wn0, [&](int row, int col) -> float {
       const int64_t t = t0 + row;

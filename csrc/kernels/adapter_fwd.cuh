@@ -141,23 +141,8 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_fwd_kernel(const FwdKPara
   const int j_begin = blockIdx.y * p.cols_per_split;
   const int j_end = min(p.d, j_begin + p.cols_per_split);
   for (int n0 = j_begin; n0 < j_end; n0 += kTileN) {
-    float acc[L::MT][L::NT][4];
-    zero_acc(acc);
-    RegTile<kTileN, kBK, false, S> wr;  // rows: output column j, cols: bottleneck index (contiguous)
-    auto load = [&](int k0) {
-      wr.load([&](int row, int col) -> S {
-        const int j = n0 + row, i = k0 + col;
-        return (j < p.d && i < p.r) ? wu[j * p.swu0 + i * p.swu1] : zero;
-      });
-    };
-    load(0);
-    for (int k0 = 0; k0 < kr; k0 += kBK) {
-      wr.store(Ws, LDW);
-      __syncthreads();
-      if (k0 + kBK < kr) load(k0 + kBK);
-      warp_tile_mma<Op, L::MT, L::NT>(acc, Hs + wm0 * ldh + k0, ldh, Ws + wn0 * LDW, LDW);
-      __syncthreads();
-    }
+    float acc[L::MT][L::NT][4];  // Hs @ wu[n0:n0+64, :]^T; wu[j][i] is contiguous in i
+    smem_by_weight_mma<Op, false>(acc, Hs + wm0 * ldh, ldh, Ws, wn0, wu, p.swu0, p.swu1, n0, p.d, p.r, kr);
     float rv[L::MT][L::NT][4];  // residual, all loads issued before the stores (res may alias y)
     gather_acc(rv, wm0, wn0, [&](int row, int col) -> float {
       const int j = n0 + col;

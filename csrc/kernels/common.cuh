@@ -173,22 +173,21 @@ struct Mma16816 {
   __device__ __forceinline__ static void mma(float (&c)[4], const FragA& a, const FragB& b);
 };
 
+// The operand lists of every mma.sync here (C/D: 4 fp32 in place, A: 4 regs, B: 2 regs); `shape_types`
+// is the instruction's suffix after "mma.sync.aligned." (a string literal).
+#define ADAPTERKERN_MMA_SYNC(shape_types, c, a, b)                                            \
+  asm volatile("mma.sync.aligned." shape_types " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n" \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                              \
+               : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]))
+
 template <>
 __device__ __forceinline__ void Mma16816<__half>::mma(float (&c)[4], const FragA& a, const FragB& b) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
+  ADAPTERKERN_MMA_SYNC("m16n8k16.row.col.f32.f16.f16.f32", c, a, b);
 }
 
 template <>
 __device__ __forceinline__ void Mma16816<__nv_bfloat16>::mma(float (&c)[4], const FragA& a, const FragB& b) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
+  ADAPTERKERN_MMA_SYNC("m16n8k16.row.col.f32.bf16.bf16.f32", c, a, b);
 }
 
 using MmaF16 = Mma16816<__half>;
@@ -220,13 +219,11 @@ struct MmaTF32 {
     f.r[1] = tf32(b[g * ld + t + 4]);
   }
   __device__ __forceinline__ static void mma(float (&c)[4], const FragA& a, const FragB& b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
+    ADAPTERKERN_MMA_SYNC("m16n8k8.row.col.f32.tf32.tf32.f32", c, a, b);
   }
 };
+
+#undef ADAPTERKERN_MMA_SYNC
 
 // IEEE fp32 with FMAs (what cuBLAS does for fp32 when TF32 is off). Same accumulator layout as the
 // tensor-core ops, so every kernel body is shared; it only changes how the warp tile is computed.
@@ -326,14 +323,7 @@ __device__ __forceinline__ void for_each_frag(int wm0, int wn0, F&& f) {
 // may alias its loads (r-chunk chaining), which would otherwise serialise load latency.
 template <int MT, int NT, class F>
 __device__ __forceinline__ void gather_acc(float (&out)[MT][NT][4], int wm0, int wn0, F&& f) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        out[mt][nt][e] = f(wm0 + mt * 16 + g + (e >> 1) * 8, wn0 + nt * 8 + 2 * t + (e & 1));
+  for_each_frag<MT, NT>(wm0, wn0, [&](int mt, int nt, int e, int row, int col) { out[mt][nt][e] = f(row, col); });
 }
 
 // Copies a rows x cols tile into shared memory (row stride ld) with kBatch loads in flight per
@@ -413,5 +403,46 @@ struct RegTile {
 
 // Shared-memory row padding: 16 bytes, so every row stride used here is 4 (mod 8) words.
 template <typename S> __host__ __device__ constexpr int smem_pad() { return 16 / (int)sizeof(S); }
+
+// ---------------------------------------------------------------------------------------------
+// A shared-memory operand times a streamed weight tile, for this warp's part of a BM x 64 block tile:
+//     acc = A[BM][0:K) * W[n0 : n0 + 64, 0:K)^T,   W(n, k) = w[n * swn + k * swk], 0 unless n < N, k < K
+// Used for h @ wu^T (forward phase 2, backward dscale) and dh @ wd (backward dx), all with K = r.
+// `a` points at the warp's first row of A in shared memory (row stride lda; columns [K, kpad) must
+// hold zeros); kpad = round_up(K, kBK). W goes through the stage buffer `ws` ([64][kBK + pad]) one
+// k-stage at a time, the next stage's global loads in flight during the current stage's MMAs.
+// W_ROW_FAST: w is contiguous along n (see RegTile). Weight offsets are 32-bit (see FwdKParams).
+// Codegen notes (checked on the PTX / ptxas report): w, N, K and the strides are references, to be
+// bound to the kernel's own variables (its `const S* __restrict__` weight pointer, p.d, p.swu0, ...),
+// which keeps the code of the loops this replaced: the weight loads stay ld.global.nc where they were
+// (SimtF32; a by-value pointer loses that), and the bounds and strides are re-read from the parameter
+// bank instead of being hoisted into registers across the k-loop (by value: +22 registers in
+// adapter_fwd_kernel<MmaTF32, 64>). kpad is computed once per kernel by the caller for the same reason.
+template <class Op, bool W_ROW_FAST, int MT, int NT>
+__device__ __forceinline__ void smem_by_weight_mma(float (&acc)[MT][NT][4], const typename Op::S* a, int lda,
+                                                   typename Op::S* ws, int wn0,
+                                                   const typename Op::S* __restrict__ const& w,
+                                                   const int& swn, const int& swk, int n0, const int& N,
+                                                   const int& K, int kpad) {
+  using S = typename Op::S;
+  constexpr int LDW = kBK + smem_pad<S>();
+  const S zero = S{};  // +0 (value-initialised): the bits of from_f<S>(0.0f), without a cvt per call
+  zero_acc(acc);
+  RegTile<kTileN, kBK, W_ROW_FAST, S> wr;  // rows: n - n0, cols: k - k0
+  auto load = [&](int k0) {
+    wr.load([&](int row, int col) -> S {
+      const int n = n0 + row, k = k0 + col;
+      return (n < N && k < K) ? w[n * swn + k * swk] : zero;
+    });
+  };
+  load(0);
+  for (int k0 = 0; k0 < kpad; k0 += kBK) {
+    wr.store(ws, LDW);
+    __syncthreads();
+    if (k0 + kBK < kpad) load(k0 + kBK);
+    warp_tile_mma<Op, MT, NT>(acc, a + k0, lda, ws + wn0 * LDW, LDW);
+    __syncthreads();
+  }
+}
 
 }  // namespace adapterkern
