@@ -97,3 +97,18 @@ def test_adapterdrop_runs_and_checks_its_outputs(tmp_path, capsys):
     assert [r["variant"] for r in rows] == ["loop (N passes)", "drop 0", "drop 1"]
     assert all(float(r["max_rel_diff"]) < 1e-5 and float(r["median_ms"]) > 0 for r in rows)
     assert "speed-up vs drop 0" in capsys.readouterr().out
+
+
+def test_multi_runs_and_checks_its_outputs(tmp_path):
+    import csv
+
+    path = tmp_path / "multi.csv"
+    argv = ["multi", "--adapters", "3", "--tokens", "96", "--hidden", "32", "--bottleneck", "8", "--rounds", "1",
+            "--block-ms", "1", "--threads", "1", "--backend", "torch", "--csv", str(path)]
+    assert cli.main(argv) == 0
+    rows = list(csv.DictReader(path.open()))
+    assert [(r["group"], r["variant"]) for r in rows] == [
+        ("stack", "loop"), ("stack", "multi_adapter"), ("stack", "one adapter"),
+        ("batch", "masked loop"), ("batch", "batched"), ("batch", "one adapter"),
+    ]
+    assert all(float(r["max_rel_diff"]) < 1e-5 for r in rows)

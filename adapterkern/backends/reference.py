@@ -115,17 +115,26 @@ def batched_adapter(
     :func:`bottleneck_adapter` together, the others keep ``residual`` (x if None). ``scaling`` a float
     or (N, 1) / (N, d). Reads ``counts`` on the host (one sync; this is the CPU fallback)."""
     res = x if residual is None else residual
-    y = res
-    start = 0
+    parts, start = [], 0
     for g, count in enumerate(counts.tolist()):
-        if g > 0 and count > 0:
-            rows = perm[start : start + count]
-            s = scaling[g - 1] if isinstance(scaling, torch.Tensor) else scaling
-            part = bottleneck_adapter(
+        rows = perm[start : start + count]
+        start += count
+        if count == 0:
+            continue
+        if g == 0:  # no adapter
+            parts.append(res.index_select(0, rows))
+            continue
+        s = scaling[g - 1] if isinstance(scaling, torch.Tensor) else scaling
+        parts.append(
+            bottleneck_adapter(
                 x.index_select(0, rows), w_down[g - 1], None if b_down is None else b_down[g - 1], w_up[g - 1],
                 None if b_up is None else b_up[g - 1], s, None if residual is None else residual.index_select(0, rows),
                 activation,
             )
-            y = y.index_copy(0, rows, part)
-        start += count
-    return y if y is not res else res.clone()
+        )
+    if not parts:
+        return res.clone()
+    # The groups' rows in sorted order, then one gather back to token order.
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    return torch.cat(parts).index_select(0, inverse)

@@ -1,5 +1,5 @@
 """``python -m adapterkern.bench``: the grid benchmark (default), and the ``layer``, ``tradeoffs``,
-``adapterdrop``, ``plot`` and ``table`` subcommands. ``python -m adapterkern.bench SUBCOMMAND --help`` for each."""
+``adapterdrop``, ``multi``, ``plot`` and ``table`` subcommands. ``python -m adapterkern.bench SUBCOMMAND --help`` for each."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import os
 import sys
 from typing import List, Optional
 
-SUBCOMMANDS = ("layer", "tradeoffs", "adapterdrop", "plot", "table")
+SUBCOMMANDS = ("layer", "tradeoffs", "adapterdrop", "multi", "plot", "table")
 
 
 def _device(name: Optional[str]):
@@ -195,6 +195,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .adapterdrop import main as adapterdrop_main
 
             return adapterdrop_main(rest)
+        if sub == "multi":
+            from .multi import main as multi_main
+
+            return multi_main(rest)
         if sub == "plot":
             from .plot import main as plot_main
 

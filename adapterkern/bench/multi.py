@@ -1,0 +1,147 @@
+"""``python -m adapterkern.bench multi``: many adapters at once against the Python loops users write.
+
+At one point (default T=4096, d=1024, r=64 on a GPU; T=512, d=768 on a CPU), N adapters (default 8):
+
+* stack: N adapters on the same input, outputs (N, T, d)
+  - ``loop``: N eager adapters (Linear -> act -> Linear, * s, + x), one after the other
+  - ``multi_adapter``: :func:`adapterkern.multi_adapter`, one launch
+  - ``one adapter``: a single adapter, the yardstick of the issue's target (N in one launch within 1.5x of one)
+* batch: a heterogeneous batch, T tokens spread over N adapters (per-sequence routing, 8 sequences per adapter)
+  - ``masked loop``: per adapter, index_select its rows, eager adapter, index_copy back (what a
+    BatchSplit-style loop does)
+  - ``batched``: :func:`adapterkern.bottleneck_adapter_batched`, one launch (token groups precomputed once
+    per batch, as the model integration does)
+
+Every variant of a group is timed in alternation and checked against the loop's output.
+"""
+from __future__ import annotations
+
+import argparse
+import uuid
+from typing import Dict, List, Optional
+
+COLUMNS = [
+    "run_id", "date", "device", "device_type", "threads", "torch", "triton", "cuda", "adapterkern", "git_commit",
+    "dtype", "group", "variant", "backend", "adapters", "tokens", "hidden", "bottleneck", "median_us", "iqr_us",
+    "rounds", "speedup_vs_loop", "ratio_vs_one_adapter", "max_rel_diff",
+]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m adapterkern.bench multi", description=__doc__.splitlines()[0])
+    p.add_argument("--adapters", type=int, default=8)
+    p.add_argument("--tokens", type=int, help="default 4096 on GPU, 512 on CPU")
+    p.add_argument("--hidden", type=int, help="default 1024 on GPU, 768 on CPU")
+    p.add_argument("--bottleneck", type=int, default=64)
+    p.add_argument("--activation", default="relu")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--dtype")
+    p.add_argument("--device")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--block-ms", type=float, default=50.0)
+    p.add_argument("--threads", default="auto")
+    p.add_argument("--malloc", choices=("tuned", "default"), default="tuned")
+    p.add_argument("--csv", help="append here (default benchmarks/results/multi-<device>.csv)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    import torch
+    import torch.nn.functional as F
+
+    import adapterkern as ak
+    from adapterkern.activations import get_activation
+
+    from . import timing
+    from .cli import _device, default_csv
+    from .envinfo import environment
+    from .grid import default_dtype
+    from .report import append_csv
+
+    device = _device(args.device)
+    for note in timing.prepare_cpu(device, args.threads, args.malloc):
+        print(f"note: {note}")
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
+    n, r = args.adapters, args.bottleneck
+    t = args.tokens or (4096 if device.type == "cuda" else 512)
+    d = args.hidden or (1024 if device.type == "cuda" else 768)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
+
+    x = rand(t, d)
+    w_down, b_down = rand(n, r, d, scale=d**-0.5), rand(n, r, scale=0.1)
+    w_up, b_up = rand(n, d, r, scale=r**-0.5), rand(n, d, scale=0.1)
+    scaling = 0.5
+    act = get_activation(args.activation).fn
+
+    def eager(i, rows):
+        return rows + scaling * F.linear(act(F.linear(rows, w_down[i], b_down[i])), w_up[i], b_up[i])
+
+    sequences = 8 * n
+    seq_len = max(1, t // sequences)
+    index = torch.arange(n, device=device).repeat_interleave(8)[torch.randperm(sequences, generator=gen, device=device)]
+    token_index = index.repeat_interleave(seq_len)
+    tokens_b = token_index.numel()
+    xb = x[:tokens_b]
+    groups = ak.token_groups(token_index, n)
+    rows_of = [(token_index == i).nonzero().flatten() for i in range(n)]
+
+    def masked_loop():
+        out = xb.clone()
+        for i, rows in enumerate(rows_of):
+            out.index_copy_(0, rows, eager(i, xb.index_select(0, rows)))
+        return out
+
+    stack_variants = {
+        "loop": lambda: torch.stack([eager(i, x) for i in range(n)]),
+        "multi_adapter": lambda: ak.multi_adapter(x, w_down, b_down, w_up, b_up, activation=args.activation,
+                                                  scaling=scaling, backend=args.backend),
+        "one adapter": lambda: ak.bottleneck_adapter(x, w_down[0], b_down[0], w_up[0], b_up[0],
+                                                     activation=args.activation, scaling=scaling, backend=args.backend),
+    }
+    batch_variants = {
+        "masked loop": masked_loop,
+        "batched": lambda: ak.bottleneck_adapter_batched(xb, token_index, w_down, b_down, w_up, b_up, activation=args.activation,
+                                                         scaling=scaling, groups=groups, backend=args.backend),
+        "one adapter": lambda: ak.bottleneck_adapter(xb, w_down[0], b_down[0], w_up[0], b_up[0],
+                                                     activation=args.activation, scaling=scaling, backend=args.backend),
+    }
+    env = environment(device)
+    run_id = uuid.uuid4().hex[:8]
+    rows: List[Dict[str, object]] = []
+    print(f"[multi] N={n} adapters, T={t}, d={d}, r={r}, {str(dtype).replace('torch.', '')} on {device}; "
+          f"{args.rounds} alternating rounds", flush=True)
+    for group, variants, tokens in (("stack", stack_variants, t), ("batch", batch_variants, tokens_b)):
+        with torch.inference_mode():
+            outs = {k: f().float() for k, f in variants.items()}
+            times = timing.interleaved(list(variants.values()), device, rounds=args.rounds, min_block_s=args.block_ms / 1e3)
+        loop_key = next(iter(variants))
+        t_loop, t_one = times[0].median_s, times[-1].median_s
+        for (label, _), tm in zip(variants.items(), times):
+            ref = outs[loop_key] if label != "one adapter" else outs[label]
+            diff = ((outs[label] - ref).abs().max() / ref.abs().max()).item()
+            rows.append({
+                "run_id": run_id, **env, "dtype": str(dtype).replace("torch.", ""), "group": group, "variant": label,
+                "backend": "" if "loop" in label else args.backend, "adapters": n, "tokens": tokens, "hidden": d,
+                "bottleneck": r, "median_us": tm.median_s * 1e6, "iqr_us": tm.iqr_s * 1e6, "rounds": tm.samples,
+                "speedup_vs_loop": t_loop / tm.median_s, "ratio_vs_one_adapter": tm.median_s / t_one, "max_rel_diff": diff,
+            })
+    csv_path = append_csv(args.csv or default_csv("multi", device), rows, COLUMNS)
+    print()
+    print(format_table(rows))
+    print(f"note: {env['device']}, torch {env['torch']}, commit {env['git_commit'] or '?'}; run {run_id}; "
+          "rel diff against the loop's output")
+    print(f"wrote {len(rows)} rows to {csv_path}")
+    return 0
+
+
+def format_table(rows: List[Dict[str, object]]) -> str:
+    header = ["group", "variant", "median us", "IQR us", "vs loop", "vs one adapter", "rel diff"]
+    body = [[str(r["group"]), str(r["variant"]), f"{r['median_us']:,.1f}", f"{r['iqr_us']:,.1f}",
+             f"{r['speedup_vs_loop']:.2f}x", f"{r['ratio_vs_one_adapter']:.2f}x", f"{r['max_rel_diff']:.1e}"] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
