@@ -8,7 +8,7 @@
 #        B  torch.compile (default mode) on a subgrid, beside eager and adapterkern
 #        C  torch.compile max-autotune at the target shape d=4096, r=64, T=64 and 16384
 #   4. the transformer-layer benchmark (BERT-base and Llama-7B-sized layers), then, if time is left,
-#      the trade-off report
+#      the many-adapter benchmark (multi), AdapterDrop's multi-task benchmark and the trade-off report
 # Everything goes to benchmarks/results/<date>-<device>/ (logs, CSVs, PNGs, environment) and is
 # copied to $OUT when that is set. Every stage has a hard time limit; the grid appends each point to
 # its CSV as soon as it is measured, so a stage cut short keeps what it finished. The script never
@@ -115,6 +115,17 @@ run_grid autotune "$AUTOTUNE_S" --tokens 16384,64 --hidden 4096 --bottleneck 64 
 stage "layer benchmark (limit $(budget "$LAYER_S")s)"
 timeout -k 10 "$(budget "$LAYER_S")" $PY -m adapterkern.bench layer --csv "$RES/layer.csv" > "$RES/layer.log" 2>&1
 echo "layer rc=$?"; tail -n 40 "$RES/layer.log"
+
+# Many adapters at once (issue: multi-adapter) and AdapterDrop's multi-task speed-up, if time is left.
+for sub in multi adapterdrop; do
+    if (( TOTAL_S - $(elapsed) > 100 )); then
+        stage "$sub benchmark (limit $(budget 40)s)"
+        timeout -k 10 "$(budget 40)" $PY -m adapterkern.bench $sub --csv "$RES/$sub.csv" > "$RES/$sub.log" 2>&1
+        echo "$sub rc=$?"; tail -n 12 "$RES/$sub.log"
+    else
+        stage "$sub skipped: $(( TOTAL_S - $(elapsed) ))s left of ${TOTAL_S}s"
+    fi
+done
 
 if (( TOTAL_S - $(elapsed) > 70 )); then
     stage "trade-offs (limit $(budget 60)s)"
