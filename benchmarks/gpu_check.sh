@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU session (at most about 8 minutes; the device is lent rarely and briefly):
 #   1. pip install -e . --no-deps --no-build-isolation   (the GPU image has torch/triton, no internet)
-#   2. the test suite, pytest tests -x -q, under a time limit
+#   2. the test suite, pytest tests -x -q, under a time limit; compute-sanitizer memcheck on a short
+#      forward + backward of the CUDA and Triton backends (benchmarks/sanitize_check.py) if it exists
 #   3. the benchmark grid in bf16 (python -m adapterkern.bench --full), in three stages:
 #        A  every point of the issue's grid: eager, adapters (if installed), every adapterkern
 #           backend, and their CUDA-graph variants at T <= 64   (target points first)
@@ -86,6 +87,17 @@ stage "tests (limit $(budget "$TESTS_S")s)"
 timeout -k 10 "$(budget "$TESTS_S")" $PY -m pytest tests -x -q -p no:cacheprovider > "$RES/tests.log" 2>&1
 TESTS_RC=$?
 echo "tests rc=$TESTS_RC (124 = time limit reached)"; tail -15 "$RES/tests.log"
+
+# compute-sanitizer memcheck on a short forward + backward of the CUDA (and Triton) backend.
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+if [ -n "$SANITIZER" ]; then
+    stage "compute-sanitizer memcheck (limit $(budget 90)s)"
+    timeout -k 10 "$(budget 90)" "$SANITIZER" --tool memcheck --error-exitcode 99 $PY benchmarks/sanitize_check.py \
+        > "$RES/memcheck.log" 2>&1
+    echo "memcheck rc=$? (0: clean; 99: memcheck found errors; 124: time limit)"; tail -n 25 "$RES/memcheck.log"
+else
+    stage "compute-sanitizer not found: memcheck skipped"
+fi
 
 # run_grid NAME LIMIT ARGS...: the grid CLI with a soft --time-limit (no new point after it) inside a
 # hard timeout; the table is reprinted from the CSV if the process was cut short.
