@@ -395,3 +395,59 @@ def test_torch_compile():
     expected = run(model, ids)
     compiled = torch.compile(model, backend="aot_eager")
     assert rel_err(run(compiled, ids), expected) < 1e-6
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_mam_is_the_parallel_adapter_plus_prefixes(family, tmp_path):
+    """MAM through add_adapter == a parallel adapter with the same weights plus the same prefix modules
+    put on the attention modules by hand (the prefix attention itself is tested in test_prefix.py)."""
+    from adapterkern.integrations.prefix_attention import attention_places
+    from adapterkern.integrations.transformers import AdapterSlot
+
+    base = tiny_model(family)
+    mam = copy.deepcopy(base)
+    ak.add_adapter(mam, "m", ak.AdapterConfig.mam(prefix_length=4, prefix_bottleneck=16, leave_out=[2]))
+    randomize(mam, "m", scale=0.2)
+    places = adapter_modules(mam, "m")
+    assert [p for p in places if p.endswith(("mlp", "output"))] and len(places) == 4  # 2 FFNs + 2 attentions
+    ids = torch.randint(0, 97, (2, 7))
+    out = run(mam, ids)
+
+    manual = copy.deepcopy(base)
+    ak.add_adapter(manual, "m", ak.AdapterConfig.parallel(leave_out=[2]))
+    for place, adapter in adapter_modules(manual, "m").items():
+        adapter.load_state_dict(places[place].state_dict())
+    from adapterkern.integrations.prefix_attention import enable_prefix_attention
+
+    for att in attention_places(manual):
+        if att.layer == 2:
+            continue
+        slot = AdapterSlot("prefix", att.hidden_size, att.layer)
+        slot["m"] = copy.deepcopy(places[att.name]).collapse()
+        slot.active = "m"
+        att.module.add_module("bottleneck_adapters", slot)
+    enable_prefix_attention(manual)
+    assert rel_err(out, run(manual, ids)) < 1e-6
+    assert not torch.allclose(out, run(base, ids))
+
+    # the shared prefix MLP is counted once; saving writes collapsed prefixes only
+    summary = ak.adapter_summary(mam)
+    unique = {id(p): p for a in places.values() for p in a.parameters()}
+    assert summary.adapters["m"] == sum(p.numel() for p in unique.values())
+    directory = ak.save_adapter(mam, "m", tmp_path / "mam")
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(directory / "adapter_model.safetensors")))
+    assert {k.rsplit(".", 1)[-1] for k in keys if "prefix" in k} == {"prefix_key", "prefix_value"}
+    assert all(k.endswith((".prefix_key", ".prefix_value")) or ".adapter_" in k for k in keys), sorted(keys)
+    other = copy.deepcopy(base)
+    ak.load_adapter(other, directory)
+    assert rel_err(run(other, ids), out) < 1e-6
+    ak.delete_adapter(other, "m")
+    assert torch.equal(run(other, ids), run(base, ids))
+
+    # training reaches the prefix MLP
+    ak.train_adapter(mam, "m")
+    run(mam, ids).square().mean().backward()
+    mlp_grads = [p.grad for a in places.values() if hasattr(a, "encoder") and a.encoder is not None for p in a.encoder.parameters()]
+    assert mlp_grads and all(g is not None and g.abs().sum() > 0 for g in mlp_grads)

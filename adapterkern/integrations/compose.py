@@ -102,6 +102,9 @@ def _check_names(model: nn.Module, names: Sequence[Optional[str]]) -> List[Optio
     for name in names:
         if name is not None:
             _require_adapter(model, name)
+    prefixed = sorted({n for _, _, slot in _iter_slots(model) if slot.mode == "prefix" for n in names if n in slot})
+    if prefixed:
+        raise ValueError(f"names: {prefixed} have prefix tuning (mam), which cannot be routed per sequence (yet)")
     return list(names)
 
 

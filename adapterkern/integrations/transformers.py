@@ -46,7 +46,7 @@ from ..activations import get_activation
 from ..backends import _check_name
 from ..nn.bottleneck import INIT_SCHEMES, BottleneckAdapter
 
-PLACEMENTS = ("pfeiffer", "houlsby", "parallel")
+PLACEMENTS = ("pfeiffer", "houlsby", "parallel", "mam")
 SLOT_ATTR = "bottleneck_adapters"
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -56,6 +56,7 @@ FORMAT = "adapterkern.adapter/1"
 SEQUENTIAL = "sequential"  # output -> adapter(output)
 PARALLEL = "parallel"  # output -> adapter(input, residual=output)
 PARALLEL_SKIP = "parallel_skip"  # forward(h, skip) -> forward(h, adapter(skip)): post-LN "output + skip"
+PREFIX = "prefix"  # an attention module: key/value prefixes, read by the prefix attention (no hook)
 
 # role -> [(regex on the module's qualified name, mode)], first match per model family wins.
 _ROLE_PATTERNS: Dict[str, List[Tuple[str, str]]] = {
@@ -74,7 +75,7 @@ _ROLE_PATTERNS: Dict[str, List[Tuple[str, str]]] = {
         (r"\d+\.mlp", PARALLEL),
     ],
 }
-_PLACEMENT_ROLES = {"pfeiffer": ("ffn_output",), "houlsby": ("attn_output", "ffn_output"), "parallel": ("ffn",)}
+_PLACEMENT_ROLES = {"pfeiffer": ("ffn_output",), "houlsby": ("attn_output", "ffn_output"), "parallel": ("ffn",), "mam": ("ffn",)}
 
 
 @dataclass
@@ -83,7 +84,8 @@ class AdapterConfig:
 
     Args:
         placement: ``"pfeiffer"`` (after the FFN output), ``"houlsby"`` (after the attention output and
-            the FFN output) or ``"parallel"`` (beside the FFN).
+            the FFN output), ``"parallel"`` (beside the FFN) or ``"mam"`` (the parallel adapter plus
+            prefix tuning in every attention layer, He et al. 2022).
         bottleneck_size: r. If None, ``hidden_size // reduction_factor`` (at least 1).
         reduction_factor: d / r when ``bottleneck_size`` is None.
         activation: an ``adapters``-library activation name.
@@ -95,9 +97,13 @@ class AdapterConfig:
             instead of the role table; the adapter is applied sequentially on their outputs, or, for
             ``parallel``, as ``module(x) + s * up(act(down(x)))`` (the module must map (..., d) to (..., d)).
         backend: ``auto``, ``torch``, ``triton`` or ``cuda``.
+        prefix_length: ``mam`` only: key/value prefix length l per attention layer.
+        prefix_bottleneck: ``mam`` only: the reparametrisation MLP's width (one MLP shared by all
+            layers, as in the ``adapters`` library); the prefixes are saved collapsed (plain tensors).
 
     The presets follow the ``adapters`` library's defaults: :meth:`pfeiffer` (r = d/16, relu, scaling 1,
-    bert init), :meth:`houlsby` (r = d/16, swish), :meth:`parallel` (r = d/2, relu, scaling 4, mam_adapter init).
+    bert init), :meth:`houlsby` (r = d/16, swish), :meth:`parallel` (r = d/2, relu, scaling 4, mam_adapter init),
+    :meth:`mam` (that parallel adapter plus prefixes of length 30 through an MLP of width 800, ``MAMConfig``).
     """
 
     placement: str = "pfeiffer"
@@ -110,6 +116,8 @@ class AdapterConfig:
     leave_out: Tuple[int, ...] = ()
     target_modules: Optional[Tuple[str, ...]] = None
     backend: str = "auto"
+    prefix_length: int = 30
+    prefix_bottleneck: int = 800
 
     def __post_init__(self):
         if self.placement not in PLACEMENTS:
@@ -142,6 +150,12 @@ class AdapterConfig:
                 raise ValueError(f"target_modules: expected a non-empty list of module names, got {self.target_modules!r}")
             self.target_modules = tuple(self.target_modules)
         self.backend = _check_name(self.backend, "backend")
+        for name in ("prefix_length", "prefix_bottleneck"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if self.placement == "mam" and self.target_modules is not None:
+            raise ValueError("target_modules: not supported with placement 'mam' (its places are the FFNs and the attention modules)")
 
     @classmethod
     def pfeiffer(cls, **overrides) -> "AdapterConfig":
@@ -157,6 +171,13 @@ class AdapterConfig:
     def parallel(cls, **overrides) -> "AdapterConfig":
         """A scaled adapter beside the FFN (He et al. 2022; ``adapters``' ``par_bn``)."""
         defaults = {"placement": "parallel", "reduction_factor": 2, "activation": "relu", "scaling": 4.0, "init": "mam_adapter"}
+        return cls(**{**defaults, **overrides})
+
+    @classmethod
+    def mam(cls, **overrides) -> "AdapterConfig":
+        """The MAM adapter (He et al. 2022; ``adapters``' ``MAMConfig``): the scaled parallel adapter beside
+        the FFN plus prefix tuning (l = 30, MLP width 800) in every attention layer."""
+        defaults = {"placement": "mam", "reduction_factor": 2, "activation": "relu", "scaling": 4.0, "init": "mam_adapter"}
         return cls(**{**defaults, **overrides})
 
     def to_dict(self) -> dict:
@@ -303,6 +324,13 @@ def _find_places(model: nn.Module, config: AdapterConfig) -> List[_Place]:
                     f"(known: BERT/RoBERTa, GPT-2, Llama/Mistral/Qwen-style); pass AdapterConfig(target_modules=[...]) "
                     f"with the names of the modules to put the adapter on"
                 )
+    if config.placement == "mam":
+        from .prefix_attention import attention_places
+
+        found = attention_places(model)
+        if not found:
+            raise ValueError(f"add_adapter: cannot find the attention modules of this {_model_type(model)} model for prefix tuning")
+        places += [_Place(p.name, p.module, PREFIX, 0) for p in found]
     order = {n: i for i, (n, _) in enumerate(modules)}
     seen, unique = set(), []
     for place in sorted(places, key=lambda p: order[p.name]):
@@ -356,9 +384,35 @@ def _require_adapter(model: nn.Module, name: str) -> None:
         raise ValueError(f"name: no adapter {name!r} in this model (it has {have if have else 'none'})")
 
 
-def _build_adapters(model: nn.Module, config: AdapterConfig, places: List[_Place]) -> List[BottleneckAdapter]:
+def _build_prefixes(model: nn.Module, config: AdapterConfig, places: List[_Place], collapsed: bool) -> list:
+    """One PrefixTuning per attention place: sharing one reparametrisation MLP (fresh), or plain
+    tensors (``collapsed``, what a saved adapter holds)."""
+    from ..nn.prefix import PrefixTuning
+    from .prefix_attention import attention_places
+
+    info = {p.name: p for p in attention_places(model)}
+    first = info[places[0].name]
+    ref = _first_param(places[0].module, model)
+    factory = {"device": ref.device, "dtype": ref.dtype}
+    if collapsed:
+        return [
+            PrefixTuning(info[p.name].num_kv_heads, info[p.name].head_dim, config.prefix_length, reparametrize=False,
+                         hidden_size=info[p.name].hidden_size, **factory)
+            for p in places
+        ]
+    return PrefixTuning.shared(len(places), first.num_kv_heads, first.head_dim, config.prefix_length, config.prefix_bottleneck,
+                               hidden_size=first.hidden_size, **factory)
+
+
+def _build_adapters(model: nn.Module, config: AdapterConfig, places: List[_Place], collapsed_prefixes: bool = False) -> list:
+    """One module per place: a BottleneckAdapter, or a PrefixTuning at PREFIX places."""
+    prefix_places = [p for p in places if p.mode == PREFIX]
+    prefixes = iter(_build_prefixes(model, config, prefix_places, collapsed_prefixes) if prefix_places else [])
     adapters = []
     for place in places:
+        if place.mode == PREFIX:
+            adapters.append(next(prefixes))
+            continue
         d = place.hidden_size
         r = config.bottleneck_size if config.bottleneck_size is not None else max(1, int(d // config.reduction_factor))
         ref = _first_param(place.module, model)
@@ -379,6 +433,10 @@ def _attach(model: nn.Module, name: str, config: AdapterConfig, places: List[_Pl
             place.module.add_module(SLOT_ATTR, slot)
             if place.mode == PARALLEL_SKIP:
                 place.module.register_forward_pre_hook(_slot_pre_hook, with_kwargs=True)
+            elif place.mode == PREFIX:
+                from .prefix_attention import enable_prefix_attention
+
+                enable_prefix_attention(model)  # the attention reads the slot; idempotent
             else:
                 place.module.register_forward_hook(_slot_post_hook, with_kwargs=True)
         elif slot.mode != place.mode:
@@ -429,6 +487,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
                 _remove_hooks(module)
                 del module._modules[SLOT_ATTR]
     del _configs(model)[name]
+    if not any(slot.mode == PREFIX for _, _, slot in _iter_slots(model)):
+        from .prefix_attention import disable_prefix_attention, prefix_attention_enabled
+
+        if prefix_attention_enabled(model):
+            disable_prefix_attention(model)
 
 
 def set_active_adapter(model: nn.Module, name: Optional[str]) -> None:
@@ -456,7 +519,8 @@ def adapter_state_dict(model: nn.Module, name: str) -> Dict[str, Tensor]:
     """Adapter ``name``'s tensors keyed ``"<place>.<parameter>"`` (e.g. ``encoder.layer.0.output.dense.adapter_down.weight``)."""
     out: Dict[str, Tensor] = {}
     for place, adapter in adapter_modules(model, name).items():
-        for key, value in adapter.state_dict().items():
+        state = adapter.collapsed_state_dict() if hasattr(adapter, "collapsed_state_dict") else adapter.state_dict()
+        for key, value in state.items():  # prefixes: the collapsed (l, ...) tensors, not the shared MLP
             out[f"{place}.{key}"] = value
     return out
 
@@ -486,7 +550,11 @@ def adapter_summary(model: nn.Module) -> AdapterSummary:
     """Trainable and total parameter counts of ``model`` and each adapter's parameter count."""
     _check_model(model)
     params = {id(p): p for p in model.parameters()}.values()
-    sizes = {name: sum(p.numel() for a in adapter_modules(model, name).values() for p in a.parameters()) for name in list_adapters(model)}
+
+    def unique(modules):  # a prefix MLP is shared by every layer's PrefixTuning: count it once
+        return {id(p): p for m in modules for p in m.parameters()}.values()
+
+    sizes = {name: sum(p.numel() for p in unique(adapter_modules(model, name).values())) for name in list_adapters(model)}
     return AdapterSummary(
         trainable=sum(p.numel() for p in params if p.requires_grad),
         total=sum(p.numel() for p in params),
@@ -608,7 +676,7 @@ def load_adapter(model: nn.Module, directory: Union[str, Path], name: Optional[s
         if slot is not None and slot.mode != p["mode"]:
             raise _load_error(directory, f"puts a {p['mode']} adapter on {p['module']!r}, which holds {slot.mode} adapters")
         places.append(_Place(p["module"], module, p["mode"], p["hidden_size"]))
-    adapters = _build_adapters(model, config, places)
+    adapters = _build_adapters(model, config, places, collapsed_prefixes=True)
     for place, adapter in zip(places, adapters):
         own = adapter.state_dict()
         theirs = {k[len(place.name) + 1 :]: v for k, v in tensors.items() if k.startswith(place.name + ".") and k[len(place.name) + 1 :] in own}
