@@ -35,7 +35,7 @@ test-main: $(VENV)/.installed-test
 
 # ADAPTERKERN_REQUIRE_ADAPTERS turns the "adapters not installed" skip into a failure here.
 test-adapterhub: $(ADAPTERHUB_VENV)/.installed
-	ADAPTERKERN_REQUIRE_ADAPTERS=1 $(AH_PY) -m pytest tests/test_adapterhub.py -q
+	ADAPTERKERN_REQUIRE_ADAPTERS=1 $(AH_PY) -m pytest tests/test_adapterhub*.py -q
 
 # Fine-tunes a Pfeiffer adapter on frozen all-MiniLM-L6-v2 (weights and data come from PyPI packages; no hub access).
 example: $(VENV)/.installed-examples
