@@ -16,7 +16,7 @@ from .integrations.transformers import (
     set_active_adapter,
     train_adapter,
 )
-from .integrations.compose import StochasticAdapterDrop, multi_task_forward, route_adapters, set_adapter_drop
+from .integrations.compose import StochasticAdapterDrop, add_fusion, multi_task_forward, route_adapters, set_adapter_drop
 from .integrations.adapterhub import AdapterPatchReport, patch_adapters, unpatch_adapters
 
 __version__ = "0.1.0"
@@ -28,6 +28,7 @@ __all__ = [
     "__version__",
     "adapter_summary",
     "add_adapter",
+    "add_fusion",
     "available_backends",
     "bottleneck_adapter",
     "bottleneck_adapter_batched",

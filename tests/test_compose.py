@@ -159,3 +159,66 @@ def test_bad_calls():
         set_adapter_drop(model, -1)
     with pytest.raises(ValueError, match="drop_layers"):
         multi_task_forward(model, ["a"], drop_layers=7, input_ids=torch.randint(0, 97, (1, 3)))
+
+
+def test_fusion_over_named_adapters(tmp_path):
+    """add_fusion == the fusion layer applied by hand to the adapters' outputs at each place; stage-2
+    training touches the fusion only; save/load round trip."""
+    from adapterkern.integrations.compose import add_fusion
+    from adapterkern.nn.fusion import AdapterFusion
+
+    model = model_with_adapters("llama", ak.AdapterConfig.pfeiffer)
+    ids = torch.randint(0, 97, (2, 6))
+    add_fusion(model, "fz", NAMES, "dynamic")
+    fusions = adapter_modules(model, "fz")
+    assert len(fusions) == 3 and all(isinstance(f, AdapterFusion) for f in fusions.values())
+    with torch.no_grad():
+        for f in fusions.values():
+            for p in f.parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+            f.T = 1.0
+            f.reduction = 0.0
+    out = run(model, ids)
+
+    # by hand: hooks on the same places computing the library formula from each adapter's own module
+    ref = copy.deepcopy(model)
+    ak.set_active_adapter(ref, None)
+    ref_places = {n: ref.get_submodule(n) for n in fusions}
+
+    def manual(place):
+        slot = ref_places[place].bottleneck_adapters
+
+        def hook(module, args, output):
+            ups = torch.stack([slot[n](output) - output for n in NAMES])  # each adapter's contribution
+            f = slot["fz"]
+            q, k = f.query(output), f.key(ups)
+            probs = torch.softmax((q.unsqueeze(0) * k).sum(-1) / f.T, dim=0)
+            return output + f.value((probs.unsqueeze(-1) * ups).sum(0))
+
+        return hook
+
+    handles = [m.register_forward_hook(manual(n)) for n, m in ref_places.items()]
+    expected = run(ref, ids)
+    for h in handles:
+        h.remove()
+    assert rel_err(out, expected) < 1e-5
+    assert not torch.allclose(out, run(ref, ids))
+
+    summary = ak.train_adapter(model, "fz")
+    assert summary.trainable == sum(p.numel() for f in fusions.values() for p in f.parameters())
+    run(model, ids).square().mean().backward()
+    assert all(p.grad is None for n in NAMES for a in adapter_modules(model, n).values() for p in a.parameters())
+    assert all(p.grad is not None for f in fusions.values() for p in f.parameters())
+
+    directory = ak.save_adapter(model, "fz", tmp_path / "fz")
+    other = copy.deepcopy(model)
+    ak.delete_adapter(other, "fz")
+    with pytest.raises(ValueError, match="fusion"):
+        ak.delete_adapter(model, "a")
+    assert ak.load_adapter(other, directory) == "fz"
+    for f in adapter_modules(other, "fz").values():
+        f.T, f.reduction = 1.0, 0.0
+    assert rel_err(run(other, ids), out) < 1e-6
+    bare = tiny_model("llama")
+    with pytest.raises(ValueError, match="add or load those adapters first"):
+        ak.load_adapter(bare, directory)

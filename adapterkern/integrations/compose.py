@@ -1,9 +1,11 @@
-"""Several adapters of an :func:`~adapterkern.add_adapter` model at once: per-sequence routing
-(multi-task serving and training in one batch), AdapterDrop (static, stochastic, and the N-task
-form that runs the lower layers once), in one launch per place.
+"""Several adapters of an :func:`~adapterkern.add_adapter` model at once: AdapterFusion over named
+adapters, per-sequence routing (multi-task serving and training in one batch), AdapterDrop (static,
+stochastic, and the N-task form that runs the lower layers once), in one launch per place.
 
 ::
 
+    add_fusion(model, "fused", ["sst", "mnli", "qqp"], "dynamic")   # active; train_adapter(model, "fused")
+                                                                    # trains the fusion only (stage 2)
     with route_adapters(model, ["sst", "mnli", "qqp"], adapter_index):   # (B,) or (B, L); -1: none
         out = model(**batch)                      # each sequence through its own adapter
 
@@ -17,14 +19,98 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ..functional import bottleneck_adapter_batched, token_groups
 from ..nn.bottleneck import BottleneckAdapter
-from .transformers import SLOT_ATTR, AdapterSlot, _iter_slots, _require_adapter, get_active_adapter, set_active_adapter
+from ..nn.fusion import AdapterFusion, fuse_adapters, resolve_fusion_config
+from .transformers import (
+    SEQUENTIAL,
+    AdapterSlot,
+    _check_adapter_name,
+    _check_model,
+    _configs,
+    _first_param,
+    _iter_slots,
+    _require_adapter,
+    get_active_adapter,
+    set_active_adapter,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# AdapterFusion (Pfeiffer et al. 2021) over named adapters
+# ---------------------------------------------------------------------------------------------
+
+
+class Fuse:
+    """Composition: the fusion ``name`` over ``adapters`` (their outputs from one multi_adapter launch)."""
+
+    def __init__(self, name: str, adapters: Sequence[str]):
+        self.name, self.adapters = name, tuple(adapters)
+
+    def __call__(self, slot: AdapterSlot, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+        return fuse_adapters(x, [slot[n] for n in self.adapters], slot[self.name], residual=residual)
+
+    def __repr__(self) -> str:
+        return f"Fuse({self.name!r}, {list(self.adapters)})"
+
+
+@dataclass
+class FusionConfig:
+    """A fusion in an add_adapter model: which adapters it mixes and the fusion layer's config
+    (the ``adapters`` library's fields, see :func:`adapterkern.nn.fusion.resolve_fusion_config`)."""
+
+    adapters: Tuple[str, ...]
+    fusion: dict
+    kind = "fusion"
+
+    def composition(self, name: str) -> Fuse:
+        return Fuse(name, self.adapters)
+
+    def build(self, slot_hidden_size: int, ref: Tensor) -> AdapterFusion:
+        return AdapterFusion(slot_hidden_size, len(self.adapters), dict(self.fusion), device=ref.device, dtype=ref.dtype)
+
+    def to_dict(self) -> dict:
+        return {"adapters": list(self.adapters), "fusion": dict(self.fusion)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FusionConfig":
+        if not isinstance(data, dict) or set(data) != {"adapters", "fusion"}:
+            raise ValueError(f"config: expected a fusion config with fields adapters, fusion; got {data!r}")
+        return cls(tuple(data["adapters"]), resolve_fusion_config(data["fusion"]))
+
+
+def add_fusion(model: nn.Module, name: str, adapters: Sequence[str], config="dynamic", *, set_active: bool = True) -> None:
+    """Add an AdapterFusion layer called ``name`` over the named adapters at every sequential place
+    (Pfeiffer / Houlsby placements) that holds all of them. With ``set_active`` it becomes the active
+    setup: each place computes the N adapters in one launch and mixes them with its fusion layer.
+    Stage 2 of the paper's training: ``train_adapter(model, name)`` trains the fusion layers only.
+    ``config``: ``"dynamic"``, ``"static"`` or a dict of the ``adapters`` library's fusion fields.
+    Save and load it like an adapter (the named adapters must be in the model first)."""
+    _check_model(model)
+    _check_adapter_name(name)
+    if name in _configs(model):
+        raise ValueError(f"name: this model already has an adapter or fusion {name!r}")
+    if isinstance(adapters, str) or not isinstance(adapters, (list, tuple)) or not adapters:
+        raise TypeError(f"adapters: expected a non-empty list of adapter names, got {adapters!r}")
+    for a in adapters:
+        _require_adapter(model, a)
+        if isinstance(_configs(model)[a], FusionConfig):
+            raise ValueError(f"adapters: {a!r} is a fusion; a fusion mixes adapters")
+    spec = FusionConfig(tuple(adapters), resolve_fusion_config(config))
+    slots = [(n, m, slot) for n, m, slot in _iter_slots(model) if slot.mode == SEQUENTIAL and all(a in slot for a in adapters)]
+    if not slots:
+        raise ValueError(f"adapters: no sequential (pfeiffer/houlsby) place holds all of {list(adapters)}; fusion needs them")
+    for _, module, slot in slots:
+        slot[name] = spec.build(slot.hidden_size, _first_param(module, model))
+    _configs(model)[name] = spec
+    if set_active:
+        set_active_adapter(model, name)
 
 
 def _stack_adapters(adapters: List[BottleneckAdapter], x: Tensor):

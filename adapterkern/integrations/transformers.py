@@ -476,12 +476,17 @@ def add_adapter(model: nn.Module, name: str, config: Optional[AdapterConfig] = N
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name``; places left with no adapter get their hooks removed."""
+    """Remove adapter (or fusion) ``name``; places left with no adapter get their hooks removed."""
     _require_adapter(model, name)
+    users = [f for f, c in _configs(model).items() if name in getattr(c, "adapters", ())]
+    if users:
+        raise ValueError(f"name: adapter {name!r} is mixed by fusion {users}; delete_adapter() the fusion first")
+    if get_active_adapter(model) == name:
+        model.__dict__["_adapterkern_active"] = None
     for _, module, slot in list(_iter_slots(model)):
         if name in slot:
             del slot[name]
-            if slot.active == name:
+            if slot.active == name or getattr(slot.active, "name", None) == name:
                 slot.active = None
             if len(slot) == 0:
                 _remove_hooks(module)
@@ -499,8 +504,10 @@ def set_active_adapter(model: nn.Module, name: Optional[str]) -> None:
     _check_model(model)
     if name is not None:
         _require_adapter(model, name)
+    config = None if name is None else _configs(model)[name]
+    active = config.composition(name) if hasattr(config, "composition") else name  # a fusion: its composition
     for _, _, slot in _iter_slots(model):
-        slot.active = name if (name is not None and name in slot) else None
+        slot.active = active if (name is not None and name in slot) else None
     model.__dict__["_adapterkern_active"] = name
 
 
@@ -605,6 +612,7 @@ def save_adapter(model: nn.Module, name: str, directory: Union[str, Path]) -> Pa
     meta = {
         "format": FORMAT,
         "name": name,
+        "kind": getattr(_configs(model)[name], "kind", "adapter"),
         "model_type": _model_type(model),
         "config": _configs(model)[name].to_dict(),
         "places": places,
@@ -646,7 +654,12 @@ def load_adapter(model: nn.Module, directory: Union[str, Path], name: Optional[s
         raise _load_error(directory, f"{WEIGHTS_NAME} does not match the size and SHA-256 in {CONFIG_NAME} (corrupt or replaced)")
     try:
         tensors = load_safetensors(blob)
-        config = AdapterConfig.from_dict(meta["config"])
+        if meta.get("kind", "adapter") == "fusion":
+            from .compose import FusionConfig
+
+            config = FusionConfig.from_dict(meta["config"])
+        else:
+            config = AdapterConfig.from_dict(meta["config"])
         places_meta = meta["places"]
         expected = meta["tensors"]
         name = meta["name"] if name is None else name
@@ -675,8 +688,13 @@ def load_adapter(model: nn.Module, directory: Union[str, Path], name: Optional[s
         slot = module._modules.get(SLOT_ATTR)
         if slot is not None and slot.mode != p["mode"]:
             raise _load_error(directory, f"puts a {p['mode']} adapter on {p['module']!r}, which holds {slot.mode} adapters")
+        if hasattr(config, "adapters") and (slot is None or not all(a in slot for a in config.adapters)):
+            raise _load_error(directory, f"is a fusion of {list(config.adapters)}; add or load those adapters first (missing at {p['module']!r})")
         places.append(_Place(p["module"], module, p["mode"], p["hidden_size"]))
-    adapters = _build_adapters(model, config, places, collapsed_prefixes=True)
+    if hasattr(config, "build"):  # a fusion layer per place
+        adapters = [config.build(p.hidden_size, _first_param(p.module, model)) for p in places]
+    else:
+        adapters = _build_adapters(model, config, places, collapsed_prefixes=True)
     for place, adapter in zip(places, adapters):
         own = adapter.state_dict()
         theirs = {k[len(place.name) + 1 :]: v for k, v in tensors.items() if k.startswith(place.name + ".") and k[len(place.name) + 1 :] in own}
