@@ -12,6 +12,12 @@ At one point (default T=4096, d=1024, r=64 on a GPU; T=512, d=768 on a CPU), N a
   - ``batched``: :func:`adapterkern.bottleneck_adapter_batched`, one launch (token groups precomputed once
     per batch, as the model integration does)
 
+* fusion: AdapterFusion (dynamic) over the N adapters' outputs
+  - ``eager fusion``: N eager adapters, then the ``adapters`` library's formula written out (keys and
+    values per adapter, softmax over N), or the library's own ``BertFusion`` when it is installed
+  - ``adapterkern fusion``: :func:`adapterkern.nn.fusion.fuse_adapters` (one multi_adapter launch, then
+    the fusion in d-space: 3 d x d matmuls instead of 2N + 1)
+
 Every variant of a group is timed in alternation and checked against the loop's output.
 """
 from __future__ import annotations
@@ -109,12 +115,53 @@ def main(argv: Optional[List[str]] = None) -> int:
         "one adapter": lambda: ak.bottleneck_adapter(xb, w_down[0], b_down[0], w_up[0], b_up[0],
                                                      activation=args.activation, scaling=scaling, backend=args.backend),
     }
+    from adapterkern.nn import BottleneckAdapter
+    from adapterkern.nn.fusion import AdapterFusion, fuse_adapters
+
+    modules = []
+    for i in range(n):
+        a = BottleneckAdapter(d, r, activation=args.activation, scaling=scaling, backend=args.backend, device=device, dtype=dtype)
+        with torch.no_grad():
+            a.adapter_down.weight.copy_(w_down[i]), a.adapter_down.bias.copy_(b_down[i])
+            a.adapter_up.weight.copy_(w_up[i]), a.adapter_up.bias.copy_(b_up[i])
+        modules.append(a)
+    fusion = AdapterFusion(d, n, "dynamic", device=device, dtype=dtype).eval()
+    with torch.no_grad():
+        for p in fusion.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, device=device).to(dtype) * 0.02)
+    fusion.reduction = 0.0  # a fixed temperature, so repeated calls compute the same thing
+    library_fusion = None
+    try:  # the adapters library's own layer, when installed (the adapterhub extra)
+        from adapters.configuration import AdapterFusionConfig
+        from adapters.methods.modeling import BertFusion
+
+        library_fusion = BertFusion(AdapterFusionConfig.load("dynamic"), d, 0.0).to(device=device, dtype=dtype).eval()
+        library_fusion.load_state_dict(fusion.state_dict(), strict=False)
+        library_fusion.T, library_fusion.reduction = fusion.T, 0.0
+    except Exception:  # noqa: BLE001 - not installed, or another version's layout
+        library_fusion = None
+
+    def eager_fusion():
+        ups = torch.stack([eager(i, x) - x for i in range(n)], dim=-2)  # (T, N, d)
+        if library_fusion is not None:
+            out = library_fusion(x[None], ups[None], ups[None], x[None])  # it wants (batch, T, N, d)
+            return (out[0] if isinstance(out, tuple) else out)[0]
+        q, k, v = fusion.query(x), fusion.key(ups), fusion.value(ups)
+        probs = torch.softmax((q.unsqueeze(-2) * k).sum(-1) / fusion.T, dim=-1)
+        return x + (probs.unsqueeze(-1) * v).sum(-2)
+
+    fusion_variants = {
+        "eager fusion" if library_fusion is None else "adapters BertFusion": eager_fusion,
+        "adapterkern fusion": lambda: fuse_adapters(x, modules, fusion),
+        "one adapter": stack_variants["one adapter"],
+    }
     env = environment(device)
     run_id = uuid.uuid4().hex[:8]
     rows: List[Dict[str, object]] = []
     print(f"[multi] N={n} adapters, T={t}, d={d}, r={r}, {str(dtype).replace('torch.', '')} on {device}; "
           f"{args.rounds} alternating rounds", flush=True)
-    for group, variants, tokens in (("stack", stack_variants, t), ("batch", batch_variants, tokens_b)):
+    for group, variants, tokens in (("stack", stack_variants, t), ("batch", batch_variants, tokens_b),
+                                    ("fusion", fusion_variants, t)):
         with torch.inference_mode():
             outs = {k: f().float() for k, f in variants.items()}
             times = timing.interleaved(list(variants.values()), device, rounds=args.rounds, min_block_s=args.block_ms / 1e3)
