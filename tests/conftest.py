@@ -105,3 +105,35 @@ def _seed_per_test(request):
     import zlib
 
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks shared by the many-adapter ops' tests (multi_adapter, bottleneck_adapter_batched).
+# ------------------------------------------------------------------------------------------------
+STACK_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-10}
+
+
+def grads_of(y, case, dy):
+    """{name: d(y . dy)/d case[name]} for every tensor of ``case`` that requires grad (zeros if unused)."""
+    leaves = [(k, v) for k, v in case.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    got = torch.autograd.grad(y, [v for _, v in leaves], dy.to(y.dtype), allow_unused=True)
+    return {k: (torch.zeros_like(v) if g is None else g) for (k, v), g in zip(leaves, got)}
+
+
+def check_against_reference(y, ref, plain, case):
+    """y (the op) against ref (float64 maths) with the bound max(STACK_TOL[dtype], 2x the error of
+    ``plain``, the same maths in the op's dtype), then every gradient of ``case``'s tensors the same way
+    (a gradient that is exactly zero in the reference, e.g. an adapter no token uses, must be zero)."""
+    dtype = y.dtype
+    assert y.shape == ref.shape
+    bound = max(STACK_TOL[dtype], 2 * rel_err(plain, ref))
+    assert rel_err(y, ref) <= bound, ("y", rel_err(y, ref), bound)
+    dy = torch.randn_like(ref)
+    g, g_ref, g_plain = grads_of(y, case, dy), grads_of(ref, case, dy), grads_of(plain, case, dy)
+    assert set(g) == set(g_ref)
+    for k in g_ref:
+        if g_ref[k].abs().max() == 0:
+            assert g[k].abs().max() == 0, k
+            continue
+        bound = max(STACK_TOL[dtype] * 2, 2 * rel_err(g_plain[k], g_ref[k]))
+        assert rel_err(g[k], g_ref[k]) <= bound, (k, rel_err(g[k], g_ref[k]), bound)

@@ -26,6 +26,8 @@ COLUMNS = [
 
 
 def parser() -> argparse.ArgumentParser:
+    from .cli import add_alternating_args
+
     p = argparse.ArgumentParser(prog="python -m adapterkern.bench adapterdrop", description=__doc__.splitlines()[0])
     p.add_argument("--tasks", type=int, default=8)
     p.add_argument("--drops", default="0,3,5", help="comma-separated k: adapters dropped from layers 0..k-1")
@@ -35,13 +37,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reduction-factor", type=int, default=16)
     p.add_argument("--backend", default="auto")
     p.add_argument("--no-loop", action="store_true", help="skip the N-pass loop baseline")
-    p.add_argument("--dtype", help="default bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--device")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--block-ms", type=float, default=50.0)
-    p.add_argument("--threads", default="auto")
-    p.add_argument("--malloc", choices=("tuned", "default"), default="tuned")
-    p.add_argument("--csv", help="append here (default benchmarks/results/adapterdrop-<device>.csv)")
+    add_alternating_args(p, "adapterdrop", rounds=5)
     return p
 
 

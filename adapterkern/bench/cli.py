@@ -21,6 +21,17 @@ def _device(name: Optional[str]):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def add_alternating_args(p: argparse.ArgumentParser, kind: str, rounds: int) -> None:
+    """The options of the benchmarks that time a few variants in alternation (timing.interleaved)."""
+    p.add_argument("--dtype", help="default bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
+    p.add_argument("--rounds", type=int, default=rounds, help=f"alternating rounds (default {rounds})")
+    p.add_argument("--block-ms", type=float, default=50.0, help="time per block of calls (default 50 ms)")
+    p.add_argument("--threads", default="auto", help="CPU: torch threads (default auto, see the grid's --help)")
+    p.add_argument("--malloc", choices=("tuned", "default"), default="tuned")
+    p.add_argument("--csv", help=f"append here (default benchmarks/results/{kind}-<device>.csv)")
+
+
 def default_csv(kind: str, device) -> str:
     from .envinfo import device_slug
 

@@ -34,6 +34,8 @@ COLUMNS = [
 
 
 def parser() -> argparse.ArgumentParser:
+    from .cli import add_alternating_args
+
     p = argparse.ArgumentParser(prog="python -m adapterkern.bench multi", description=__doc__.splitlines()[0])
     p.add_argument("--adapters", type=int, default=8)
     p.add_argument("--tokens", type=int, help="default 4096 on GPU, 512 on CPU")
@@ -41,13 +43,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bottleneck", type=int, default=64)
     p.add_argument("--activation", default="relu")
     p.add_argument("--backend", default="auto")
-    p.add_argument("--dtype")
-    p.add_argument("--device")
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--block-ms", type=float, default=50.0)
-    p.add_argument("--threads", default="auto")
-    p.add_argument("--malloc", choices=("tuned", "default"), default="tuned")
-    p.add_argument("--csv", help="append here (default benchmarks/results/multi-<device>.csv)")
+    add_alternating_args(p, "multi", rounds=7)
     return p
 
 
