@@ -6,9 +6,12 @@ At one point (default T=4096, d=1024, r=64 on a GPU; T=512, d=768 on a CPU), N a
   - ``loop``: N eager adapters (Linear -> act -> Linear, * s, + x), one after the other
   - ``multi_adapter``: :func:`adapterkern.multi_adapter`, one launch
   - ``one adapter``: a single adapter, the yardstick of the issue's target (N in one launch within 1.5x of one)
-* batch: a heterogeneous batch, T tokens spread over N adapters (per-sequence routing, 8 sequences per adapter)
-  - ``masked loop``: per adapter, index_select its rows, eager adapter, index_copy back (what a
-    BatchSplit-style loop does)
+* batch: a heterogeneous batch, T tokens spread over N adapters (per-sequence routing, 8 sequences per
+  adapter, each task's sequences contiguous, as the library's ``BatchSplit`` requires)
+  - ``masked loop``: per adapter, index_select its rows, eager adapter, index_copy back
+  - ``adapters BatchSplit``: when the ``adapters`` library is installed, its own bottleneck layer
+    (``adapters.methods.modeling.Adapter``) on each task's slice and a concatenation, which is what
+    its ``BatchSplit`` block does (``compose_batch_split``)
   - ``batched``: :func:`adapterkern.bottleneck_adapter_batched`, one launch (token groups precomputed once
     per batch, as the model integration does)
 
@@ -84,7 +87,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     sequences = 8 * n
     seq_len = max(1, t // sequences)
-    index = torch.arange(n, device=device).repeat_interleave(8)[torch.randperm(sequences, generator=gen, device=device)]
+    index = torch.arange(n, device=device).repeat_interleave(8)  # contiguous per task (BatchSplit's layout)
     token_index = index.repeat_interleave(seq_len)
     tokens_b = token_index.numel()
     xb = x[:tokens_b]
@@ -104,13 +107,29 @@ def main(argv: Optional[List[str]] = None) -> int:
         "one adapter": lambda: ak.bottleneck_adapter(x, w_down[0], b_down[0], w_up[0], b_up[0],
                                                      activation=args.activation, scaling=scaling, backend=args.backend),
     }
-    batch_variants = {
-        "masked loop": masked_loop,
+    batch_variants = {"masked loop": masked_loop}
+    from .impls import AdaptersLibraryAdapter, EagerAdapter, adapters_library_reason
+
+    if adapters_library_reason() is None:
+        library = []
+        for i in range(n):
+            e = EagerAdapter(d, r, args.activation, scaling)
+            with torch.no_grad():
+                e.down.weight.copy_(w_down[i]), e.down.bias.copy_(b_down[i])
+                e.up.weight.copy_(w_up[i]), e.up.bias.copy_(b_up[i])
+            library.append(AdaptersLibraryAdapter(e).to(device=device, dtype=dtype))
+        sizes = [len(rows) for rows in rows_of]
+
+        def batch_split():
+            return torch.cat([lib(part) for lib, part in zip(library, xb.split(sizes))])
+
+        batch_variants["adapters BatchSplit"] = batch_split
+    batch_variants.update({
         "batched": lambda: ak.bottleneck_adapter_batched(xb, token_index, w_down, b_down, w_up, b_up, activation=args.activation,
                                                          scaling=scaling, groups=groups, backend=args.backend),
         "one adapter": lambda: ak.bottleneck_adapter(xb, w_down[0], b_down[0], w_up[0], b_up[0],
                                                      activation=args.activation, scaling=scaling, backend=args.backend),
-    }
+    })
     from adapterkern.nn import BottleneckAdapter
     from adapterkern.nn.fusion import AdapterFusion, fuse_adapters
 
