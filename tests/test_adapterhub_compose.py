@@ -1,0 +1,505 @@
+"""patch_adapters on the ``adapters`` library's composition blocks and AdapterDrop's skip_layers.
+
+BatchSplit / MultiTask / Parallel run in one ``bottleneck_adapter_batched`` launch per layer and place,
+Fuse's N up-projections in one ``multi_adapter`` launch before the library's fusion layer. On tiny
+random-weight BERT, GPT-2 and Llama models with random (non-identity) adapter and fusion weights, the
+patched model's output and the gradients of the input embeddings and of every parameter must equal
+the unpatched model's, in eval and train mode (adapter dropout 0; the base model's dropout draws the
+same masks under the same seed), and the calls into the fused ops are counted (a silent fallback to
+the library's loop fails). Blocks that cannot run in one launch keep the library's loop and say so.
+Run by ``make test-adapterhub`` (its own venv); elsewhere the module skips, unless
+ADAPTERKERN_REQUIRE_ADAPTERS=1.
+"""
+import copy
+import os
+import warnings
+from collections import Counter
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("ADAPTERKERN_REQUIRE_ADAPTERS") == "1":
+    import adapters  # noqa: F401  (required here: a missing library is a failure, not a skip)
+else:
+    adapters = pytest.importorskip("adapters", reason="adapters library not installed; run by make test-adapterhub")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from adapters import AdapterFusionConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig  # noqa: E402
+from adapters.composition import Average, BatchSplit, Fuse, MultiTask, Parallel, Split, Stack  # noqa: E402
+from adapters.methods.bottleneck import BottleneckLayer, BottleneckState  # noqa: E402
+from adapters.methods.modeling import BertFusion  # noqa: E402
+
+import adapterkern  # noqa: E402
+from adapterkern.backends import is_available  # noqa: E402
+from adapterkern.integrations import adapterhub as ah  # noqa: E402
+from conftest import rel_err  # noqa: E402
+
+D = 32  # hidden size
+DROP = 0.1  # the base models' own dropout (active in train mode)
+B = 3  # batch
+TRITON = pytest.mark.skipif(not is_available("triton", torch.device("cpu")), reason="Triton (interpreter) not available on CPU")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread (two threads on a busy 2-core machine are far slower per op)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the integration's calls into each fused op: Counter of (op, backend)."""
+    counter = Counter()
+    for op in ("bottleneck_adapter", "bottleneck_adapter_batched", "multi_adapter"):
+        real = getattr(ah, op)
+
+        def counting(*args, _real=real, _op=op, **kwargs):
+            counter[(_op, kwargs["backend"])] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(ah, op, counting)
+    return counter
+
+
+def _model(arch):
+    tf = transformers
+    if arch == "bert":
+        m = tf.BertModel(tf.BertConfig(hidden_size=D, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                                       hidden_dropout_prob=DROP, attention_probs_dropout_prob=DROP, vocab_size=64,
+                                       max_position_embeddings=32))
+    elif arch == "gpt2":
+        m = tf.GPT2Model(tf.GPT2Config(vocab_size=64, n_positions=32, n_embd=D, n_layer=2, n_head=4,
+                                       resid_pdrop=DROP, embd_pdrop=DROP, attn_pdrop=DROP))
+    elif arch == "llama":
+        m = tf.LlamaModel(tf.LlamaConfig(hidden_size=D, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, attention_dropout=DROP, vocab_size=64,
+                                         max_position_embeddings=32))
+    else:
+        raise ValueError(arch)
+    adapters.init(m)
+    return m
+
+
+def _randomize(model):
+    """Random, non-identity adapter and fusion weights (the library inits some to zero / identity)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".adapters." in name:
+                if name.endswith("scaling"):
+                    p.uniform_(0.5, 1.5)
+                else:
+                    p.normal_(0.0, 0.4)
+            elif "adapter_fusion_layer" in name:
+                p.normal_(0.0, 0.2)
+
+
+# Sequential adapters that agree on bottleneck size (D // 4), activation and bias layout, with every
+# kind of scaling: different floats, learned (1,), per channel (d,).
+SEQ = {
+    "a": lambda: SeqBnConfig(reduction_factor=4, scaling=0.5),
+    "b": lambda: SeqBnConfig(reduction_factor=4, scaling="learned"),
+    "c": lambda: SeqBnConfig(reduction_factor=4, scaling="channel"),
+    "d": lambda: SeqBnConfig(reduction_factor=4, scaling=2.0),
+}
+PAR = {
+    "p": lambda: ParBnConfig(reduction_factor=4),  # scaling 4.0
+    "q": lambda: ParBnConfig(reduction_factor=4, scaling="channel"),
+}
+
+
+def _setup(arch, configs, fusions=(), dtype=torch.float32):
+    model = _model(arch)
+    for name, config in configs.items():
+        model.add_adapter(name, config=config())
+    for fuse, config in fusions:
+        model.add_adapter_fusion(fuse, config)
+    _randomize(model)
+    return model.to(dtype)
+
+
+def _reset_fusion_temperature(model):
+    for m in model.modules():  # BertFusion anneals T on every call: the same T in every run
+        if isinstance(m, BertFusion):
+            m.T = 50.0 if m.config["temperature"] else 1.0
+
+
+def _run(model, inputs, seed=1234, **kwargs):
+    """Output and gradients (inputs and every parameter) of a fixed random projection of the output."""
+    _reset_fusion_temperature(model)
+    torch.manual_seed(seed)
+    out = model(**inputs, **kwargs).last_hidden_state
+    proj = torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype).reshape(out.shape)
+    named = list(inputs.items()) + [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad((out * proj).sum(), [t for _, t in named], allow_unused=True)
+    return out.detach(), {n: g for (n, _), g in zip(named, grads)}
+
+
+def _inputs(dtype=torch.float32, batch=B, seq=5):
+    return {"inputs_embeds": torch.randn(batch, seq, D, dtype=dtype, requires_grad=True)}
+
+
+def _assert_close(got, ref, out_tol=1e-5, grad_tol=3e-4):
+    (out, grads), (out_ref, grads_ref) = got, ref
+    assert out.shape == out_ref.shape
+    assert rel_err(out, out_ref) < out_tol, rel_err(out, out_ref)
+    assert grads.keys() == grads_ref.keys()
+    floor = 1e-3 * max(g.abs().max() for g in grads_ref.values() if g is not None)
+    for name in grads:
+        g, gr = grads[name], grads_ref[name]
+        assert (g is None) == (gr is None), name
+        if gr is not None:
+            err = rel_err(g, gr, scale=floor.expand(1))
+            assert err < grad_tol, (name, err)
+
+
+def _assert_equal(got, ref):
+    (out, grads), (out_ref, grads_ref) = got, ref
+    assert torch.equal(out, out_ref)
+    for name in grads:
+        assert (grads[name] is None) == (grads_ref[name] is None) and (grads[name] is None or torch.equal(grads[name], grads_ref[name])), name
+
+
+def _adapter_grads_matter(ref, names):
+    """The adapters' parameters get non-zero gradients (the comparison covers them)."""
+    _, grads = ref
+    for name in names:
+        gs = [g for k, g in grads.items() if f".adapters.{name}." in k and g is not None]
+        assert gs and all(g.abs().max() > 0 for g in gs), name
+
+
+def _patch(model, backend):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ah.AdapterPatchWarning)
+        return adapterkern.patch_adapters(model, backend=backend)
+
+
+def _compare(model, setup, expected, backend="torch", modes=("eval", "train"), inputs=None, tol=(1e-5, 3e-4), **kwargs):
+    """Library vs patched for ``setup`` in each mode; ``expected`` the Counter of fused calls per forward."""
+    model.set_active_adapters(setup)
+    inputs = inputs or _inputs()
+    refs = {}
+    for mode in modes:
+        model.train(mode == "train")
+        refs[mode] = _run(model, inputs, **kwargs)
+    calls = expected.pop("_counter")
+    report = _patch(model, backend)
+    assert report.compositions and not report.compositions_library, str(report)
+    for mode in modes:
+        model.train(mode == "train")
+        calls.clear()
+        got = _run(model, inputs, **kwargs)
+        assert dict(calls) == {(op, backend): n for op, n in expected.items()}, (mode, dict(calls))
+        _assert_close(got, refs[mode], *tol)
+    adapterkern.unpatch_adapters(model)
+    return refs, report
+
+
+def _expect(calls, **ops):
+    return dict(ops, _counter=calls)
+
+
+# ------------------------------------------------------------------------------------------------
+# BatchSplit (and MultiTask, which the library runs as a BatchSplit)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_batch_split_sequential(arch, calls):
+    model = _setup(arch, SEQ)
+    # Four adapters, one with no rows; "c" appears twice (two slices through one adapter).
+    setup = BatchSplit("a", "b", "c", "d", "c", batch_sizes=[1, 0, 1, 2, 1])
+    refs, report = _compare(model, setup, _expect(calls, bottleneck_adapter_batched=2), inputs=_inputs(batch=5))
+    assert all("bottleneck_adapter_batched" in what for what in report.compositions.values())
+    _adapter_grads_matter(refs["train"], "acd")
+
+
+def test_batch_split_parallel_adapters(calls):
+    model = _setup("gpt2", PAR)
+    refs, _ = _compare(model, BatchSplit("q", "p", batch_sizes=[2, 1]), _expect(calls, bottleneck_adapter_batched=2))
+    _adapter_grads_matter(refs["train"], "pq")
+
+
+_LIBRARY_CONCAT = BottleneckLayer.pad_and_concat
+
+
+def _concat_without_up(self, states):
+    """BottleneckLayer.pad_and_concat, except that children without ``up`` give none (the library's
+    own fails on the slice it passes on for an adapter missing in the layer: it has no ``up``)."""
+    return _LIBRARY_CONCAT(self, [s._replace(bottleneck_up=None) for s in states])
+
+
+def test_adapter_missing_in_a_layer(calls, monkeypatch):
+    """An adapter left out of a layer: the library passes its slice on unchanged there (index -1).
+    (Not as the first or last child: the library then fails in pre_block / on ``last``.)"""
+    model = _setup("bert", {"a": SEQ["a"], "c": lambda: SeqBnConfig(reduction_factor=4, scaling="channel", leave_out=[0])})
+    model.add_adapter("p", config=ParBnConfig(reduction_factor=4, leave_out=[1]))
+    model.add_adapter("q", config=PAR["q"]())
+    _randomize(model)
+    monkeypatch.setattr(BottleneckLayer, "pad_and_concat", _concat_without_up)
+    _compare(model, BatchSplit("a", "c", "a", batch_sizes=[1, 1, 1]), _expect(calls, bottleneck_adapter_batched=2))
+    _compare(model, BatchSplit("q", "p", "q", batch_sizes=[1, 1, 1]), _expect(calls, bottleneck_adapter_batched=2))
+    _compare(model, Parallel("a", "c", "a"), _expect(calls, bottleneck_adapter_batched=2))
+
+
+def test_batch_split_in_stack_and_multi_task(calls):
+    model = _setup("bert", SEQ)
+    # Stack: "d" (its own fused op), then the split; layer 0 output place only: 2 layers x 1 place.
+    _compare(model, Stack("d", BatchSplit("a", "b", batch_sizes=[2, 1])),
+             _expect(calls, bottleneck_adapter=2, bottleneck_adapter_batched=2))
+    # MultiTask: the library sorts the batch by task id and runs a BatchSplit (task "d" has no rows).
+    _compare(model, MultiTask("a", "b", "c", "d"), _expect(calls, bottleneck_adapter_batched=2),
+             task_ids=torch.tensor([2, 0, 2]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Parallel: the library replicates the batch (first Parallel layer) or the model got it replicated
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
+def test_parallel_replicates_batch(arch, calls):
+    model = _setup(arch, SEQ)
+    refs, report = _compare(model, Parallel("c", "a", "b"), _expect(calls, bottleneck_adapter_batched=2))
+    assert refs["eval"][0].shape[0] == 3 * B  # the library's replication happened (in both runs)
+    assert all("replicated batch" in what for what in report.compositions.values())
+    _adapter_grads_matter(refs["train"], "abc")
+
+
+def test_parallel_input_already_replicated(calls):
+    """adapter_input_parallelized=True (as generate() does): no replication in the layer; parallel
+    adapters (the library fails to replicate for them itself: post_forward adds the unreplicated h)."""
+    model = _setup("bert", {**PAR, "a": SEQ["a"], "b": SEQ["b"]})
+    inputs = {"inputs_embeds": torch.randn(B, 5, D).repeat(2, 1, 1).requires_grad_()}
+    for setup in (Parallel("p", "q"), Parallel("b", "a")):
+        refs, _ = _compare(model, setup, _expect(calls, bottleneck_adapter_batched=2), inputs=inputs,
+                           adapter_input_parallelized=True)
+        assert refs["eval"][0].shape[0] == 2 * B
+    _adapter_grads_matter(refs["train"], "ab")
+
+
+# ------------------------------------------------------------------------------------------------
+# Fuse: one multi_adapter launch for the N up-projections, then the library's fusion layer
+# ------------------------------------------------------------------------------------------------
+FUSION_CONFIGS = {
+    "dynamic": "dynamic",
+    # residual_before adds the residual into the stacked ``up`` in place; query before LN; annealed T
+    "residual_before-query_before_ln-temperature": AdapterFusionConfig.load(
+        "dynamic", residual_before=True, query_before_ln=True, temperature=True, value_before_softmax=False),
+    "static": "static",
+}
+
+
+@pytest.mark.parametrize("arch,fusion", [("bert", "dynamic"), ("bert", "residual_before-query_before_ln-temperature"),
+                                         ("gpt2", "dynamic"), ("llama", "static")])
+def test_fuse(arch, fusion, calls):
+    model = _setup(arch, SEQ, fusions=[(Fuse("a", "b", "c"), FUSION_CONFIGS[fusion])])
+    refs, report = _compare(model, Fuse("a", "b", "c"), _expect(calls, multi_adapter=2))
+    assert all("multi_adapter" in what for what in report.compositions.values())
+    _adapter_grads_matter(refs["train"], "abc")
+    assert any("adapter_fusion_layer" in k and g is not None and g.abs().max() > 0 for k, g in refs["train"][1].items())
+
+
+def test_fuse_of_parallel_adapters_in_stack_and_attentions(calls):
+    model = _setup("bert", {**PAR, "a": SEQ["a"], "d": SEQ["d"]}, fusions=[(Fuse("p", "q"), "dynamic")])
+    _compare(model, Fuse("p", "q"), _expect(calls, multi_adapter=2))
+    model.add_adapter_fusion(Fuse("a", "p"), "dynamic")  # adapters of both kinds: s * up(...) is the same
+    _randomize(model)
+    _compare(model, Stack("d", Fuse("a", "p")), _expect(calls, bottleneck_adapter=2, multi_adapter=2))
+    # The fusion attentions the library returns are the same too.
+    model.eval()
+    model.set_active_adapters(Fuse("a", "p"))
+    x = torch.randn(2, 5, D)
+    ref = model(inputs_embeds=x, output_adapter_fusion_attentions=True)
+    _patch(model, "torch")
+    calls.clear()
+    got = model(inputs_embeds=x, output_adapter_fusion_attentions=True)
+    assert calls[("multi_adapter", "torch")] == 2
+    att_ref, att = ref.adapter_fusion_attentions["a,p"], got.adapter_fusion_attentions["a,p"]
+    assert att.keys() == att_ref.keys() == {0, 1}
+    for layer in att_ref:
+        for place in att_ref[layer]:
+            assert abs(att[layer][place] - att_ref[layer][place]).max() < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# float64 and the Triton backend (interpreter on CPU: tiny)
+# ------------------------------------------------------------------------------------------------
+def test_float64(calls):
+    model = _setup("bert", SEQ, fusions=[(Fuse("d", "c"), "dynamic")], dtype=torch.float64)
+    inputs = _inputs(torch.float64)
+    for setup, op in ((BatchSplit("a", "c", batch_sizes=[1, 2]), "bottleneck_adapter_batched"),
+                      (Parallel("b", "d"), "bottleneck_adapter_batched"), (Fuse("d", "c"), "multi_adapter")):
+        _compare(model, setup, {op: 2, "_counter": calls}, modes=("train",), inputs=inputs, tol=(1e-12, 1e-10))
+
+
+@TRITON
+def test_triton_backend(calls):
+    model = _setup("bert", {**SEQ, **PAR}, fusions=[(Fuse("a", "c"), "dynamic")])
+    inputs = _inputs(batch=2, seq=3)
+    _compare(model, BatchSplit("c", "b", batch_sizes=[1, 1]), _expect(calls, bottleneck_adapter_batched=2),
+             backend="triton", inputs=inputs)
+    _compare(model, BatchSplit("q", "p", batch_sizes=[1, 1]), _expect(calls, bottleneck_adapter_batched=2),
+             backend="triton", modes=("train",), inputs=inputs)  # parallel adapters: a stride-0 zero residual
+    _compare(model, Parallel("a", "d"), _expect(calls, bottleneck_adapter_batched=2), backend="triton", modes=("train",), inputs=inputs)
+    _compare(model, Fuse("a", "c"), _expect(calls, multi_adapter=2), backend="triton", modes=("train",), inputs=inputs)
+
+
+# ------------------------------------------------------------------------------------------------
+# AdapterDrop: skip_layers (the library: no active setup in a skipped layer)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_skip_layers(arch, calls):
+    configs = {**SEQ, **PAR, "h": lambda: DoubleSeqBnConfig(reduction_factor=4)}
+    model = _setup(arch, configs, fusions=[(Fuse("a", "b"), "dynamic")])
+    inputs = _inputs()
+    setups = [  # setup, fused calls per forward with no layer skipped (2 layers)
+        ("h", {"bottleneck_adapter": 4}),  # self-attention and FFN places
+        ("p", {"bottleneck_adapter": 2}),
+        (BatchSplit("a", "c", "b", batch_sizes=[1, 1, 1]), {"bottleneck_adapter_batched": 2}),
+        (Parallel("a", "b"), {"bottleneck_adapter_batched": 2}),
+        (Fuse("a", "b"), {"multi_adapter": 2}),
+    ]
+    for skip in ([0], [1], [0, 1]):
+        refs = {}
+        for setup, _ in setups:
+            model.set_active_adapters(setup, skip_layers=skip)
+            model.train()
+            refs[repr(setup)] = _run(model, inputs)
+        _patch(model, "torch")
+        for setup, per_forward in setups:
+            model.set_active_adapters(setup, skip_layers=skip)
+            model.train()
+            calls.clear()
+            got = _run(model, inputs)
+            # Half of the calls per skipped layer; none when both are skipped.
+            assert dict(calls) == {(op, "torch"): n * (2 - len(skip)) // 2 for op, n in per_forward.items() if skip != [0, 1]}, (setup, skip)
+            _assert_close(got, refs[repr(setup)])
+            if skip != [0, 1]:  # skipping matters: the result differs from using every layer
+                model.set_active_adapters(setup)
+                full = _run(model, inputs)
+                assert rel_err(full[0], got[0]) > 1e-3, (setup, skip)
+        adapterkern.unpatch_adapters(model)
+
+
+# ------------------------------------------------------------------------------------------------
+# What keeps the library's loop: said at patch time (active setup) or once at run time
+# ------------------------------------------------------------------------------------------------
+def test_incompatible_blocks_keep_library_loop(calls):
+    configs = {
+        **SEQ,
+        "r8": lambda: SeqBnConfig(reduction_factor=2),
+        "gelu": lambda: SeqBnConfig(reduction_factor=4, non_linearity="gelu"),
+        "lnb": lambda: SeqBnConfig(reduction_factor=4, ln_before=True),
+        "gated": lambda: SeqBnConfig(reduction_factor=4, use_gating=True),
+        **PAR,
+    }
+    model = _setup("bert", configs)
+    model.eval()
+    inputs = _inputs(batch=2)
+    cases = {  # setup: (reason, fused single-adapter calls per forward on the library's loop)
+        "size": (BatchSplit("a", "r8", batch_sizes=[1, 1]), r"differ in bottleneck size \(a: 8, r8: 16\)", 4),
+        "activation": (Parallel("a", "gelu"), r"differ in activation \(a: relu, gelu: gelu\)", 4),
+        "ln_before": (BatchSplit("a", "lnb", batch_sizes=[1, 1]), r"'lnb' has ln_before", 4),
+        "unfused": (BatchSplit("gated", "a", batch_sizes=[1, 1]), r"'gated' keeps the library's path \(gating", 2),
+        "kinds": (BatchSplit("a", "p", batch_sizes=[1, 1]), r"differ in kind", 2),
+        "nested": (BatchSplit(Stack("a", "b"), "c", batch_sizes=[1, 1]), r"nested Stack block", 6),
+        "average": (Average("a", "b"), r"Average is left to the library .*1/N", 4),
+        "split": (Split("a", "b", splits=[2, 3]), r"Split .* is not fused", 4),
+    }
+    refs = {}
+    for key, (setup, _, _) in cases.items():
+        model.set_active_adapters(setup)
+        refs[key] = _run(model, inputs)
+    # The active setup at patch time is in the report and the one warning.
+    model.set_active_adapters(cases["size"][0])
+    with pytest.warns(ah.AdapterPatchWarning) as record:
+        report = adapterkern.patch_adapters(model, backend="torch")
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "encoder.layer.0.output: BatchSplit[a, r8]" in message and "bottleneck size" in message
+    assert set(report.compositions_library) == {f"encoder.layer.{i}.output: BatchSplit[a, r8]" for i in (0, 1)}
+    assert not report.compositions
+    for key, (setup, reason, n) in cases.items():
+        model.set_active_adapters(setup)
+        calls.clear()
+        if key == "size":  # warned at patch time already
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", ah.AdapterPatchWarning)
+                got = _run(model, inputs)
+        else:  # warned once (per layer), at its first call
+            with pytest.warns(ah.AdapterPatchWarning, match=reason):
+                got = _run(model, inputs)
+        assert dict(calls) == {("bottleneck_adapter", "torch"): n}, (key, dict(calls))
+        _assert_close(got, refs[key])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ah.AdapterPatchWarning)
+            _run(model, inputs)
+
+
+def test_average_note_and_library_numbers():
+    """The library's Average with sequential adapters: (1/N) sum_n w_n (res + s_n u_n) (what the module
+    docstring says and why it stays the library's); adapterkern.multi_adapter(weights=) keeps res once."""
+    model = _setup("bert", {"a": SEQ["a"], "b": SEQ["b"]})
+    model.eval()
+    layer = model.encoder.layer[0].output
+    x = res = torch.randn(2, 5, D)  # no LayerNorm in this call: the adapters' input is their residual
+    setup = Average("a", "b", weights=[1.0, 3.0])
+    state = layer.compose_average(setup, BottleneckState(x, None, None, None), 0)
+    outs = [layer.adapters[n](x, residual_input=res)[0] for n in "ab"]
+    w = torch.tensor([0.25, 0.75])
+    assert torch.allclose(state.hidden_states, (w[0] * outs[0] + w[1] * outs[1]) / 2, atol=1e-6)
+    a, b = layer.adapters["a"], layer.adapters["b"]
+    ours = adapterkern.multi_adapter(
+        x, torch.stack([a.adapter_down[0].weight, b.adapter_down[0].weight]), torch.stack([a.adapter_down[0].bias, b.adapter_down[0].bias]),
+        torch.stack([a.adapter_up.weight, b.adapter_up.weight]), torch.stack([a.adapter_up.bias, b.adapter_up.bias]),
+        scaling=torch.stack([torch.tensor(0.5), b.scaling.detach()[0]]), residual=res, weights=w, backend="torch",
+    )
+    assert torch.allclose(ours, res + w[0] * (outs[0] - res) + w[1] * (outs[1] - res), atol=1e-5)
+
+
+def test_training_dropout_keeps_library_loop(calls):
+    model = _setup("gpt2", {"a": lambda: SeqBnConfig(reduction_factor=4, dropout=0.2), "b": SEQ["b"]},
+                   fusions=[(Fuse("a", "b"), "dynamic")])
+    inputs = _inputs()
+    for setup in (BatchSplit("a", "b", batch_sizes=[2, 1]), Parallel("a", "b"), Fuse("a", "b")):
+        model.set_active_adapters(setup)
+        model.train()
+        ref = _run(model, inputs, seed=5)
+        with pytest.warns(ah.AdapterPatchWarning, match="dropout p=0.2"):
+            adapterkern.patch_adapters(model, backend="torch")
+        calls.clear()
+        got = _run(model, inputs, seed=5)
+        # "a" draws its dropout masks in the library's code; "b" alone still through the fused op
+        # (BatchSplit, Parallel), Fuse reads both adapters' ``up``: the library's forwards.
+        _assert_close(got, ref)
+        assert calls[("bottleneck_adapter_batched", "torch")] == calls[("multi_adapter", "torch")] == 0
+        model.eval()
+        calls.clear()
+        _run(model, inputs)
+        assert sum(calls.values()) == 2  # eval: one launch per layer
+        adapterkern.unpatch_adapters(model)
+
+
+def test_unpatch_restores_composition_functions_and_deepcopy(calls):
+    model = _setup("bert", SEQ).eval()
+    model.set_active_adapters(BatchSplit("a", "b", batch_sizes=[1, 2]))
+    inputs = _inputs()
+    ref = _run(model, inputs)
+    before = {name: set(vars(m)) for name, m in model.named_modules()}
+    _patch(model, "torch")
+    layer = model.encoder.layer[0].output
+    assert all(ah._is_ours(vars(layer)[f]) and vars(layer)[f].__self__ is layer for f in ah.COMPOSE_FUNCS)
+    clone = copy.deepcopy(model)  # bound to the copy's layers, reading the copy's weights
+    clone_layer = clone.encoder.layer[0].output
+    assert all(vars(clone_layer)[f].__self__ is clone_layer for f in ah.COMPOSE_FUNCS)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    calls.clear()
+    _assert_close(_run(clone, inputs), ref)
+    assert dict(calls) == {("bottleneck_adapter_batched", "torch"): 2}
+    assert adapterkern.unpatch_adapters(model) == 2 + 8  # 2 layers, 8 adapter modules
+    assert {name: set(vars(m)) for name, m in model.named_modules()} == before
+    calls.clear()
+    model(**_inputs())
+    assert not calls
