@@ -266,12 +266,14 @@ def token_groups(adapter_index: Tensor, num_adapters: int) -> TokenGroups:
     """Group the tokens of ``adapter_index`` (any shape, integer, values in [-1, num_adapters)) by adapter.
 
     Compute it once per batch and pass it to every layer's :func:`bottleneck_adapter_batched` call.
-    Values are not range-checked here (that needs a host sync); the op checks them when it can.
+    The values are range-checked here (one host sync per batch), except while a CUDA graph is being
+    captured or under torch.compile.
     """
     if not isinstance(adapter_index, Tensor) or adapter_index.is_floating_point() or adapter_index.is_complex() or adapter_index.dtype == torch.bool:
         raise TypeError("adapter_index: expected an integer tensor")
     if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 1:
         raise ValueError(f"num_adapters: expected a positive int, got {num_adapters!r}")
+    _check_index_range(adapter_index, num_adapters)
     group = adapter_index.reshape(-1).to(torch.int64) + 1  # 0: no adapter
     counts = torch.zeros(num_adapters + 1, dtype=torch.int32, device=group.device)
     counts.scatter_add_(0, group.clamp(0, num_adapters), torch.ones_like(group, dtype=torch.int32))
@@ -297,12 +299,16 @@ def _token_index(adapter_index, x: Tensor, n: int) -> Tensor:
             f"adapter_index: expected shape {tuple(x.shape[:-1])} (per token) or {tuple(x.shape[:1])} (per sequence), "
             f"got {tuple(adapter_index.shape)}"
         )
-    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not capturing and not torch.compiler.is_compiling() and per_token.numel():
-        lo, hi = int(per_token.min()), int(per_token.max())
+    return per_token.reshape(-1)
+
+
+def _check_index_range(index: Tensor, n: int) -> None:
+    """Values in [-1, n); skipped (it needs a host sync) while capturing a CUDA graph or compiling."""
+    capturing = index.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing and not torch.compiler.is_compiling() and index.numel():
+        lo, hi = int(index.min()), int(index.max())
         if lo < -1 or hi >= n:
             raise ValueError(f"adapter_index: values must lie in [-1, {n - 1}] (-1: no adapter), got [{lo}, {hi}]")
-    return per_token.reshape(-1)
 
 
 def bottleneck_adapter_batched(
@@ -329,7 +335,8 @@ def bottleneck_adapter_batched(
         adapter_index: integer, shape x.shape[:-1] (per token) or x.shape[:1] (per sequence); -1 = no adapter.
         w_down, b_down, w_up, b_up, scaling: the stack, as in :func:`multi_adapter`.
         residual: None (res = x) or a tensor of x's shape.
-        groups: :func:`token_groups` of the same index, to compute once per batch and reuse in every layer.
+        groups: :func:`token_groups` of the same index, to compute once per batch and reuse in every layer
+            (the index's values are checked there, once; the op then reads only the groups).
         backend: ``auto``, ``torch`` or ``triton``.
 
     Returns: x's shape and dtype. Weight gradients of an adapter sum over its tokens only.
