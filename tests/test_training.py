@@ -6,10 +6,13 @@
   head gradients equal those of one process on the whole batch.
 * The example script's main() runs on a tiny model and tokenizer written to disk, and a made-up task.
 """
+import datetime
 import importlib.util
 import os
 import socket
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,15 @@ from adapterkern.integrations.transformers import adapter_modules  # noqa: E402
 from conftest import DEVICE, rel_err  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The models here are tiny: one intra-op thread is as fast and does not fight a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _load_example():
@@ -87,17 +99,18 @@ FUSED = [
 # torch allows TF32). One fused step differs from the torch step by float32 summation order only (a
 # few ulp, ~1e-7 relative, in each adapter output and gradient); AdamW divides each update by the
 # gradient's running RMS, so elements with tiny gradients carry that noise into the weights at up to
-# ~lr * 1e-5, and it grows over the steps. Measured over these 12 steps (CPU, Triton interpreter):
-# losses within 6e-8, trained parameters within 7e-6 relative. The bounds leave 100x / 14x headroom,
-# while the loss falls by > 0.1 and one step moves it by ~0.1: a fused gradient wrong in any way that
-# matters to training shows in the first steps.
+# ~lr * 1e-5, and it grows over the steps. Measured (CPU, Triton interpreter): over these 8 steps the
+# losses agree within 6e-8 and the trained parameters within 3e-7 relative (over 12 steps: 6e-8 and
+# 7e-6). The bounds leave > 100x headroom on the loss and > 10x on the parameters of the longer run,
+# while the loss falls by > 0.1 and one step moves it by ~0.1 and the parameters by > 1e-2 (checked):
+# a fused gradient wrong in any way that matters to training shows at once.
 LOSS_TOL = 1e-5
 PARAM_TOL = 1e-4  # relative to each tensor's largest element, after the run
 
 
 @pytest.mark.parametrize("fused", FUSED)
 def test_loss_curve_fused_matches_torch(fused):
-    data = random_data(96, seed=1)
+    data = random_data(64, seed=1)
     curves, params = {}, {}
     for backend in ("torch", fused):
         model = tiny_classifier(seed=0, backend=backend).to(DEVICE)
@@ -105,11 +118,11 @@ def test_loss_curve_fused_matches_torch(fused):
         params[backend, "init"] = trainable(model)
         curves[backend] = ex.train(model, data, epochs=2, batch_size=16, lr=1e-2, seed=3)
         params[backend] = trainable(model)
-    # Same start (the backend does not touch the RNG), 12 steps each.
+    # Same start (the backend does not touch the RNG), 8 steps each.
     for name, p in params["torch", "init"].items():
         assert torch.equal(p, params[fused, "init"][name])
     ref, got = torch.tensor(curves["torch"]), torch.tensor(curves[fused])
-    assert len(ref) == len(got) == 12
+    assert len(ref) == len(got) == 8
     assert ref[-3:].mean() < ref[:3].mean() - 0.1, f"the loss did not fall, nothing to compare: {ref.tolist()}"
     diff = (got - ref).abs().max().item()
     assert diff <= LOSS_TOL, f"loss curves differ by {diff:.2e}:\n torch {ref.tolist()}\n {fused} {got.tolist()}"
@@ -146,7 +159,9 @@ def _ddp_worker(rank: int, port: int, out_dir: str, backends: list) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
+    )
     try:
         for backend in backends:
             for dtype_name, dtype in DDP_DTYPES.items():
@@ -156,6 +171,7 @@ def _ddp_worker(rank: int, port: int, out_dir: str, backends: list) -> None:
                 part = slice(rank * DDP_BATCH // WORLD, (rank + 1) * DDP_BATCH // WORLD)
                 _loss(ddp, ids[part], mask[part], labels[part]).backward()  # DDP averages the gradients over ranks
                 save_file(_grads(model), os.path.join(out_dir, f"{backend}-{dtype_name}-rank{rank}.safetensors"))
+        dist.barrier()  # both ranks reach the teardown together (pytorch/pytorch#75097: destroy can hang otherwise)
     finally:
         dist.destroy_process_group()
 
@@ -171,6 +187,7 @@ def _free_port() -> int:
 # 2e-6. float64 pins the same maths to its rounding: measured <= 5e-16, so 1e-12. A rank that kept
 # its own half's gradient (no all-reduce) would be off by ~1 (checked below).
 DDP_TOL = {"float32": 2e-6, "float64": 1e-12}
+DDP_TIMEOUT_S = 180  # ~10 s on an idle 2-core machine; generous for a busy one
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):
@@ -180,9 +197,25 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     backends = ["torch"] + (["triton"] if is_available("triton", torch.device("cpu")) else [])
-    torch.multiprocessing.start_processes(
-        _ddp_worker, args=(_free_port(), str(tmp_path), backends), nprocs=WORLD, join=True, start_method="spawn"
+    ctx = torch.multiprocessing.start_processes(
+        _ddp_worker, args=(_free_port(), str(tmp_path), backends), nprocs=WORLD, join=False, start_method="spawn"
     )
+    files = [tmp_path / f"{b}-{d}-rank{r}.safetensors" for b in backends for d in DDP_DTYPES for r in range(WORLD)]
+    deadline = time.monotonic() + DDP_TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):  # raises if a rank failed
+            if time.monotonic() > deadline:
+                # gloo's teardown has been seen to hang after the work was done (rare); the results are
+                # what is tested, so only a rank that did not write them fails the test.
+                missing = [f.name for f in files if not f.is_file()]
+                assert not missing, f"DDP ranks still running after {DDP_TIMEOUT_S} s without writing {missing}"
+                warnings.warn(f"DDP ranks wrote their gradients but did not exit within {DDP_TIMEOUT_S} s; terminated")
+                break
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
     for dtype_name, dtype in DDP_DTYPES.items():
         # One process, the whole batch, the mean loss, on the torch backend.
         model = tiny_classifier(seed=11, backend="torch", dtype=dtype)
@@ -228,7 +261,7 @@ def test_example_main_runs_end_to_end(tmp_path, monkeypatch, capsys):
     # Reviews: a positive or a negative word among filler words; two reviews per "movie".
     g = torch.Generator().manual_seed(0)
     texts, labels, movies = [], [], []
-    for i in range(200):
+    for i in range(320):
         label = i % 2
         words = [WORDS[6 + int(j)] for j in torch.randint(0, 8, (6,), generator=g)]
         words.insert(int(torch.randint(0, 6, (1,), generator=g)), WORDS[int(torch.randint(0, 3, (1,), generator=g)) + 3 * (1 - label)])
