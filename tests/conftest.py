@@ -137,3 +137,24 @@ def check_against_reference(y, ref, plain, case):
             continue
         bound = max(STACK_TOL[dtype] * 2, 2 * rel_err(g_plain[k], g_ref[k]))
         assert rel_err(g[k], g_ref[k]) <= bound, (k, rel_err(g[k], g_ref[k]), bound)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models and tensors: one intra-op thread (on a busy 2-core machine two threads are many
+    times slower per small op). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def import_adapters():
+    """The AdapterHub ``adapters`` library for the test_adapterhub*.py files: the module skips with a
+    stated reason where it is not installed, unless ADAPTERKERN_REQUIRE_ADAPTERS=1 (``make
+    test-adapterhub``), where a missing library is a failure."""
+    if os.environ.get("ADAPTERKERN_REQUIRE_ADAPTERS") == "1":
+        import adapters  # noqa: F401
+
+        return adapters
+    return pytest.importorskip("adapters", reason="adapters library not installed; run by make test-adapterhub")

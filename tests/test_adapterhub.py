@@ -15,10 +15,9 @@ import warnings
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-if os.environ.get("ADAPTERKERN_REQUIRE_ADAPTERS") == "1":
-    import adapters  # noqa: F401  (required here: a missing library is a failure, not a skip)
-else:
-    adapters = pytest.importorskip("adapters", reason="adapters library not installed; run by make test-adapterhub")
+from conftest import import_adapters  # noqa: E402
+
+adapters = import_adapters()
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -38,19 +37,14 @@ from adapterkern.backends import is_available  # noqa: E402
 from adapterkern.integrations import adapterhub as ah  # noqa: E402
 from conftest import rel_err  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:`past_key_value` is deprecated:FutureWarning")  # transformers' T5
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`past_key_value` is deprecated:FutureWarning"),  # transformers' T5
+    pytest.mark.usefixtures("one_thread"),
+]
 
 D = 32  # hidden size of every tiny model
 DROP = 0.1  # the base models' own dropout (active in train mode)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread (two threads on a busy 2-core machine are ~100x slower per op)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model(arch: str):

@@ -18,10 +18,9 @@ from collections import Counter
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-if os.environ.get("ADAPTERKERN_REQUIRE_ADAPTERS") == "1":
-    import adapters  # noqa: F401  (required here: a missing library is a failure, not a skip)
-else:
-    adapters = pytest.importorskip("adapters", reason="adapters library not installed; run by make test-adapterhub")
+from conftest import import_adapters  # noqa: E402
+
+adapters = import_adapters()
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -41,13 +40,7 @@ B = 3  # batch
 TRITON = pytest.mark.skipif(not is_available("triton", torch.device("cpu")), reason="Triton (interpreter) not available on CPU")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread (two threads on a busy 2-core machine are far slower per op)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

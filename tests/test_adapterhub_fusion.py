@@ -14,10 +14,9 @@ import os
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-if os.environ.get("ADAPTERKERN_REQUIRE_ADAPTERS") == "1":
-    import adapters  # noqa: F401  (required here: a missing library is a failure, not a skip)
-else:
-    adapters = pytest.importorskip("adapters", reason="adapters library not installed; run by make test-adapterhub")
+from conftest import import_adapters  # noqa: E402
+
+adapters = import_adapters()
 
 import torch  # noqa: E402
 from adapters import AdapterFusionConfig  # noqa: E402
@@ -30,13 +29,7 @@ D, N = 24, 3
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread (two threads on a busy 2-core machine are far slower per op)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pair(cfg, dtype, dropout=0.0, seed=0):

@@ -29,10 +29,9 @@ import types
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-if os.environ.get("ADAPTERKERN_REQUIRE_ADAPTERS") == "1":
-    import adapters  # noqa: F401  (required here: a missing library is a failure, not a skip)
-else:
-    adapters = pytest.importorskip("adapters", reason="adapters library not installed; run by make test-adapterhub")
+from conftest import import_adapters  # noqa: E402
+
+adapters = import_adapters()
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -52,12 +51,7 @@ V = 64
 PREFIX = dict(prefix_length=30, bottleneck_size=800)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _base(arch, impl="eager", lm_head=False):

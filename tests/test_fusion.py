@@ -25,13 +25,7 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2}
 GRAD_FLOOR = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread (two threads on a busy 2-core machine are far slower per op)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 D = 16
 
 
