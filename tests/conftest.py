@@ -158,3 +158,28 @@ def import_adapters():
 
         return adapters
     return pytest.importorskip("adapters", reason="adapters library not installed; run by make test-adapterhub")
+
+
+def assert_runs_close(got, ref, out_tol, grad_tol):
+    """(output, {name: grad}) of a patched model vs the reference model: the output within ``out_tol``,
+    each gradient relative to its own scale floored at 1e-3 of the largest gradient (some are exactly
+    zero analytically, e.g. attention key biases, and only rounding noise in both runs)."""
+    (out, grads), (out_ref, grads_ref) = got, ref
+    assert out.shape == out_ref.shape
+    assert rel_err(out, out_ref) < out_tol, rel_err(out, out_ref)
+    assert grads.keys() == grads_ref.keys()
+    floor = 1e-3 * max(g.abs().max() for g in grads_ref.values() if g is not None)
+    for name in grads:
+        g, gr = grads[name], grads_ref[name]
+        assert (g is None) == (gr is None), name
+        if gr is not None:
+            err = rel_err(g, gr, scale=floor.expand(1))
+            assert err < grad_tol, (name, err)
+
+
+def assert_runs_equal(got, ref):
+    """The same, bitwise (a module that takes the library's own path)."""
+    (out, grads), (out_ref, grads_ref) = got, ref
+    assert torch.equal(out, out_ref)
+    for name in grads:
+        assert (grads[name] is None) == (grads_ref[name] is None) and (grads[name] is None or torch.equal(grads[name], grads_ref[name])), name

@@ -35,7 +35,7 @@ from adapters.composition import BatchSplit, Fuse, Stack  # noqa: E402
 import adapterkern  # noqa: E402
 from adapterkern.backends import is_available  # noqa: E402
 from adapterkern.integrations import adapterhub as ah  # noqa: E402
-from conftest import rel_err  # noqa: E402
+from conftest import assert_runs_close, assert_runs_equal, rel_err  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`past_key_value` is deprecated:FutureWarning"),  # transformers' T5
@@ -104,26 +104,8 @@ def _run(model, inputs, seed=1234, **kwargs):
     return out.detach(), {n: g for (n, _), g in zip(named, grads)}
 
 
-def _assert_close(got, ref, out_tol, grad_tol):
-    (out, grads), (out_ref, grads_ref) = got, ref
-    assert rel_err(out, out_ref) < out_tol, rel_err(out, out_ref)
-    assert grads.keys() == grads_ref.keys()
-    # Each gradient relative to its own scale, floored at 1e-3 of the largest gradient: some are exactly
-    # zero analytically (e.g. attention key biases) and only rounding noise in both runs.
-    floor = 1e-3 * max(g.abs().max() for g in grads_ref.values() if g is not None)
-    for name in grads:
-        g, gr = grads[name], grads_ref[name]
-        assert (g is None) == (gr is None), name
-        if gr is not None:
-            err = rel_err(g, gr, scale=floor.expand(1))
-            assert err < grad_tol, (name, err)
-
-
-def _assert_equal(got, ref):
-    (out, grads), (out_ref, grads_ref) = got, ref
-    assert torch.equal(out, out_ref)
-    for name in grads:
-        assert (grads[name] is None) == (grads_ref[name] is None) and (grads[name] is None or torch.equal(grads[name], grads_ref[name])), name
+_assert_close = assert_runs_close
+_assert_equal = assert_runs_equal
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from adapters.methods.modeling import BertFusion  # noqa: E402
 import adapterkern  # noqa: E402
 from adapterkern.backends import is_available  # noqa: E402
 from adapterkern.integrations import adapterhub as ah  # noqa: E402
-from conftest import rel_err  # noqa: E402
+from conftest import assert_runs_close, assert_runs_equal, rel_err  # noqa: E402
 
 D = 32  # hidden size
 DROP = 0.1  # the base models' own dropout (active in train mode)
@@ -136,24 +136,10 @@ def _inputs(dtype=torch.float32, batch=B, seq=5):
 
 
 def _assert_close(got, ref, out_tol=1e-5, grad_tol=3e-4):
-    (out, grads), (out_ref, grads_ref) = got, ref
-    assert out.shape == out_ref.shape
-    assert rel_err(out, out_ref) < out_tol, rel_err(out, out_ref)
-    assert grads.keys() == grads_ref.keys()
-    floor = 1e-3 * max(g.abs().max() for g in grads_ref.values() if g is not None)
-    for name in grads:
-        g, gr = grads[name], grads_ref[name]
-        assert (g is None) == (gr is None), name
-        if gr is not None:
-            err = rel_err(g, gr, scale=floor.expand(1))
-            assert err < grad_tol, (name, err)
+    assert_runs_close(got, ref, out_tol, grad_tol)
 
 
-def _assert_equal(got, ref):
-    (out, grads), (out_ref, grads_ref) = got, ref
-    assert torch.equal(out, out_ref)
-    for name in grads:
-        assert (grads[name] is None) == (grads_ref[name] is None) and (grads[name] is None or torch.equal(grads[name], grads_ref[name])), name
+_assert_equal = assert_runs_equal
 
 
 def _adapter_grads_matter(ref, names):
