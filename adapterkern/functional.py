@@ -322,6 +322,7 @@ def bottleneck_adapter_batched(
     activation: Optional[str] = "relu",
     scaling: Union[float, Tensor] = 1.0,
     residual: Optional[Tensor] = None,
+    add_residual: bool = True,
     groups: Optional[TokenGroups] = None,
     backend: str = "auto",
 ) -> Tensor:
@@ -335,6 +336,8 @@ def bottleneck_adapter_batched(
         adapter_index: integer, shape x.shape[:-1] (per token) or x.shape[:1] (per sequence); -1 = no adapter.
         w_down, b_down, w_up, b_up, scaling: the stack, as in :func:`multi_adapter`.
         residual: None (res = x) or a tensor of x's shape.
+        add_residual: False gives each token's adapter contribution only (0 for tokens with no
+            adapter), as :func:`multi_adapter`'s ``add_residual=False``.
         groups: :func:`token_groups` of the same index, to compute once per batch and reuse in every layer
             (the index's values are checked there, once; the op then reads only the groups).
         backend: ``auto``, ``torch`` or ``triton``.
@@ -344,6 +347,10 @@ def bottleneck_adapter_batched(
     d = _check_x(x)
     n = _check_stack(x, w_down, b_down, w_up, b_up, scaling)
     _check_residual(residual, x)
+    if not isinstance(add_residual, bool):
+        raise TypeError(f"add_residual: expected a bool, got {type(add_residual).__name__}")
+    if residual is not None and not add_residual:
+        raise ValueError("residual: given with add_residual=False, where it would be ignored")
     index = _token_index(adapter_index, x, n)
     if groups is None:
         groups = token_groups(index, n)
@@ -359,13 +366,15 @@ def bottleneck_adapter_batched(
     res2d = None if residual is None else residual.reshape(-1, d)
     scale_2d = _stack_scaling(scaling, n)
     if name == "torch":
-        y = reference.batched_adapter(x2d, groups.perm, groups.counts, w_down, b_down, w_up, b_up, scale_2d, res2d, act.name)
+        y = reference.batched_adapter(
+            x2d, groups.perm, groups.counts, w_down, b_down, w_up, b_up, scale_2d, res2d, add_residual, act.name
+        )
     else:
         scale, scale_value = _kernel_scaling(scale_2d)
         inputs = (x, w_down, b_down, w_up, b_up, scale, residual)
         save_preact = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
         y, _ = torch.ops.adapterkern.batched_adapter_fwd(
-            x2d, w_down, b_down, w_up, b_up, scale, scale_value, res2d, groups.perm, groups.counts, groups.starts,
+            x2d, w_down, b_down, w_up, b_up, scale, scale_value, res2d, add_residual, groups.perm, groups.counts, groups.starts,
             act.kernel_id, save_preact, name,
         )
     return y.view(x.shape)

@@ -88,17 +88,18 @@ bottleneck_adapter_bwd.register_fake(_bwd_fake)
 def _register_autograd(fwd_op, bwd_op, kind: str) -> None:
     """Autograd for a forward op whose args are (x, w_down, b_down, w_up, b_up, scale, scale_value,
     residual, <extra>, activation_id, save_preact, backend), <extra> being nothing (``kind`` "single"),
-    add_residual ("multi") or the token groups perm, counts, starts ("batched"). The backward op gets
+    add_residual ("multi"), or add_residual and the token groups perm, counts, starts ("batched"). The backward op gets
     the saved pre-activation (and the groups); d_residual is dy (summed over the stack for "multi")."""
 
     def setup_context(ctx, inputs, output):
         x, w_down, b_down, w_up, b_up, scale, scale_value, residual = inputs[:8]
-        add_residual = inputs[8] if kind == "multi" else True
-        groups = list(inputs[8:11]) if kind == "batched" else []
+        add_residual = inputs[8] if kind in ("multi", "batched") else True
+        groups = list(inputs[9:12]) if kind == "batched" else []
         activation_id, _, backend = inputs[-3:]
         ctx.save_for_backward(x, output[1], w_down, b_down, w_up, b_up, scale, *groups)
         ctx.scale_value = scale_value
         ctx.residual_is_x = add_residual and residual is None
+        ctx.add_residual = add_residual
         ctx.activation_id = activation_id
         ctx.backend = backend
 
@@ -119,7 +120,7 @@ def _register_autograd(fwd_op, bwd_op, kind: str) -> None:
             )
             grads = [g if need else None for g, need in zip(outs, needs)]
         d_residual = None
-        if need_res:
+        if need_res and ctx.add_residual:
             d_residual = dy.sum(0) if kind == "multi" else dy
         n_rest = len(ctx.needs_input_grad) - 8
         return (*grads, None, d_residual) + (None,) * n_rest
@@ -192,6 +193,7 @@ def batched_adapter_fwd(
     scale: Optional[Tensor],
     scale_value: float,
     residual: Optional[Tensor],
+    add_residual: bool,
     perm: Tensor,
     counts: Tensor,
     starts: Tensor,
@@ -200,12 +202,13 @@ def batched_adapter_fwd(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     return kernel_backend(backend).batched_adapter_forward(
-        x, (perm, counts, starts), w_down, b_down, w_up, b_up, scale, scale_value, residual, activation_id, save_preact
+        x, (perm, counts, starts), w_down, b_down, w_up, b_up, scale, scale_value, residual, add_residual,
+        activation_id, save_preact,
     )
 
 
 @batched_adapter_fwd.register_fake
-def _(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, perm, counts, starts, activation_id, save_preact, backend):
+def _(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_residual, perm, counts, starts, activation_id, save_preact, backend):
     return x.new_empty(x.shape), x.new_empty((x.shape[0], w_down.shape[1]) if save_preact else (0,))
 
 

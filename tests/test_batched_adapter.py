@@ -50,7 +50,7 @@ def make_case(n, shape, r, dtype, *, scaling="channel", residual=False, index="m
     }
 
 
-def per_token_reference(c, activation, math_dtype=torch.float64):
+def per_token_reference(c, activation, math_dtype=torch.float64, add_residual=True):
     """Token by token, weights gathered per token; in ``math_dtype`` (float64: the reference)."""
     cast = {k: (v.to(math_dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in c.items()}
     x = cast["x"]
@@ -61,6 +61,8 @@ def per_token_reference(c, activation, math_dtype=torch.float64):
     idx = idx.reshape(-1)
     x2 = x.reshape(-1, d)
     res = x2 if cast["residual"] is None else cast["residual"].reshape(-1, d)
+    if not add_residual:
+        res = torch.zeros_like(x2)
     safe = idx.clamp_min(0)
     h = torch.einsum("td,trd->tr", x2, cast["w_down"][safe]) + cast["b_down"][safe]
     u = torch.einsum("tr,tdr->td", reference_activation(activation)(h), cast["w_up"][safe]) + cast["b_up"][safe]
@@ -70,14 +72,14 @@ def per_token_reference(c, activation, math_dtype=torch.float64):
     return y.reshape(x.shape)
 
 
-def check(case, backend, activation="gelu", groups=None):
+def check(case, backend, activation="gelu", groups=None, add_residual=True):
     dtype = case["x"].dtype
     y = adapterkern.bottleneck_adapter_batched(
         case["x"], case["index"], case["w_down"], case["b_down"], case["w_up"], case["b_up"], activation=activation,
-        scaling=case["scaling"], residual=case["residual"], groups=groups, backend=backend,
+        scaling=case["scaling"], residual=case["residual"], add_residual=add_residual, groups=groups, backend=backend,
     )
-    ref = per_token_reference(case, activation)
-    plain = per_token_reference(case, activation, math_dtype=dtype)
+    ref = per_token_reference(case, activation, add_residual=add_residual)
+    plain = per_token_reference(case, activation, math_dtype=dtype, add_residual=add_residual)
     assert y.dtype == dtype
     check_against_reference(y, ref, plain, case)
 
@@ -97,6 +99,15 @@ def test_mixed_batch(backend, dtype, n, poison_empty):
 )
 def test_groups(backend, kwargs, poison_empty):
     check(make_case(5, (4, 9, 24), 20, torch.float32, **kwargs), backend, activation="silu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_without_residual(backend, dtype, poison_empty):
+    """add_residual=False: each row is its adapter's contribution, 0 where no adapter (what fusion mixes)."""
+    case = make_case(4, (3, 10, 24), 8, dtype, scaling="adapter")
+    assert (case["index"] == -1).any()
+    check(case, backend, add_residual=False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -127,7 +138,7 @@ def test_gradcheck(backend):
 def test_opcheck_and_compile():
     c = make_case(3, (21, 32), 8, torch.float32, scaling="adapter")
     g = adapterkern.token_groups(c["index"], 3)
-    args = [c["x"], c["w_down"], c["b_down"], c["w_up"], c["b_up"], c["scaling"].reshape(3, 1), 1.0, None, *g, 1, True, "triton"]
+    args = [c["x"], c["w_down"], c["b_down"], c["w_up"], c["b_up"], c["scaling"].reshape(3, 1), 1.0, None, True, *g, 1, True, "triton"]
     torch.library.opcheck(torch.ops.adapterkern.batched_adapter_fwd.default, args)
     with torch.no_grad():
         _, preact = torch.ops.adapterkern.batched_adapter_fwd(*args)
@@ -173,6 +184,8 @@ def test_cuda_graph_replays_new_routing():
         (dict(index=[0] * 7), TypeError, "adapter_index"),
         (dict(w_down=torch.randn(3, 4, 15)), ValueError, "w_down"),
         (dict(groups=(1, 2, 3)), TypeError, "groups"),
+        (dict(add_residual=False, residual=torch.randn(7, 16)), ValueError, "residual"),
+        (dict(add_residual=1), TypeError, "add_residual"),
     ],
 )
 def test_bad_input(change, exc, match):

@@ -57,11 +57,12 @@ def compile_all() -> int:
     for arch in ARCHS:
         for dtype, precision, acc in cases:
             for r_pad, block_t, block_d in tiles:
-                # GATHER (the batched form's token groups) on the smallest bf16 tiles, the stack form elsewhere.
+                # GATHER (the batched form's token groups, with ADD_RES=False: zero rows for unrouted tokens) on
+                # the smallest bf16 tiles, the stack form (with the residual) elsewhere.
                 gather = dtype == "bf16" and r_pad == 16
                 common = dict(ACT=2, PRECISION=precision, ACC=acc, R_PAD=r_pad, BLOCK_T=block_t, BLOCK_D=block_d, HAS_S=True, GATHER=gather)
                 jobs = [
-                    (kernels._fwd_kernel, dict(common, HAS_BD=True, HAS_BU=True, ADD_RES=True, SAVE_H=True)),
+                    (kernels._fwd_kernel, dict(common, HAS_BD=True, HAS_BU=True, ADD_RES=not gather, SAVE_H=True)),
                     (kernels._bwd_dh_kernel, common),
                     (kernels._bwd_main_kernel, dict(common, HAS_BU=True, RES_IS_X=True, **needs)),
                 ]

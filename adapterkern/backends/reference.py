@@ -108,13 +108,17 @@ def batched_adapter(
     b_up: Optional[torch.Tensor],
     scaling: Union[float, torch.Tensor],
     residual: Optional[torch.Tensor],
+    add_residual: bool,
     activation: str,
 ) -> torch.Tensor:
     """Each token of ``x`` (T, d) through its own adapter of the stack: the tokens of group g
     (``perm``'s slice of length ``counts[g]``; group 0 = no adapter, group g = adapter g - 1) go through
-    :func:`bottleneck_adapter` together, the others keep ``residual`` (x if None). ``scaling`` a float
-    or (N, 1) / (N, d). Reads ``counts`` on the host (one sync; this is the CPU fallback)."""
+    :func:`bottleneck_adapter` together, the others keep ``residual`` (x if None). Without
+    ``add_residual`` the residual is 0 everywhere. ``scaling`` a float or (N, 1) / (N, d). Reads
+    ``counts`` on the host (one sync; this is the CPU fallback)."""
     res = x if residual is None else residual
+    if not add_residual:
+        res = residual = torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape)
     parts, start = [], 0
     for g, count in enumerate(counts.tolist()):
         rows = perm[start : start + count]

@@ -249,7 +249,7 @@ def _fwd_kernel(
         H += n * T * R
     if pid.to(tl.int64) * BLOCK_T < count:
         if n < 0:
-            _copy_rows(RES, stride_rt, stride_rd, Y, offs_t, mask_t, D, BLOCK_D)
+            _copy_rows(RES, stride_rt, stride_rd, Y, offs_t, mask_t, D, ADD_RES, BLOCK_T, BLOCK_D)
             if SAVE_H:  # defined values (zeros) in every row of the saved pre-activation
                 offs_r = tl.arange(0, R_PAD)
                 tl.store(H + offs_t[:, None] * R + offs_r[None, :], tl.zeros((BLOCK_T, R_PAD), dtype=H.dtype.element_ty),
@@ -265,12 +265,16 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _copy_rows(SRC, stride_st, stride_sd, DST, rows, mask_t, D, BLOCK_D: tl.constexpr):
-    """DST[rows, :] = SRC[rows, :] (DST contiguous (T, D)): tokens that no adapter touches."""
+def _copy_rows(SRC, stride_st, stride_sd, DST, rows, mask_t, D, COPY: tl.constexpr, BLOCK_T: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """DST[rows, :] = SRC[rows, :] (COPY) or 0 (DST contiguous (T, D)): tokens that no adapter touches."""
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask = mask_t[:, None] & (offs_d < D)[None, :]
-        v = tl.load(SRC + rows[:, None] * stride_st + offs_d[None, :] * stride_sd, mask=mask, other=0.0)
+        if COPY:
+            v = tl.load(SRC + rows[:, None] * stride_st + offs_d[None, :] * stride_sd, mask=mask, other=0.0)
+        else:
+            v = tl.zeros((BLOCK_T, BLOCK_D), dtype=DST.dtype.element_ty)
         tl.store(DST + rows[:, None] * D + offs_d[None, :], v.to(DST.dtype.element_ty), mask=mask)
 
 
@@ -800,11 +804,13 @@ def multi_adapter_backward(
     return dx, dw_down, db_down, dw_up, db_up, dscale
 
 
-def batched_adapter_forward(x, groups, w_down, b_down, w_up, b_up, scale, scale_value, residual, activation_id, save_preact):
+def batched_adapter_forward(x, groups, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_residual,
+                            activation_id, save_preact):
     """Each token through its own adapter of the stack (or none): see :func:`multi_adapter_forward`
-    with ``groups``. Returns (y (T, d), preact (T, r) or empty)."""
+    with ``groups``. Returns (y (T, d), preact (T, r) or empty); without ``add_residual`` a token's row
+    is its adapter's contribution only (0 for tokens with no adapter)."""
     return multi_adapter_forward(
-        x, w_down, b_down, w_up, b_up, scale, scale_value, residual, True, activation_id, save_preact, groups=groups
+        x, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_residual, activation_id, save_preact, groups=groups
     )
 
 
