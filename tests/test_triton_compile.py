@@ -57,6 +57,8 @@ def compile_all() -> int:
     for arch in ARCHS:
         for dtype, precision, acc in cases:
             for r_pad, block_t, block_d in tiles:
+                if dtype == "fp64" and r_pad > 16:
+                    continue  # float64 serves gradcheck on tiny shapes only; saves CI ~45 s on 2 cores
                 # GATHER (the batched form's token groups, with ADD_RES=False: zero rows for unrouted tokens) on
                 # the smallest bf16 tiles, the stack form (with the residual) elsewhere.
                 gather = dtype == "bf16" and r_pad == 16
