@@ -149,9 +149,17 @@ def _configs(block_t, block_d, warps, stages):
     ]
 
 
+# ADAPTERKERN_TRITON_CONFIGS=few: two configs per kernel instead of the full sweep, for running the test
+# suite on a GPU (every new shape key would otherwise compile and time 48 configs; gpu_check.sh sets it
+# for its test stage only, the benchmarks autotune fully). Two, so the choice logic still runs.
+_FEW_CONFIGS = os.environ.get("ADAPTERKERN_TRITON_CONFIGS", "") == "few"
+
 if INTERPRET:
     _FWD_CONFIGS = _configs([32], [32], [4], [1])
     _BWD_CONFIGS = _configs([32], [32], [4], [1])
+elif _FEW_CONFIGS:
+    _FWD_CONFIGS = _configs([16, 64], [32], [4], [2])
+    _BWD_CONFIGS = _configs([32, 64], [32], [4], [2])
 else:
     _FWD_CONFIGS = _configs([16, 32, 64, 128], [32, 64, 128], [4, 8], [2, 3])
     _BWD_CONFIGS = _configs([32, 64], [32, 64, 128], [4, 8], [2, 3])
