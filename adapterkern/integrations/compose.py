@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import bottleneck_adapter_batched, token_groups
-from ..nn.bottleneck import BottleneckAdapter
+from ..nn.bottleneck import BottleneckAdapter, layout, stack_adapters
 from ..nn.fusion import AdapterFusion, fuse_adapters, resolve_fusion_config
 from .transformers import (
     SEQUENTIAL,
@@ -113,34 +113,16 @@ def add_fusion(model: nn.Module, name: str, adapters: Sequence[str], config="dyn
         set_active_adapter(model, name)
 
 
-def _stack_adapters(adapters: List[BottleneckAdapter], x: Tensor):
-    """(w_down (N, r, d), b_down, w_up (N, d, r), b_up, scaling (N,) or (N, d), activation, backend)."""
+def _stack_adapters(adapters: List[BottleneckAdapter]):
+    """(w_down, b_down, w_up, b_up, scaling, activation, backend) of adapters served in one launch."""
     first = adapters[0]
     for a in adapters[1:]:
-        same = (a.bottleneck_size, a.activation, a.adapter_down.bias is None, a.adapter_up.bias is None)
-        want = (first.bottleneck_size, first.activation, first.adapter_down.bias is None, first.adapter_up.bias is None)
-        if same != want:
+        if layout(a) != layout(first):
             raise ValueError(
                 "route_adapters: adapters served in one launch must share bottleneck size, activation and bias "
-                f"layout; got (r, activation, no_bias_down, no_bias_up) {want} and {same}"
+                f"layout; got (r, activation, no_bias_down, no_bias_up) {layout(first)} and {layout(a)}"
             )
-    w_down = torch.stack([a.adapter_down.weight for a in adapters])
-    w_up = torch.stack([a.adapter_up.weight for a in adapters])
-    b_down = None if first.adapter_down.bias is None else torch.stack([a.adapter_down.bias for a in adapters])
-    b_up = None if first.adapter_up.bias is None else torch.stack([a.adapter_up.bias for a in adapters])
-    scales = [a.scaling for a in adapters]
-    if all(isinstance(s, float) for s in scales) and len(set(scales)) == 1:
-        scaling = scales[0]
-    else:
-        d = first.hidden_size
-        as_vec = [
-            (s.reshape(-1).to(torch.float32).expand(d) if isinstance(s, Tensor) else torch.full((d,), s, device=x.device))
-            for s in scales
-        ]
-        scaling = torch.stack(as_vec)
-        if all(not isinstance(s, Tensor) or s.numel() == 1 for s in scales):
-            scaling = scaling[:, 0].contiguous()  # one scalar per adapter
-    return w_down, b_down, w_up, b_up, scaling, first.activation, first.backend
+    return (*stack_adapters(adapters), first.activation, first.backend)
 
 
 class Route:
@@ -172,7 +154,7 @@ class Route:
         key = (tuple(present), tuple(x.shape[:-1]))
         if key not in self._groups:
             self._groups[key] = token_groups(local, len(present))
-        w_down, b_down, w_up, b_up, scaling, activation, backend = _stack_adapters([slot[n] for n in present], x)
+        w_down, b_down, w_up, b_up, scaling, activation, backend = _stack_adapters([slot[n] for n in present])
         return bottleneck_adapter_batched(
             x, local, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling, residual=residual,
             groups=self._groups[key], backend=backend,

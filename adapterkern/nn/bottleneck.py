@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -142,3 +142,40 @@ class BottleneckAdapter(nn.Module):
             f"hidden_size={self.hidden_size}, bottleneck_size={self.bottleneck_size}, "
             f"activation={self.activation!r}, scaling={scaling}, backend={self.backend!r}"
         )
+
+
+def layout(adapter: "BottleneckAdapter") -> tuple:
+    """What adapters must share to run as one stack: (r, activation, no down bias, no up bias)."""
+    return (adapter.bottleneck_size, adapter.activation, adapter.adapter_down.bias is None, adapter.adapter_up.bias is None)
+
+
+def stack_adapters(adapters: Sequence["BottleneckAdapter"]):
+    """The adapters as one stack for :func:`adapterkern.multi_adapter` / ``bottleneck_adapter_batched``:
+    (w_down (N, r, d), b_down (N, r) or None, w_up (N, d, r), b_up (N, d) or None, scaling), stacked
+    from their own parameters on every call (differentiable). ``scaling`` is a float when all are the
+    same float, else (N,) (one scalar each) or (N, d) (some per channel), in the tensors' dtype (float32
+    for Python floats). The adapters must share :func:`layout` (the caller checks)."""
+    first = adapters[0]
+
+    def stack(get):
+        return torch.stack([get(a) for a in adapters])
+
+    return (
+        stack(lambda a: a.adapter_down.weight),
+        None if first.adapter_down.bias is None else stack(lambda a: a.adapter_down.bias),
+        stack(lambda a: a.adapter_up.weight),
+        None if first.adapter_up.bias is None else stack(lambda a: a.adapter_up.bias),
+        _stack_scalings([a.scaling for a in adapters], first.hidden_size, first.adapter_up.weight.device),
+    )
+
+
+def _stack_scalings(scalings: list, d: int, device):
+    if all(not isinstance(s, Tensor) for s in scalings):
+        if all(s == scalings[0] for s in scalings):
+            return float(scalings[0])
+        return torch.tensor(scalings, dtype=torch.float32, device=device)
+    dtype = next(s.dtype for s in scalings if isinstance(s, Tensor))
+    flat = [s.reshape(-1).to(dtype) if isinstance(s, Tensor) else torch.full((1,), float(s), dtype=dtype, device=device) for s in scalings]
+    if all(f.numel() == 1 for f in flat):
+        return torch.cat(flat)
+    return torch.stack([f.expand(d) for f in flat])

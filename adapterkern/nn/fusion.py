@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..backends import resolve_backend
 from ..functional import bottleneck_adapter, multi_adapter
-from .bottleneck import BottleneckAdapter
+from .bottleneck import BottleneckAdapter, layout, stack_adapters
 
 __all__ = [
     "FUSION_CONFIGS",
@@ -298,48 +298,14 @@ def freeze_for_fusion_training(
 
 # -- adapters -> stack -> fusion ---------------------------------------------------------------
 
-def _stack_scaling(adapters: Sequence[BottleneckAdapter], d: int, device):
-    """The adapters' scalings as multi_adapter takes them: a float, (N,) or (N, d) (differentiable)."""
-    scalings = [a.scaling for a in adapters]
-    if all(not isinstance(s, Tensor) for s in scalings):
-        if all(s == scalings[0] for s in scalings):
-            return float(scalings[0])
-        return torch.tensor(scalings, dtype=torch.float32, device=device)
-    dtype = next(s.dtype for s in scalings if isinstance(s, Tensor))
-    flat = [s.reshape(-1).to(dtype) if isinstance(s, Tensor) else torch.full((1,), float(s), dtype=dtype, device=device) for s in scalings]
-    if all(f.numel() == 1 for f in flat):
-        return torch.cat(flat)
-    return torch.stack([f.expand(d) for f in flat])
-
-
-def _stackable(adapters: Sequence[BottleneckAdapter]) -> bool:
-    """Whether one multi_adapter call computes them all: same r, activation and bias layout."""
-    a0 = adapters[0]
-
-    def layout(a):
-        return (a.bottleneck_size, a.activation, a.adapter_down.bias is None, a.adapter_up.bias is None)
-
-    return all(layout(a) == layout(a0) for a in adapters)
-
-
 def _adapter_outputs(x: Tensor, adapters: Sequence[BottleneckAdapter], backend: str) -> Tensor:
     """(N, *x.shape): each adapter's ``scaling * up(act(down(x)))`` without residual."""
     name = resolve_backend(backend, x.device)
-    if name != "cuda" and _stackable(adapters):
-        def stack(get):
-            return torch.stack([get(a) for a in adapters])
-
-        no_bias = adapters[0].adapter_down.bias is None, adapters[0].adapter_up.bias is None
+    if name != "cuda" and all(layout(a) == layout(adapters[0]) for a in adapters):
+        w_down, b_down, w_up, b_up, scaling = stack_adapters(adapters)
         return multi_adapter(
-            x,
-            stack(lambda a: a.adapter_down.weight),
-            None if no_bias[0] else stack(lambda a: a.adapter_down.bias),
-            stack(lambda a: a.adapter_up.weight),
-            None if no_bias[1] else stack(lambda a: a.adapter_up.bias),
-            activation=adapters[0].activation,
-            scaling=_stack_scaling(adapters, x.shape[-1], x.device),
-            add_residual=False,
-            backend=name,
+            x, w_down, b_down, w_up, b_up, activation=adapters[0].activation, scaling=scaling,
+            add_residual=False, backend=name,
         )
     # Different r / activation / bias layout (or the CUDA extension, which has no multi-adapter
     # kernel): one fused single-adapter call per adapter, on a zero residual.
