@@ -59,7 +59,11 @@ def _check_x(x) -> int:
     return x.shape[-1]
 
 
-def _check_residual(residual, x: Tensor) -> None:
+def _check_residual(residual, x: Tensor, add_residual: bool = True) -> None:
+    """residual: None or a tensor like x; ``add_residual`` (the many-adapter ops) a bool that, when
+    False, leaves no residual to give."""
+    if not isinstance(add_residual, bool):
+        raise TypeError(f"add_residual: expected a bool, got {type(add_residual).__name__}")
     if residual is None:
         return
     if not isinstance(residual, Tensor):
@@ -70,6 +74,13 @@ def _check_residual(residual, x: Tensor) -> None:
         raise TypeError(f"residual: expected dtype {x.dtype} (x's dtype), got {residual.dtype}")
     if residual.device != x.device:
         raise ValueError(f"residual: expected device {x.device} (x's device), got {residual.device}")
+    if not add_residual:
+        raise ValueError("residual: given with add_residual=False, where it would be ignored")
+
+
+def _needs_preact(*tensors) -> bool:
+    """Whether the forward must save the pre-activation: autograd is on and some input requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _kernel_scaling(scaling):
@@ -132,8 +143,7 @@ def bottleneck_adapter(
         y = reference.bottleneck_adapter(x2d, w_down, b_down, w_up, b_up, scaling, res2d, act.name)
     else:
         scale, scale_value = _kernel_scaling(scaling.reshape(-1) if isinstance(scaling, Tensor) else scaling)
-        inputs = (x, w_down, b_down, w_up, b_up, scale, residual)
-        save_preact = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+        save_preact = _needs_preact(x, w_down, b_down, w_up, b_up, scale, residual)
         y, _ = torch.ops.adapterkern.bottleneck_adapter_fwd(
             x2d, w_down, b_down, w_up, b_up, scale, scale_value, res2d, act.kernel_id, save_preact, name
         )
@@ -209,11 +219,7 @@ def multi_adapter(
     """
     d = _check_x(x)
     n = _check_stack(x, w_down, b_down, w_up, b_up, scaling)
-    if not isinstance(add_residual, bool):
-        raise TypeError(f"add_residual: expected a bool, got {type(add_residual).__name__}")
-    _check_residual(residual, x)
-    if residual is not None and not add_residual:
-        raise ValueError("residual: given with add_residual=False, where it would be ignored")
+    _check_residual(residual, x, add_residual)
     if weights is not None:
         if not isinstance(weights, Tensor) or not weights.is_floating_point():
             raise TypeError(f"weights: expected a floating-point tensor of shape ({n},) or {tuple(x.shape[:-1]) + (n,)}")
@@ -234,8 +240,7 @@ def multi_adapter(
         out = reference.multi_adapter(x2d, w_down, b_down, w_up, b_up, scale_2d, res2d, stack_residual, act.name)
     else:
         scale, scale_value = _kernel_scaling(scale_2d)
-        inputs = (x, w_down, b_down, w_up, b_up, scale, residual)
-        save_preact = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+        save_preact = _needs_preact(x, w_down, b_down, w_up, b_up, scale, residual)
         out, _ = torch.ops.adapterkern.multi_adapter_fwd(
             x2d, w_down, b_down, w_up, b_up, scale, scale_value, res2d, stack_residual, act.kernel_id, save_preact, name
         )
@@ -346,11 +351,7 @@ def bottleneck_adapter_batched(
     """
     d = _check_x(x)
     n = _check_stack(x, w_down, b_down, w_up, b_up, scaling)
-    _check_residual(residual, x)
-    if not isinstance(add_residual, bool):
-        raise TypeError(f"add_residual: expected a bool, got {type(add_residual).__name__}")
-    if residual is not None and not add_residual:
-        raise ValueError("residual: given with add_residual=False, where it would be ignored")
+    _check_residual(residual, x, add_residual)
     index = _token_index(adapter_index, x, n)
     if groups is None:
         groups = token_groups(index, n)
@@ -371,8 +372,7 @@ def bottleneck_adapter_batched(
         )
     else:
         scale, scale_value = _kernel_scaling(scale_2d)
-        inputs = (x, w_down, b_down, w_up, b_up, scale, residual)
-        save_preact = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+        save_preact = _needs_preact(x, w_down, b_down, w_up, b_up, scale, residual)
         y, _ = torch.ops.adapterkern.batched_adapter_fwd(
             x2d, w_down, b_down, w_up, b_up, scale, scale_value, res2d, add_residual, groups.perm, groups.counts, groups.starts,
             act.kernel_id, save_preact, name,
