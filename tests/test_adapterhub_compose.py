@@ -33,9 +33,9 @@ import adapterkern  # noqa: E402
 from adapterkern.backends import is_available  # noqa: E402
 from adapterkern.integrations import adapterhub as ah  # noqa: E402
 from conftest import assert_runs_close, assert_runs_equal, rel_err  # noqa: E402
+from test_adapterhub import _model  # noqa: E402  (the same tiny BERT / GPT-2 / Llama)
 
-D = 32  # hidden size
-DROP = 0.1  # the base models' own dropout (active in train mode)
+D = 32  # hidden size (test_adapterhub._model's)
 B = 3  # batch
 TRITON = pytest.mark.skipif(not is_available("triton", torch.device("cpu")), reason="Triton (interpreter) not available on CPU")
 
@@ -56,25 +56,6 @@ def calls(monkeypatch):
 
         monkeypatch.setattr(ah, op, counting)
     return counter
-
-
-def _model(arch):
-    tf = transformers
-    if arch == "bert":
-        m = tf.BertModel(tf.BertConfig(hidden_size=D, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                                       hidden_dropout_prob=DROP, attention_probs_dropout_prob=DROP, vocab_size=64,
-                                       max_position_embeddings=32))
-    elif arch == "gpt2":
-        m = tf.GPT2Model(tf.GPT2Config(vocab_size=64, n_positions=32, n_embd=D, n_layer=2, n_head=4,
-                                       resid_pdrop=DROP, embd_pdrop=DROP, attn_pdrop=DROP))
-    elif arch == "llama":
-        m = tf.LlamaModel(tf.LlamaConfig(hidden_size=D, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, attention_dropout=DROP, vocab_size=64,
-                                         max_position_embeddings=32))
-    else:
-        raise ValueError(arch)
-    adapters.init(m)
-    return m
 
 
 def _randomize(model):
