@@ -135,29 +135,32 @@ class Route:
     def __init__(self, names: Sequence[Optional[str]], index: Tensor):
         self.names = list(names)
         self.index = index
-        self._groups: Dict[tuple, object] = {}
+        # (adapters present at a place, token shape) -> (index into those adapters per token, its groups):
+        # built at the first place of each layout, then reused by every layer (no per-layer host copies).
+        self._routing: Dict[tuple, tuple] = {}
 
-    def _local_index(self, slot: AdapterSlot, x: Tensor):
-        present = [n for n in self.names if n is not None and n in slot]
-        lut = torch.tensor([-1] + [present.index(n) if (n is not None and n in slot) else -1 for n in self.names], device=x.device)
-        index = self.index
-        if index.dim() == 1 and x.dim() >= 3:  # per sequence
-            index = index.reshape((-1,) + (1,) * (x.dim() - 2)).expand(x.shape[:-1])
-        if index.shape != x.shape[:-1]:
-            raise ValueError(f"route_adapters: adapter_index has shape {tuple(self.index.shape)}; this place's input is {tuple(x.shape)}")
-        return present, lut[index.to(device=x.device, dtype=torch.long) + 1]
+    def _place_routing(self, present: List[str], x: Tensor):
+        key = (tuple(present), tuple(x.shape[:-1]))
+        if key not in self._routing:
+            lut = torch.tensor([-1] + [present.index(n) if n in present else -1 for n in self.names], device=x.device)
+            index = self.index
+            if index.dim() == 1 and x.dim() >= 3:  # per sequence
+                index = index.reshape((-1,) + (1,) * (x.dim() - 2)).expand(x.shape[:-1])
+            if index.shape != x.shape[:-1]:
+                raise ValueError(f"route_adapters: adapter_index has shape {tuple(self.index.shape)}; this place's input is {tuple(x.shape)}")
+            local = lut[index.to(device=x.device, dtype=torch.long) + 1]
+            self._routing[key] = (local, token_groups(local, len(present)))
+        return self._routing[key]
 
     def __call__(self, slot: AdapterSlot, x: Tensor, residual: Optional[Tensor]) -> Tensor:
-        present, local = self._local_index(slot, x)
+        present = [n for n in self.names if n is not None and n in slot]
         if not present:
             return x if residual is None else residual
-        key = (tuple(present), tuple(x.shape[:-1]))
-        if key not in self._groups:
-            self._groups[key] = token_groups(local, len(present))
+        local, groups = self._place_routing(present, x)
         w_down, b_down, w_up, b_up, scaling, activation, backend = _stack_adapters([slot[n] for n in present])
         return bottleneck_adapter_batched(
             x, local, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling, residual=residual,
-            groups=self._groups[key], backend=backend,
+            groups=groups, backend=backend,
         )
 
     def __repr__(self) -> str:
