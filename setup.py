@@ -9,6 +9,7 @@ pip's default build isolation hides the installed torch from this script, so a p
 ``ADAPTERKERN_FORCE_CUDA=1 pip install --no-build-isolation -e .``. Without it the CUDA backend can
 still JIT-build itself at first use (see adapterkern/backends/cuda.py).
 """
+import importlib.util
 import os
 import shutil
 import sys
@@ -34,8 +35,21 @@ def _arch_flags(archs: str) -> list:
     return flags
 
 
+def _set_cuda_home() -> None:
+    """Point CUDA_HOME at a toolkit with headers before torch.utils.cpp_extension reads it (its own guess
+    fails where nvcc on PATH is a wrapper script; adapterkern/_cuda_home.py says more)."""
+    spec = importlib.util.spec_from_file_location("_adapterkern_cuda_home", HERE / "adapterkern" / "_cuda_home.py")
+    cuda_home = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cuda_home)
+    root = cuda_home.toolkit_root()
+    if root and not cuda_home.has_cuda_headers(os.environ.get("CUDA_HOME")):
+        _log(f"CUDA_HOME={root}")
+        os.environ["CUDA_HOME"] = root
+
+
 def _cuda_extension_kwargs() -> dict:
     force = os.environ.get("ADAPTERKERN_FORCE_CUDA", "") == "1"
+    _set_cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension

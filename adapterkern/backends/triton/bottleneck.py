@@ -312,7 +312,7 @@ def _fwd_tile(
             WD + offs_r[None, :] * stride_wd_r + offs_d[:, None] * stride_wd_d,
             mask=mask_d[:, None] & mask_r[None, :], other=0.0,
         )
-        h = tl.dot(x, wd_t, h, input_precision=PRECISION)
+        h = tl.dot(x, wd_t, h, input_precision=PRECISION, out_dtype=ACC)
     if HAS_BD:
         h += tl.load(BD + offs_r, mask=mask_r, other=0.0).to(ACC)[None, :]
     if SAVE_H:
@@ -414,7 +414,7 @@ def _bwd_dh_tile(
             WU + offs_d[:, None] * stride_wu_d + offs_r[None, :] * stride_wu_r,
             mask=mask_d[:, None] & mask_r[None, :], other=0.0,
         )
-        da = tl.dot(dz.to(WU.dtype.element_ty), wu, da, input_precision=PRECISION)
+        da = tl.dot(dz.to(WU.dtype.element_ty), wu, da, input_precision=PRECISION, out_dtype=ACC)
     h = tl.load(H + offs_t[:, None] * R + offs_r[None, :], mask=mask_tr, other=0.0).to(ACC)
     dh = da * _act_grad(h, ACT)
     tl.store(DH + offs_t[:, None] * R + offs_r[None, :], dh.to(DH.dtype.element_ty), mask=mask_tr)
@@ -556,7 +556,7 @@ def _bwd_main_adapter(
                 tl.store(DX + offs_t[:, None] * D + offs_d[None, :], dx.to(DX.dtype.element_ty), mask=mask_td)
             if NEED_DWD:
                 x = tl.load(X + offs_t[:, None] * stride_xt + offs_d[None, :] * stride_xd, mask=mask_td, other=0.0)
-                acc_dwd = tl.dot(tl.trans(dh), x, acc_dwd, input_precision=PRECISION)
+                acc_dwd = tl.dot(tl.trans(dh), x, acc_dwd, input_precision=PRECISION, out_dtype=ACC)
             if NEED_DBD:
                 acc_dbd += tl.sum(dh.to(ACC), axis=0)
         if NEED_DWU or NEED_DBU:
@@ -568,7 +568,7 @@ def _bwd_main_adapter(
                 h = tl.load(H + offs_t[:, None] * R + offs_r[None, :], mask=mask_tr, other=0.0).to(ACC)
                 # Zero the padded / out-of-range rows of a: act(0) may be non-zero (sigmoid).
                 a = tl.where(mask_tr, _act(h, ACT), 0.0).to(dtype)
-                acc_dwu = tl.dot(tl.trans(dz.to(dtype)), a, acc_dwu, input_precision=PRECISION)
+                acc_dwu = tl.dot(tl.trans(dz.to(dtype)), a, acc_dwu, input_precision=PRECISION, out_dtype=ACC)
             if NEED_DBU:
                 acc_dbu += tl.sum(dz, axis=0)
         if NEED_DS:
