@@ -9,7 +9,18 @@ TORCH_SPEC ?= torch==2.13.0
 ADAPTERHUB_VENV ?= .venv-adapterhub
 AH_PY := $(ADAPTERHUB_VENV)/bin/python
 
-.PHONY: test test-main test-adapterhub example bench bench-full bench-layer bench-tradeoffs bench-suite gpu-check check-cuda
+.PHONY: test test-main test-adapterhub example bench bench-full bench-layer bench-tradeoffs bench-suite gpu-check check-cuda check-image
+
+# The lent GPU machine's image (benchmarks/NOTES.md, "Versions"): Python 3.12, torch 2.11 (a CUDA
+# build, ~3 GB from PyPI), Triton 3.6, transformers 5.17. `make check-image` rebuilds that stack here
+# and runs what can run without a GPU: the CUDA extension built against torch 2.11's headers, every
+# Triton kernel compiled for sm_80/sm_90 by Triton 3.6 (tests/test_triton_compile.py), and the whole
+# suite on Triton 3.6's interpreter. Not part of `make test`; run it before a GPU session.
+# numpy < 2.4: Triton 3.6's interpreter calls int() on 1-element arrays, an error from numpy 2.4.
+IMAGE_VENV ?= .venv-image
+IMAGE_PYTHON ?= python3.12
+IMAGE_PY := $(IMAGE_VENV)/bin/python
+IMAGE_PKGS := torch==2.11.0 triton==3.6.0 transformers==5.17.0 'numpy<2.4' pytest pytest-benchmark hypothesis safetensors matplotlib tqdm
 
 $(VENV)/.installed-%: pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -58,6 +69,16 @@ bench-suite: $(VENV)/.installed-test
 
 check-cuda: $(VENV)/.installed-test
 	PYTHON=$(PY) bash .ci/check_cuda.sh
+
+$(IMAGE_VENV)/.installed: pyproject.toml setup.py
+	test -x $(IMAGE_PY) || $(IMAGE_PYTHON) -m venv $(IMAGE_VENV)
+	$(IMAGE_PY) -m pip install -q --upgrade pip
+	$(IMAGE_PY) -m pip install -q $(IMAGE_PKGS)
+	touch $@
+
+check-image: $(IMAGE_VENV)/.installed
+	MAX_JOBS=2 ADAPTERKERN_CUDA_ARCHS=90 ADAPTERKERN_FORCE_CUDA=1 $(IMAGE_PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(IMAGE_PY) -m pytest tests -q -p no:cacheprovider
 
 gpu-check:
 	bash benchmarks/gpu_check.sh
