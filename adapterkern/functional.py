@@ -179,6 +179,35 @@ def _stack_scaling(scaling, n: int):
     return scaling.reshape(n, -1) if isinstance(scaling, Tensor) else scaling
 
 
+# A static mix (weights of shape (N,)) is folded into one adapter when its rank N * r is at most this:
+# the widest bottleneck the Triton kernels are tuned for (R_PAD 512 keeps the accumulators in registers).
+MAX_FOLDED_RANK = 512
+
+
+def _fold_static_mix(w_down, b_down, w_up, b_up, scale_2d, weights):
+    """N adapters mixed by per-adapter ``weights`` (N,) are one adapter of rank N * r::
+
+        sum_n weights[n] * scaling[n] * (act(x @ w_down[n].T + b_down[n]) @ w_up[n].T + b_up[n])
+          = act(x @ W_down.T + B_down) @ W_up.T + B_up
+
+    with W_down (N*r, d) the down-projections stacked, B_down their biases, W_up (d, N*r) the
+    up-projections side by side, each scaled by weights[n] * scaling[n] (a scalar or per-row), and
+    B_up = sum_n weights[n] * scaling[n] * b_up[n]. Returned as a stack of one: (1, N*r, d), (1, N*r),
+    (1, d, N*r), (1, d). The products are formed in float32 and rounded once to the weights' dtype;
+    torch ops, so gradients reach the stacks, ``scaling`` and ``weights``.
+    """
+    n, r, d = w_down.shape
+    coef = weights.to(torch.float32).reshape(n, 1)
+    if isinstance(scale_2d, Tensor):
+        coef = coef * scale_2d.to(torch.float32)  # (N, 1) or (N, d)
+    else:
+        coef = coef * scale_2d
+    w_up_mix = (w_up.to(torch.float32) * coef[:, :, None]).permute(1, 0, 2).reshape(1, d, n * r).to(w_up.dtype)
+    b_down_cat = None if b_down is None else b_down.reshape(1, n * r)
+    b_up_mix = None if b_up is None else (b_up.to(torch.float32) * coef).sum(0, keepdim=True).to(b_up.dtype)
+    return w_down.reshape(1, n * r, d), b_down_cat, w_up_mix, b_up_mix
+
+
 def multi_adapter(
     x: Tensor,
     w_down: Tensor,
@@ -214,8 +243,10 @@ def multi_adapter(
 
     Returns:
         (N, *x.shape) without ``weights``; x's shape with ``weights``. The stack is computed by one
-        kernel launch (x's tiles reused from cache across the N adapters); the weighted sum over N is
-        a separate PyTorch reduction over that stack.
+        kernel launch (x's tiles reused from cache across the N adapters). Weights of shape (N,) with
+        N * r <= :data:`MAX_FOLDED_RANK` are folded into one adapter of rank N * r (see
+        ``_fold_static_mix``): one launch that writes only the mixed (..., d) result. Per-token weights
+        are a PyTorch reduction over the (N, ..., d) stack.
     """
     d = _check_x(x)
     n = _check_stack(x, w_down, b_down, w_up, b_up, scaling)
@@ -232,6 +263,11 @@ def multi_adapter(
     if name == "cuda":
         raise ValueError("backend: the CUDA extension has no multi-adapter kernel; use backend='triton' or 'torch'")
 
+    folded = weights is not None and weights.dim() == 1 and n * w_down.shape[1] <= MAX_FOLDED_RANK
+    if folded:
+        w_down, b_down, w_up, b_up = _fold_static_mix(w_down, b_down, w_up, b_up, _stack_scaling(scaling, n), weights)
+        n, scaling, weights = 1, 1.0, None
+
     x2d = x.reshape(-1, d)
     stack_residual = add_residual and weights is None
     res2d = None if residual is None or not stack_residual else residual.reshape(-1, d)
@@ -244,6 +280,8 @@ def multi_adapter(
         out, _ = torch.ops.adapterkern.multi_adapter_fwd(
             x2d, w_down, b_down, w_up, b_up, scale, scale_value, res2d, stack_residual, act.kernel_id, save_preact, name
         )
+    if folded:
+        return out.view(x.shape)
     if weights is None:
         return out.view((n,) + tuple(x.shape))
     w = weights.to(out.dtype)

@@ -97,13 +97,48 @@ def test_stack(backend, dtype, n, poison_empty):
         (dict(residual=True), True),
         (dict(scaling="adapter"), False),
         (dict(weights="global"), True),
+        (dict(weights="global", scaling="float", bias=False, residual=True), True),
+        (dict(weights="global", scaling="adapter"), False),
         (dict(weights="token", scaling="adapter"), True),
         (dict(weights="token"), False),
     ],
-    ids=["adapter-scaling", "float-no-bias", "residual", "no-residual", "weights", "token-weights", "token-weights-no-res"],
+    ids=["adapter-scaling", "float-no-bias", "residual", "no-residual", "weights", "weights-float-no-bias-residual",
+         "weights-no-res", "token-weights", "token-weights-no-res"],
 )
 def test_variants(backend, kwargs, add_residual, poison_empty):
     check(make_case(3, (37, 24), 20, torch.float32, **kwargs), backend, activation="silu", add_residual=add_residual)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_static_mix_half(backend, dtype, poison_empty):
+    check(make_case(4, (2, 9, 32), 12, dtype, weights="global"), backend)
+
+
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((str(func), [tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(not is_available("triton", DEVICE), reason=f"backend 'triton' not available on {DEVICE}")
+@pytest.mark.parametrize("n, r, folded", [(4, 8, True), (3, 200, False)], ids=["rank-32-folded", "rank-600-stacked"])
+def test_static_mix_folds_into_one_adapter(n, r, folded):
+    """Weights of shape (N,) run as one adapter of rank N*r (one kernel call writing only the mixed result)
+    while N*r <= MAX_FOLDED_RANK; above it, as the (N, T, d) stack and a reduction. Same numbers either way."""
+    case = make_case(n, (5, 16), r, torch.float32, weights="global")
+    with _RecordOps() as rec:
+        y = adapterkern.multi_adapter(case["x"], case["w_down"], case["b_down"], case["w_up"], case["b_up"],
+                                      scaling=case["scaling"], weights=case["weights"], backend="triton")
+    fwd = [shapes for op, shapes in rec.calls if op.startswith("adapterkern.multi_adapter_fwd")]
+    assert len(fwd) == 1
+    assert fwd[0][1] == ((1, n * r, 16) if folded else (n, r, 16))  # w_down as the op sees it
+    ref = loop_reference(case, "relu", True)
+    assert rel_err(y, ref) < 1e-5
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
