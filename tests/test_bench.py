@@ -110,6 +110,7 @@ def test_multi_runs_and_checks_its_outputs(tmp_path):
     assert [(r["group"], r["variant"]) for r in rows] == [
         ("stack", "loop"), ("stack", "multi_adapter"), ("stack", "one adapter"),
         ("batch", "masked loop"), ("batch", "batched"), ("batch", "one adapter"),
+        ("mix", "loop mix"), ("mix", "stack + einsum"), ("mix", "folded mix"), ("mix", "one adapter"),
         ("fusion", "eager fusion"), ("fusion", "adapterkern fusion"), ("fusion", "one adapter"),
     ]
     assert all(float(r["max_rel_diff"]) < 1e-5 for r in rows)

@@ -14,7 +14,11 @@ At one point (default T=4096, d=1024, r=64 on a GPU; T=512, d=768 on a CPU), N a
     its ``BatchSplit`` block does (``compose_batch_split``)
   - ``batched``: :func:`adapterkern.bottleneck_adapter_batched`, one launch (token groups precomputed once
     per batch, as the model integration does)
-
+* mix: a static mix ``x + sum_n w[n] * s * up_n(...)`` (weights of shape (N,))
+  - ``loop mix``: N eager adapters, weighted and summed
+  - ``stack + einsum``: :func:`adapterkern.multi_adapter` with per-token weights (all rows equal): the
+    (N, T, d) stack, then a PyTorch reduction
+  - ``folded mix``: :func:`adapterkern.multi_adapter` with weights (N,): one adapter of rank N*r, one launch
 * fusion: AdapterFusion (dynamic) over the N adapters' outputs
   - ``eager fusion``: N eager adapters, then the ``adapters`` library's formula written out (keys and
     values per adapter, softmax over N), or the library's own ``BertFusion`` when it is installed
@@ -170,13 +174,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         "adapterkern fusion": lambda: fuse_adapters(x, modules, fusion),
         "one adapter": stack_variants["one adapter"],
     }
+    # A static mix sum_n w[n] * adapter_n(x): the loop, the (N, T, d) stack mixed by an einsum (per-token
+    # weights, here all rows equal), and the fold into one adapter of rank N*r (weights of shape (N,)).
+    mix = torch.softmax(torch.randn(n, generator=gen, device=device), 0).to(dtype)
+    mix_variants = {
+        "loop mix": lambda: x + sum(mix[i] * (eager(i, x) - x) for i in range(n)),
+        "stack + einsum": lambda: ak.multi_adapter(x, w_down, b_down, w_up, b_up, activation=args.activation, scaling=scaling,
+                                                   weights=mix.expand(t, n), backend=args.backend),
+        "folded mix": lambda: ak.multi_adapter(x, w_down, b_down, w_up, b_up, activation=args.activation, scaling=scaling,
+                                               weights=mix, backend=args.backend),
+        "one adapter": stack_variants["one adapter"],
+    }
     env = environment(device)
     run_id = uuid.uuid4().hex[:8]
     rows: List[Dict[str, object]] = []
     print(f"[multi] N={n} adapters, T={t}, d={d}, r={r}, {str(dtype).replace('torch.', '')} on {device}; "
           f"{args.rounds} alternating rounds", flush=True)
     for group, variants, tokens in (("stack", stack_variants, t), ("batch", batch_variants, tokens_b),
-                                    ("fusion", fusion_variants, t)):
+                                    ("mix", mix_variants, t), ("fusion", fusion_variants, t)):
         with torch.inference_mode():
             outs = {k: f().float() for k, f in variants.items()}
             times = timing.interleaved(list(variants.values()), device, rounds=args.rounds, min_block_s=args.block_ms / 1e3)
