@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU session (at most about 8 minutes; the device is lent rarely and briefly):
 #   1. pip install -e . --no-deps --no-build-isolation   (the GPU image has torch/triton, no internet)
-#   2. the test suite, pytest tests -x -q, under a time limit; compute-sanitizer memcheck on a short
-#      forward + backward of the CUDA and Triton backends (benchmarks/sanitize_check.py) if it exists
+#   2. the test suite (pytest tests, in parallel with pytest-xdist when installed) under a time limit;
+#      compute-sanitizer memcheck on a short forward + backward of the CUDA and Triton backends
+#      (benchmarks/sanitize_check.py) if it exists
 #   3. the benchmark grid in bf16 (python -m adapterkern.bench --full), in three stages:
 #        A  every point of the issue's grid: eager, adapters (if installed), every adapterkern
 #           backend, and their CUDA-graph variants at T <= 64   (target points first)
@@ -83,11 +84,19 @@ fi
 $PY -c "import adapterkern, torch; print('adapterkern', adapterkern.__version__, 'from', adapterkern.__file__); \
 print('backends on cuda:', adapterkern.available_backends('cuda'))" 2>&1 | tee -a "$RES/env.txt"
 
-stage "tests (limit $(budget "$TESTS_S")s)"
 # Two Triton configs per kernel in the tests (ADAPTERKERN_TRITON_CONFIGS=few): the full autotuning sweep
 # would compile and time 48 configs for every new shape key of the suite; the benchmarks below tune fully.
-ADAPTERKERN_TRITON_CONFIGS=few timeout -k 10 "$(budget "$TESTS_S")" $PY -m pytest tests -x -q -p no:cacheprovider \
-    > "$RES/tests.log" 2>&1
+# Even so the suite launches ~350 distinct kernel specialisations (counted under the interpreter,
+# 2026-11-29), each a compile of ~0.3-1 s (Triton 3.6, sm_90, measured on this project's 2-core CPU):
+# several minutes in one process, so the tests run in parallel with pytest-xdist (on the GPU image)
+# when it is importable. --maxfail instead of -x: a rare GPU run should show every failure it can.
+XDIST=()
+if $PY -c "import xdist" 2>/dev/null; then
+    WORKERS=$(nproc); (( WORKERS > 12 )) && WORKERS=12; XDIST=(-n "$WORKERS")
+fi
+stage "tests (limit $(budget "$TESTS_S")s; ${XDIST[*]:-serial})"
+ADAPTERKERN_TRITON_CONFIGS=few timeout -k 10 "$(budget "$TESTS_S")" $PY -m pytest tests "${XDIST[@]}" --maxfail=25 -q \
+    -p no:cacheprovider > "$RES/tests.log" 2>&1
 TESTS_RC=$?
 echo "tests rc=$TESTS_RC (124 = time limit reached)"; tail -15 "$RES/tests.log"
 
