@@ -18,9 +18,9 @@ AH_PY := $(ADAPTERHUB_VENV)/bin/python
 # suite on Triton 3.6's interpreter. Not part of `make test`; run it before a GPU session.
 # numpy < 2.4: Triton 3.6's interpreter calls int() on 1-element arrays, an error from numpy 2.4.
 IMAGE_VENV ?= .venv-image
-IMAGE_PYTHON ?= python3.12
+IMAGE_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
 IMAGE_PY := $(IMAGE_VENV)/bin/python
-IMAGE_PKGS := torch==2.11.0 triton==3.6.0 transformers==5.17.0 'numpy<2.4' pytest pytest-benchmark hypothesis safetensors matplotlib tqdm
+IMAGE_PKGS := torch==2.11.0 triton==3.6.0 transformers==5.17.0 'numpy<2.4' pytest pytest-xdist pytest-benchmark hypothesis safetensors matplotlib tqdm
 
 $(VENV)/.installed-%: pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,8 +41,9 @@ test: $(VENV)/.installed-test $(ADAPTERHUB_VENV)/.installed
 	@rc=0; $(MAKE) --no-print-directory test-main || rc=$$?; \
 	$(MAKE) --no-print-directory test-adapterhub || rc=$$?; exit $$rc
 
+# In parallel (pytest-xdist, one worker per core up to 4): the Triton interpreter is CPU-bound.
 test-main: $(VENV)/.installed-test
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -n auto --maxprocesses 4
 
 # ADAPTERKERN_REQUIRE_ADAPTERS turns the "adapters not installed" skip into a failure here.
 test-adapterhub: $(ADAPTERHUB_VENV)/.installed
@@ -78,7 +79,7 @@ $(IMAGE_VENV)/.installed: pyproject.toml setup.py
 
 check-image: $(IMAGE_VENV)/.installed
 	MAX_JOBS=2 ADAPTERKERN_CUDA_ARCHS=90 ADAPTERKERN_FORCE_CUDA=1 $(IMAGE_PY) -m pip install -q --no-deps --no-build-isolation -e .
-	$(IMAGE_PY) -m pytest tests -q -p no:cacheprovider
+	$(IMAGE_PY) -m pytest tests -q -p no:cacheprovider -n auto --maxprocesses 4
 
 gpu-check:
 	bash benchmarks/gpu_check.sh
