@@ -43,19 +43,22 @@ def _compile(autotuned, dtype, constexprs, arch):
     assert compiled.asm.get("cubin"), "no cubin produced"
 
 
-def compile_all() -> int:
+# dtype -> PRECISION: a half type, IEEE fp32, fp64 (gradcheck). fp16 and TF32 fp32 also
+# compiled when this was written (2026-11-29); left out to keep CI's 2 cores under budget (~4 s each).
+CASES = {"bf16": None, "fp32": "ieee", "fp64": None}
+
+
+def compile_all(archs=ARCHS, dtypes=tuple(CASES)) -> int:
     import triton.language as tl
 
     from adapterkern.backends.triton import bottleneck as kernels
 
-    # (dtype, PRECISION, ACC): a half type, IEEE fp32, fp64 (gradcheck). fp16 and TF32 fp32 also
-    # compiled when this was written (2026-11-29); left out to keep CI's 2 cores under budget (~4 s each).
-    cases = [("bf16", None, tl.float32), ("fp32", "ieee", tl.float32), ("fp64", None, tl.float64)]
     tiles = [(16, 16, 32), (512, 32, 32)]  # (R_PAD, BLOCK_T, BLOCK_D): smallest dots, widest bottleneck
     needs = dict(NEED_DX=True, NEED_DWD=True, NEED_DBD=True, NEED_DWU=True, NEED_DBU=True, NEED_DS=True)
     failures = 0
-    for arch in ARCHS:
-        for dtype, precision, acc in cases:
+    for arch in archs:
+        for dtype in dtypes:
+            precision, acc = CASES[dtype], (tl.float64 if dtype == "fp64" else tl.float32)
             for r_pad, block_t, block_d in tiles:
                 if dtype == "fp64" and r_pad > 16:
                     continue  # float64 serves gradcheck on tiny shapes only; saves CI ~45 s on 2 cores
@@ -80,13 +83,18 @@ def compile_all() -> int:
     return failures
 
 
-def test_triton_kernels_compile_for_sm80_and_sm90():
+# One test per (arch, dtype), each in its own subprocess, so pytest-xdist spreads the compiles over workers.
+@pytest.mark.parametrize("dtype", list(CASES))
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm_{a}")
+def test_triton_kernels_compile(arch, dtype):
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, __file__, str(arch), dtype], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python tests/test_triton_compile.py [ARCH DTYPE]: all of them by default
+    if len(sys.argv) == 3:
+        sys.exit(1 if compile_all((int(sys.argv[1]),), (sys.argv[2],)) else 0)
     sys.exit(1 if compile_all() else 0)
