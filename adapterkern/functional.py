@@ -193,18 +193,19 @@ def _fold_static_mix(w_down, b_down, w_up, b_up, scale_2d, weights):
     with W_down (N*r, d) the down-projections stacked, B_down their biases, W_up (d, N*r) the
     up-projections side by side, each scaled by weights[n] * scaling[n] (a scalar or per-row), and
     B_up = sum_n weights[n] * scaling[n] * b_up[n]. Returned as a stack of one: (1, N*r, d), (1, N*r),
-    (1, d, N*r), (1, d). The products are formed in float32 and rounded once to the weights' dtype;
-    torch ops, so gradients reach the stacks, ``scaling`` and ``weights``.
+    (1, d, N*r), (1, d). The products are formed in float32 (float64 for float64 weights) and rounded
+    once to the weights' dtype; torch ops, so gradients reach the stacks, ``scaling`` and ``weights``.
     """
     n, r, d = w_down.shape
-    coef = weights.to(torch.float32).reshape(n, 1)
+    math = torch.float64 if w_up.dtype == torch.float64 else torch.float32
+    coef = weights.to(math).reshape(n, 1)
     if isinstance(scale_2d, Tensor):
-        coef = coef * scale_2d.to(torch.float32)  # (N, 1) or (N, d)
+        coef = coef * scale_2d.to(math)  # (N, 1) or (N, d)
     else:
         coef = coef * scale_2d
-    w_up_mix = (w_up.to(torch.float32) * coef[:, :, None]).permute(1, 0, 2).reshape(1, d, n * r).to(w_up.dtype)
+    w_up_mix = (w_up.to(math) * coef[:, :, None]).permute(1, 0, 2).reshape(1, d, n * r).to(w_up.dtype)
     b_down_cat = None if b_down is None else b_down.reshape(1, n * r)
-    b_up_mix = None if b_up is None else (b_up.to(torch.float32) * coef).sum(0, keepdim=True).to(b_up.dtype)
+    b_up_mix = None if b_up is None else (b_up.to(math) * coef).sum(0, keepdim=True).to(b_up.dtype)
     return w_down.reshape(1, n * r, d), b_down_cat, w_up_mix, b_up_mix
 
 

@@ -142,14 +142,16 @@ def test_static_mix_folds_into_one_adapter(n, r, folded):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gradcheck(backend):
-    case = make_case(2, (5, 8), 3, torch.float64, scaling="adapter")
+@pytest.mark.parametrize("weights", [None, "global"], ids=["stack", "static-mix"])
+def test_gradcheck(backend, weights):
+    case = make_case(2, (5, 8), 3, torch.float64, scaling="adapter", weights=weights)
     names = [k for k in NAMES if isinstance(case[k], torch.Tensor)]
 
     def fn(*tensors):
         kw = dict(zip(names, tensors))
         return adapterkern.multi_adapter(
-            kw["x"], kw["w_down"], kw["b_down"], kw["w_up"], kw["b_up"], activation="gelu_new", scaling=kw["scaling"], backend=backend
+            kw["x"], kw["w_down"], kw["b_down"], kw["w_up"], kw["b_up"], activation="gelu_new", scaling=kw["scaling"],
+            weights=kw.get("weights"), backend=backend,
         )
 
     assert torch.autograd.gradcheck(fn, [case[k] for k in names], fast_mode=True)  # random directions: the interpreter is slow
