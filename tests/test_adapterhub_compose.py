@@ -288,7 +288,8 @@ def test_float64(calls):
     model = _setup("bert", SEQ, fusions=[(Fuse("d", "c"), "dynamic")], dtype=torch.float64)
     inputs = _inputs(torch.float64)
     for setup, op in ((BatchSplit("a", "c", batch_sizes=[1, 2]), "bottleneck_adapter_batched"),
-                      (Parallel("b", "d"), "bottleneck_adapter_batched"), (Fuse("d", "c"), "multi_adapter")):
+                      (Parallel("b", "d"), "bottleneck_adapter_batched"), (Fuse("d", "c"), "multi_adapter"),
+                      (Average("b", "c", "d", weights=[2.0, 1.0, 1.0]), "multi_adapter")):
         _compare(model, setup, {op: 2, "_counter": calls}, modes=("train",), inputs=inputs, tol=(1e-12, 1e-10))
 
 
@@ -302,6 +303,7 @@ def test_triton_backend(calls):
              backend="triton", modes=("train",), inputs=inputs)  # parallel adapters: a stride-0 zero residual
     _compare(model, Parallel("a", "d"), _expect(calls, bottleneck_adapter_batched=2), backend="triton", modes=("train",), inputs=inputs)
     _compare(model, Fuse("a", "c"), _expect(calls, multi_adapter=2), backend="triton", modes=("train",), inputs=inputs)
+    _compare(model, Average("c", "b", weights=[1.0, 2.0]), _expect(calls, multi_adapter=2), backend="triton", modes=("train",), inputs=inputs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -363,7 +365,8 @@ def test_incompatible_blocks_keep_library_loop(calls):
         "unfused": (BatchSplit("gated", "a", batch_sizes=[1, 1]), r"'gated' keeps the library's path \(gating", 2),
         "kinds": (BatchSplit("a", "p", batch_sizes=[1, 1]), r"differ in kind", 2),
         "nested": (BatchSplit(Stack("a", "b"), "c", batch_sizes=[1, 1]), r"nested Stack block", 6),
-        "average": (Average("a", "b"), r"Average is left to the library .*1/N", 4),
+        "average-nested": (Average(Stack("a", "b"), "c"), r"Average with a nested Stack block", 6),
+        "average-kinds": (Average("a", "p"), r"differ in kind", 2),
         "split": (Split("a", "b", splits=[2, 3]), r"Split .* is not fused", 4),
     }
     refs = {}
@@ -396,9 +399,40 @@ def test_incompatible_blocks_keep_library_loop(calls):
             _run(model, inputs)
 
 
+# ------------------------------------------------------------------------------------------------
+# Average: the library's weighted mean, the N adapters folded into one launch
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_average(arch, calls):
+    model = _setup(arch, {**SEQ, **PAR})
+    # Sequential adapters with every kind of scaling, unequal weights, one adapter twice.
+    refs, report = _compare(model, Average("a", "b", "c", "a", weights=[1.0, 3.0, 2.0, 0.5]), _expect(calls, multi_adapter=2))
+    assert all("weighted mean folded" in what for what in report.compositions.values())
+    _adapter_grads_matter(refs["train"], "abc")
+    refs, _ = _compare(model, Average("p", "q"), _expect(calls, multi_adapter=2))  # parallel adapters
+    _adapter_grads_matter(refs["train"], "pq")
+    # Inside a Stack, and the library's own default weights.
+    _compare(model, Stack("d", Average("b", "c")), _expect(calls, bottleneck_adapter=2, multi_adapter=2))
+
+
+def test_average_bf16_keeps_the_library_dtype(calls):
+    """The library multiplies the states by float32 weights: a bf16 model's Average output is float32."""
+    model = _setup("bert", SEQ, dtype=torch.bfloat16)
+    model.eval()
+    layer = model.encoder.layer[0].output
+    x = torch.randn(2, 5, D, dtype=torch.bfloat16)
+    setup = Average("a", "b", "c", weights=[1.0, 3.0, 2.0])
+    ref = layer.compose_average(setup, BottleneckState(x, None, x, None), 0).hidden_states
+    _patch(model, "torch")
+    got = layer.compose_average(setup, BottleneckState(x, None, x, None), 0).hidden_states
+    assert calls[("multi_adapter", "torch")] == 1
+    assert got.dtype == ref.dtype == torch.float32
+    assert rel_err(got, ref) < 2e-2  # the library rounds each child's output to bf16 first
+
+
 def test_average_note_and_library_numbers():
     """The library's Average with sequential adapters: (1/N) sum_n w_n (res + s_n u_n) (what the module
-    docstring says and why it stays the library's); adapterkern.multi_adapter(weights=) keeps res once."""
+    docstring says, and what the patched Average computes); adapterkern.multi_adapter(weights=) keeps res once."""
     model = _setup("bert", {"a": SEQ["a"], "b": SEQ["b"]})
     model.eval()
     layer = model.encoder.layer[0].output

@@ -44,27 +44,29 @@ with no rows gets zero gradients, as from the library's empty slice):
 * ``Fuse``: the N adapters' ``s_n * up_n(...)`` (what the library stacks for AdapterFusion) from one
   :func:`adapterkern.multi_adapter` call (``add_residual=False``, the adapters' weights stacked per
   call), then the library's own fusion layer (``adapter_fusion_layer[...]``) on them, unchanged.
+* ``Average``: the library's ``mean`` of the weighted children's outputs (below), the N adapters folded
+  into one adapter of rank N * r by ``multi_adapter(weights=w / N, add_residual=False)`` (one launch),
+  plus ``(sum_n w_n / N) * res`` for sequential adapters, in the dtype the library's float32 weights
+  promote the states to.
 
 Sequential children compute ``residual + s_n * up_n(...)`` with the residual the library hands them;
 parallel children ``s_n * up_n(...)`` (the library adds the sub-layer output in ``post_forward``).
 Other blocks keep the library's loop over their adapters (each fusable adapter still runs through the
-fused op on its own): ``Split``, ``Average``, blocks with nested blocks or with adapters that
-disagree, and ``backend="cuda"`` (the CUDA extension has no multi-adapter / batched kernel). For the
-active setup at patch time they are listed in the report and the warning; a block first met at run
-time warns once per layer (:class:`AdapterPatchWarning`) with the reason (``compose_split`` and
-``compose_average`` are wrapped only for that). ``pad_and_concat`` is replaced too, so that the
+fused op on its own): ``Split``, blocks with nested blocks or with adapters that disagree, and
+``backend="cuda"`` (the CUDA extension has no multi-adapter / batched kernel). For the active setup at
+patch time they are listed in the report and the warning; a block first met at run time warns once
+per layer (:class:`AdapterPatchWarning`) with the reason (``compose_split`` is wrapped only for that). ``pad_and_concat`` is replaced too, so that the
 library's loop can mix a fused adapter forward (no ``up``) with the library's own (an adapter
 drawing dropout masks) instead of failing on the ``up`` no Fuse reads there. Where the library
 itself fails (``Parallel`` of parallel adapters replicating the batch in the layer: its
 ``post_forward`` adds the unreplicated sub-layer output; a ``BatchSplit`` / ``Parallel`` whose first
 or last adapter is missing in a layer), the patched model fails too.
 
-``Average`` is left to the library on purpose: its ``mean`` over the N children's outputs, with
-weights already normalised to sum to 1, computes ``(1/N) * sum_n w_n * (res + s_n * u_n)``, i.e.
+``Average``'s numbers are the library's, quirk included: its ``mean`` over the N children's outputs,
+with weights already normalised to sum to 1, computes ``(1/N) * sum_n w_n * (res + s_n * u_n)``, i.e.
 the sub-layer's residual stream scaled by 1/N for sequential adapters (and each contribution by an
-extra 1/N), which looks like a bug in the library. Patching keeps the library's numbers for it;
-adapterkern's own API, ``adapterkern.multi_adapter(x, ..., weights=w)``, keeps the residual once:
-``res + sum_n w_n * s_n * u_n``.
+extra 1/N), which looks like a bug in the library. adapterkern's own API,
+``adapterkern.multi_adapter(x, ..., weights=w)``, keeps the residual once: ``res + sum_n w_n * s_n * u_n``.
 
 AdapterDrop (``model.set_active_adapters(setup, skip_layers=[...])``): the library consults
 ``skip_layers`` only in ``get_active_setup`` (no active setup in a skipped layer: the plain residual
@@ -425,13 +427,7 @@ class _Verdict(NamedTuple):
     why: Optional[str] = None
 
 
-_LIBRARY_BLOCKS = {
-    "Split": "Split (a split along the sequence) is not fused",
-    "Average": (
-        "Average is left to the library (its mean over the N outputs of weights that already sum to 1 "
-        "scales the residual by 1/N; see adapterkern.integrations.adapterhub)"
-    ),
-}
+_LIBRARY_BLOCKS = {"Split": "Split (a split along the sequence) is not fused"}
 
 
 def _analyse(layer, block) -> _Verdict:
@@ -450,7 +446,7 @@ def _analyse(layer, block) -> _Verdict:
     lp = getattr(layer, COMPOSE_ATTR)
     if lp.backend == "cuda":
         return _Verdict(why="backend='cuda': the CUDA extension has no multi-adapter / batched kernel")
-    names = tuple(present) if kind == "Fuse" else tuple(dict.fromkeys(present))  # Fuse: one slot per child
+    names = tuple(present) if kind in ("Fuse", "Average") else tuple(dict.fromkeys(present))  # one slot per child
     props = {}
     for name in dict.fromkeys(names):
         adapter = layer.adapters[name]
@@ -485,6 +481,8 @@ def _describe_block(kind: str, verdict: _Verdict, layer) -> str:
     what = "parallel" if getattr(layer.adapters[verdict.names[0]], PLAN_ATTR).parallel else "sequential"
     if kind == "Fuse":
         return f"one multi_adapter launch (add_residual=False) for the {n} adapters' s * up(...), then the library's fusion layer"
+    if kind == "Average":
+        return f"one multi_adapter launch: the {what} adapters' weighted mean folded into one adapter of rank {len(verdict.names)} * r"
     rows = "per-sequence index from batch_sizes" if kind in ("BatchSplit", "MultiTask") else "on the replicated batch, copy i through adapter i"
     return f"one bottleneck_adapter_batched launch over {n} {what} adapter(s) ({rows})"
 
@@ -690,7 +688,35 @@ def _library_block(name):
 
 
 _compose_split = _library_block("compose_split")
-_compose_average = _library_block("compose_average")
+
+
+def _compose_average(self, adapter_setup, state, lvl=0):
+    """Replaced ``compose_average``: the library's ``mean_n(w_n * out_n)`` over the children's outputs
+    (sequential adapters: ``out_n = res + s_n * u_n``; parallel ones: ``s_n * u_n``) as one launch of the
+    N adapters folded into one (``multi_adapter`` with weights ``w / N``), plus ``(sum_n w_n / N) * res``
+    for sequential adapters; the result in the dtype the library's float32 weights promote the states to."""
+    original = type(self).compose_average
+    verdict = _verdict(self, adapter_setup)
+    if not verdict.names or len(verdict.names) != len(adapter_setup.children) or state.hidden_states.dim() != 3:
+        return original(self, adapter_setup, state, lvl)  # children missing here: the library's (failing) mean
+    entry = state
+    state = self.pre_block(adapter_setup, state)
+    x, residual = state.hidden_states, state.adapter_residual
+    stacked = _stack(self, verdict.names, x, residual)
+    if stacked is None:
+        return original(self, adapter_setup, entry, lvl)  # pre_block is pure: the library redoes it
+    w_down, b_down, w_up, b_up, scaling, activation, backend = stacked
+    weights = torch.tensor(adapter_setup.weights)  # as the library builds them (float32)
+    dtype = torch.promote_types(x.dtype, weights.dtype)  # what the library's product promotes the states to
+    w = weights.to(device=x.device, dtype=dtype) / len(verdict.names)
+    mixed = multi_adapter(
+        x, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling, add_residual=False, weights=w, backend=backend,
+    )
+    hidden_states = mixed.to(dtype)
+    if not getattr(self.adapters[verdict.names[0]], PLAN_ATTR).parallel:
+        res = x if residual is None else residual
+        hidden_states = hidden_states + res.to(dtype) * w.sum()
+    return state._replace(hidden_states=hidden_states, bottleneck_up=None, last=adapter_setup.children[-1])
 
 
 def _pad_and_concat(self, states):
