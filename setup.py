@@ -35,35 +35,36 @@ def _arch_flags(archs: str) -> list:
     return flags
 
 
-def _set_cuda_home() -> None:
-    """Point CUDA_HOME at a toolkit with headers before torch.utils.cpp_extension reads it (its own guess
-    fails where nvcc on PATH is a wrapper script; adapterkern/_cuda_home.py says more)."""
+def _fix_cuda_home(cpp_extension) -> None:
+    """adapterkern/_cuda_home.py's fix for torch's CUDA_HOME guess (wrong where nvcc on PATH is a wrapper
+    script), loaded from its file: the package itself is not importable while it is being built."""
     spec = importlib.util.spec_from_file_location("_adapterkern_cuda_home", HERE / "adapterkern" / "_cuda_home.py")
     cuda_home = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cuda_home)
-    root = cuda_home.toolkit_root()
-    if root and not cuda_home.has_cuda_headers(os.environ.get("CUDA_HOME")):
+    root = cuda_home.fix_cpp_extension(cpp_extension)
+    if root:
         _log(f"CUDA_HOME={root}")
-        os.environ["CUDA_HOME"] = root
 
 
 def _cuda_extension_kwargs() -> dict:
     force = os.environ.get("ADAPTERKERN_FORCE_CUDA", "") == "1"
-    _set_cuda_home()
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+        from torch.utils import cpp_extension
+        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
     except Exception as exc:  # build isolation, or torch not installed yet
         if force:
             raise SystemExit(f"adapterkern setup: ADAPTERKERN_FORCE_CUDA=1 but torch is not importable ({exc}); "
                              "use `pip install --no-build-isolation`")
         _log(f"torch not importable at build time ({exc.__class__.__name__}); skipping the CUDA extension")
         return {}
-    nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")))
+    if not force and torch.version.cuda is None:
+        _log(f"torch {torch.__version__} is a CPU build; skipping the CUDA extension")
+        return {}
+    _fix_cuda_home(cpp_extension)
+    cuda_home = cpp_extension.CUDA_HOME
+    nvcc = shutil.which("nvcc") or (cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")))
     if not force:
-        if torch.version.cuda is None:
-            _log(f"torch {torch.__version__} is a CPU build; skipping the CUDA extension")
-            return {}
         if not nvcc:
             _log("nvcc not found; skipping the CUDA extension")
             return {}

@@ -41,3 +41,15 @@ def toolkit_root(guess: Optional[str] = None) -> Optional[str]:
     candidates.append("/usr/local/cuda")
     candidates.extend(sorted(glob.glob("/usr/local/cuda-*"), reverse=True))
     return next((c for c in candidates if has_cuda_headers(c)), None)
+
+
+def fix_cpp_extension(cpp_extension) -> Optional[str]:
+    """Give ``torch.utils.cpp_extension`` (the module, already imported) a CUDA_HOME with headers where
+    its own guess has none: its module global, which its include paths and nvcc path read, and the
+    environment. Returns the root it set, or None when it changed nothing."""
+    if has_cuda_headers(cpp_extension.CUDA_HOME):
+        return None
+    root = toolkit_root(cpp_extension.CUDA_HOME)
+    if root:
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = root
+    return root

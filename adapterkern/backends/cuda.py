@@ -72,18 +72,6 @@ def cuda_arch_flags(archs: Optional[str] = None) -> list[str]:
 NVCC_FLAGS = ["-O3", "-lineinfo"]  # never --use_fast_math: IEEE maths
 
 
-def _fix_cuda_home() -> None:
-    """Give cpp_extension a CUDA_HOME that has the headers, where its own guess has none."""
-    from torch.utils import cpp_extension
-
-    from .._cuda_home import has_cuda_headers, toolkit_root
-
-    if not has_cuda_headers(cpp_extension.CUDA_HOME):
-        root = toolkit_root(cpp_extension.CUDA_HOME)
-        if root:
-            cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = root
-
-
 def _jit_build() -> None:
     from torch.utils import cpp_extension
 
@@ -121,7 +109,9 @@ def _why_no_jit() -> Optional[str]:
         return "no CUDA device"
     from torch.utils import cpp_extension
 
-    _fix_cuda_home()
+    from .._cuda_home import fix_cpp_extension
+
+    fix_cpp_extension(cpp_extension)  # nvcc on PATH a wrapper script: torch's guess has no headers
     if cpp_extension.CUDA_HOME is None and shutil.which("nvcc") is None:
         return "nvcc not found (set CUDA_HOME)"
     if not cpp_extension.is_ninja_available():
