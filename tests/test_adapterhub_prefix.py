@@ -120,6 +120,18 @@ def _forward_backward(model, ids, mask, params, cot):
     return out.detach(), [p.grad.clone() for p in params]
 
 
+def _assert_matches_library(plain, ours, lib, ids, mask):
+    """Our model (prefix ``ours``) and the library's ``lib``: the same output and prefix gradients under
+    one random cotangent. Returns the library's output."""
+    cot = torch.randn(*ids.shape, 32)
+    out, grads = _forward_backward(plain, ids, mask, _our_params(ours), cot)
+    ref, ref_grads = _forward_backward(lib, ids, mask, _lib_params(lib), cot)
+    assert rel_err(out, ref) < 1e-5, rel_err(out, ref)
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) < 1e-4, rel_err(g, rg)
+    return ref
+
+
 def _lib_params(lib):
     enc = _library_prefix(lib)
     return [enc.wte.weight, enc.control_trans[0].weight, enc.control_trans[0].bias, enc.control_trans[2].weight, enc.control_trans[2].bias]
@@ -184,12 +196,7 @@ def test_causal_model_equals_library(arch, padded):
     _attach(plain, ours)
     enable_prefix_attention(plain)
     ids, mask = _inputs(arch, padded)
-    cot = torch.randn(*ids.shape, 32)
-    out, grads = _forward_backward(plain, ids, mask, _our_params(ours), cot)
-    ref, ref_grads = _forward_backward(lib, ids, mask, _lib_params(lib), cot)
-    assert rel_err(out, ref) < 1e-5, rel_err(out, ref)
-    for g, rg in zip(grads, ref_grads):
-        assert rel_err(g, rg) < 1e-4, rel_err(g, rg)
+    _assert_matches_library(plain, ours, lib, ids, mask)
 
 
 @pytest.mark.parametrize("arch,lib_cache", [("gpt2", True), ("gpt2", False), ("llama", False)])
@@ -240,12 +247,7 @@ def test_bert_mam_equals_library(impl, padded):
             adapter.adapter_up.bias.copy_(theirs.adapter_up.bias)
         plain.get_submodule(module_name).bottleneck_adapters.active = "par"
     ids, mask = _inputs("bert", padded)
-    cot = torch.randn(*ids.shape, 32)
-    out, grads = _forward_backward(plain, ids, mask, _our_params(ours), cot)
-    ref, ref_grads = _forward_backward(lib, ids, mask, _lib_params(lib), cot)
-    assert rel_err(out, ref) < 1e-5, rel_err(out, ref)
-    for g, rg in zip(grads, ref_grads):
-        assert rel_err(g, rg) < 1e-4, rel_err(g, rg)
+    ref = _assert_matches_library(plain, ours, lib, ids, mask)
     # both halves matter
     for place in attention_places(plain):
         place.module.bottleneck_adapters.active = None
