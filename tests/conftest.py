@@ -10,24 +10,7 @@ if shutil.which("nvidia-smi") is None and not os.path.exists("/dev/nvidiactl"):
 import pytest  # noqa: E402,F401
 import torch  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-if INTERPRET:
-    import triton.language as tl
-    from triton.runtime import interpreter as _interpreter
-
-    _create_dot = _interpreter.InterpreterBuilder.create_dot
-
-    def _create_dot_bf16_as_float(self, a, b, d, input_precision, max_num_imprecise_acc):
-        # Triton 3.9's interpreter stores bf16 as uint16 and hands those integers to np.matmul
-        # (triton-lang/triton#11584): convert bf16 operands to float32 first, as a GPU would.
-        if a.dtype.scalar == tl.bfloat16:
-            a = self.cast_impl(a, tl.float32)
-        if b.dtype.scalar == tl.bfloat16:
-            b = self.cast_impl(b, tl.float32)
-        return _create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
-
-    _interpreter.InterpreterBuilder.create_dot = _create_dot_bf16_as_float
+from adapterkern.backends.triton import INTERPRET  # noqa: E402  (the product's own reading)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

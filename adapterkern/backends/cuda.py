@@ -27,6 +27,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .precision import fp32_matmul_allows_tf32
+
 BUILD_HINT = (
     "the CUDA extension adapterkern._C is not built; build it with a CUDA toolchain: "
     "`ADAPTERKERN_FORCE_CUDA=1 pip install --no-build-isolation -e .` (or let it JIT-build: "
@@ -181,14 +183,6 @@ def unavailable_reason(device: torch.device) -> str:
     return _reason
 
 
-def _allow_tf32() -> bool:
-    matmul = torch.backends.cuda.matmul
-    precision = getattr(matmul, "fp32_precision", None)
-    if precision is not None and precision not in ("none", "ieee"):
-        return precision == "tf32"
-    return bool(matmul.allow_tf32)
-
-
 def _require() -> None:
     if not _load():
         raise RuntimeError(f"backend='cuda' is unavailable: {_reason}")
@@ -199,7 +193,7 @@ def adapter_forward(x, w_down, b_down, w_up, b_up, scale, scale_value, residual,
     _require()
     y, preact = torch.ops.adapterkern.cuda_adapter_fwd(
         x, w_down, b_down, w_up, b_up, scale, float(scale_value), residual, int(activation_id), bool(save_preact),
-        _allow_tf32(),
+        fp32_matmul_allows_tf32(),
     )
     return y, preact
 
@@ -221,6 +215,6 @@ def adapter_backward(dy, x, preact, w_down, b_down, w_up, b_up, scale, scale_val
         preact = torch.nn.functional.linear(x, w_down, b_down)
     outs = torch.ops.adapterkern.cuda_adapter_bwd(
         dy, x, preact, w_down, b_down, w_up, b_up, scale, float(scale_value), bool(residual_is_x),
-        int(activation_id), *needs, _allow_tf32(),
+        int(activation_id), *needs, fp32_matmul_allows_tf32(),
     )
     return tuple(o if n else None for o, n in zip(outs, needs))

@@ -5,8 +5,6 @@ imported (the interpreter: exact semantics, slow; how the test suite runs withou
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 try:
@@ -16,15 +14,13 @@ try:
 except ImportError as exc:  # pragma: no cover - triton is a Linux dependency
     _IMPORT_ERROR = exc
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
 
 def is_available(device: torch.device) -> bool:
     if _IMPORT_ERROR is not None:
         return False
     if device.type == "cuda":
         return torch.cuda.is_available()
-    return device.type == "cpu" and _INTERPRET
+    return device.type == "cpu" and INTERPRET
 
 
 def unavailable_reason(device: torch.device) -> str:
@@ -35,8 +31,10 @@ def unavailable_reason(device: torch.device) -> str:
     return f"Triton kernels do not run on {device.type} tensors"
 
 
+INTERPRET = False  # whether Triton runs this backend's kernels in its CPU interpreter
 if _IMPORT_ERROR is None:
     from .bottleneck import (  # noqa: F401,E402
+        INTERPRET,
         adapter_backward,
         adapter_forward,
         batched_adapter_backward,

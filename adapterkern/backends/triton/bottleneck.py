@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..precision import fp32_matmul_allows_tf32
 from ...activations import (
     GELU,
     GELU_TANH,
@@ -46,7 +47,16 @@ from ...activations import (
     TANH,
 )
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _interpreter_probe():
+    pass
+
+
+# Whether Triton runs kernels defined now in its CPU interpreter: asked of Triton itself (it decides
+# at definition time, from its own reading of TRITON_INTERPRET), so adapterkern and Triton agree.
+INTERPRET = not isinstance(_interpreter_probe, triton.runtime.JITFunction)
 
 # Activation ids and constants as Triton globals (must be tl.constexpr to be read inside a kernel).
 _RELU = tl.constexpr(RELU)
@@ -131,6 +141,24 @@ def _act_grad(h, ACT: tl.constexpr):
         return tl.where((h > 0.0) & (h < 6.0), 1.0, 0.0)
     else:
         return tl.full(h.shape, 1.0, h.dtype)
+
+
+# The interpreter's dot hands bf16 operands to numpy as their raw uint16 bits (Triton 3.6 and 3.9;
+# triton-lang/triton#11584): relative errors of 1e8, no warning. Under the interpreter only, bf16
+# operands are widened to fp32 first, which is exact and is what the tensor cores compute (exact
+# products, fp32 sums); compiled kernels never take this branch.
+_WIDEN_BF16_DOT_OPERANDS = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """acc + a @ b accumulated in ACC (acc None: a fresh accumulator); every tl.dot goes through here."""
+    if _WIDEN_BF16_DOT_OPERANDS:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+        if b.dtype == tl.bfloat16:
+            b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,7 +340,7 @@ def _fwd_tile(
             WD + offs_r[None, :] * stride_wd_r + offs_d[:, None] * stride_wd_d,
             mask=mask_d[:, None] & mask_r[None, :], other=0.0,
         )
-        h = tl.dot(x, wd_t, h, input_precision=PRECISION, out_dtype=ACC)
+        h = _dot(x, wd_t, h, PRECISION, ACC)
     if HAS_BD:
         h += tl.load(BD + offs_r, mask=mask_r, other=0.0).to(ACC)[None, :]
     if SAVE_H:
@@ -330,7 +358,7 @@ def _fwd_tile(
             WU + offs_d[None, :] * stride_wu_d + offs_r[:, None] * stride_wu_r,
             mask=mask_r[:, None] & mask_d[None, :], other=0.0,
         )
-        u = tl.dot(a, wu_t, input_precision=PRECISION)
+        u = _dot(a, wu_t, None, PRECISION, ACC)
         if HAS_BU:
             u += tl.load(BU + offs_d, mask=mask_d, other=0.0).to(ACC)[None, :]
         if HAS_S:
@@ -414,7 +442,7 @@ def _bwd_dh_tile(
             WU + offs_d[:, None] * stride_wu_d + offs_r[None, :] * stride_wu_r,
             mask=mask_d[:, None] & mask_r[None, :], other=0.0,
         )
-        da = tl.dot(dz.to(WU.dtype.element_ty), wu, da, input_precision=PRECISION, out_dtype=ACC)
+        da = _dot(dz.to(WU.dtype.element_ty), wu, da, PRECISION, ACC)
     h = tl.load(H + offs_t[:, None] * R + offs_r[None, :], mask=mask_tr, other=0.0).to(ACC)
     dh = da * _act_grad(h, ACT)
     tl.store(DH + offs_t[:, None] * R + offs_r[None, :], dh.to(DH.dtype.element_ty), mask=mask_tr)
@@ -550,13 +578,13 @@ def _bwd_main_adapter(
         if NEED_DX or NEED_DWD or NEED_DBD:
             dh = tl.load(DH + offs_t[:, None] * R + offs_r[None, :], mask=mask_tr, other=0.0)
             if NEED_DX:
-                dx = tl.dot(dh, wd, input_precision=PRECISION)
+                dx = _dot(dh, wd, None, PRECISION, ACC)
                 if RES_IS_X:
                     dx += dy
                 tl.store(DX + offs_t[:, None] * D + offs_d[None, :], dx.to(DX.dtype.element_ty), mask=mask_td)
             if NEED_DWD:
                 x = tl.load(X + offs_t[:, None] * stride_xt + offs_d[None, :] * stride_xd, mask=mask_td, other=0.0)
-                acc_dwd = tl.dot(tl.trans(dh), x, acc_dwd, input_precision=PRECISION, out_dtype=ACC)
+                acc_dwd = _dot(tl.trans(dh), x, acc_dwd, PRECISION, ACC)
             if NEED_DBD:
                 acc_dbd += tl.sum(dh.to(ACC), axis=0)
         if NEED_DWU or NEED_DBU:
@@ -568,13 +596,13 @@ def _bwd_main_adapter(
                 h = tl.load(H + offs_t[:, None] * R + offs_r[None, :], mask=mask_tr, other=0.0).to(ACC)
                 # Zero the padded / out-of-range rows of a: act(0) may be non-zero (sigmoid).
                 a = tl.where(mask_tr, _act(h, ACT), 0.0).to(dtype)
-                acc_dwu = tl.dot(tl.trans(dz.to(dtype)), a, acc_dwu, input_precision=PRECISION, out_dtype=ACC)
+                acc_dwu = _dot(tl.trans(dz.to(dtype)), a, acc_dwu, PRECISION, ACC)
             if NEED_DBU:
                 acc_dbu += tl.sum(dz, axis=0)
         if NEED_DS:
             h = tl.load(H + offs_t[:, None] * R + offs_r[None, :], mask=mask_tr, other=0.0).to(ACC)
             a = tl.where(mask_tr, _act(h, ACT), 0.0).to(dtype)
-            u = tl.dot(a, wu_t, input_precision=PRECISION)
+            u = _dot(a, wu_t, None, PRECISION, ACC)
             if HAS_BU:
                 u += bu[None, :]
             acc_ds += tl.sum(dy * u, axis=0)
@@ -600,10 +628,10 @@ def _bwd_main_adapter(
 
 
 def _precision(dtype: torch.dtype):
-    """fp32 matches torch's matmul: IEEE unless the user allowed TF32 for CUDA matmuls.
+    """fp32 matches torch's matmul (IEEE unless TF32 is allowed, see adapterkern.backends.precision).
     Other dtypes take Triton's default (the setting only applies to fp32 operands)."""
     if dtype == torch.float32:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        return "tf32" if fp32_matmul_allows_tf32() else "ieee"
     return None
 
 
