@@ -61,7 +61,13 @@ def adapterkern_version() -> str:
 
 @functools.lru_cache(maxsize=None)
 def git_commit() -> str:
-    """Short commit of the checkout this package is imported from, ``+dirty`` when it has local changes."""
+    """Short commit of the checkout this package is imported from, ``+dirty`` when it has local changes.
+
+    ``$ADAPTERKERN_GIT_COMMIT`` wins when set: a copy of the tree without ``.git`` (the GPU machine's,
+    see benchmarks/gpu_check.sh) has no other way to know its commit."""
+    given = os.environ.get("ADAPTERKERN_GIT_COMMIT", "").strip()
+    if given:
+        return given
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         commit = subprocess.run(
