@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 ADAPTERHUB_VENV ?= .venv-adapterhub
 AH_PY := $(ADAPTERHUB_VENV)/bin/python
 
-.PHONY: test test-main test-adapterhub example bench bench-full bench-layer bench-tradeoffs bench-suite gpu-check check-cuda check-image
+.PHONY: test test-main test-adapterhub example bench bench-full bench-layer bench-tradeoffs bench-suite gpu-check gpu-check-commit check-cuda check-cuda-emu check-cuda-emu-mutants check-image
 
 # The lent GPU machine's image (benchmarks/NOTES.md, "Versions"): Python 3.12, torch 2.11 (a CUDA
 # build, ~3 GB from PyPI), Triton 3.6, transformers 5.17. `make check-image` rebuilds that stack here
@@ -42,8 +42,10 @@ test: $(VENV)/.installed-test $(ADAPTERHUB_VENV)/.installed
 	$(MAKE) --no-print-directory test-adapterhub || rc=$$?; exit $$rc
 
 # In parallel (pytest-xdist, one worker per core up to 4): the Triton interpreter is CPU-bound.
+# ADAPTERKERN_EMU_MUTANTS=1: the planted bugs of csrc/emu/mutants.py must each fail the CUDA
+# kernels' host emulation (tests/test_cuda_emulation.py; about a CPU minute and a half).
 test-main: $(VENV)/.installed-test
-	$(PY) -m pytest tests -q -n auto --maxprocesses 4
+	ADAPTERKERN_EMU_MUTANTS=1 $(PY) -m pytest tests -q -n auto --maxprocesses 4
 
 # ADAPTERKERN_REQUIRE_ADAPTERS turns the "adapters not installed" skip into a failure here.
 test-adapterhub: $(ADAPTERHUB_VENV)/.installed
@@ -71,6 +73,15 @@ bench-suite: $(VENV)/.installed-test
 check-cuda: $(VENV)/.installed-test
 	PYTHON=$(PY) bash .ci/check_cuda.sh
 
+# The CUDA kernels of csrc/ run on the CPU (csrc/README.md, "Host emulation"): ASan+UBSan on every
+# case, ThreadSanitizer on the race-prone subset. Needs g++ only; objects cached under build/emu/.
+check-cuda-emu:
+	bash csrc/emu/run.sh
+
+# Each planted bug of csrc/emu/mutants.py must make the emulated test fail (~2 min cold).
+check-cuda-emu-mutants:
+	python3 csrc/emu/mutants.py
+
 $(IMAGE_VENV)/.installed: pyproject.toml setup.py
 	test -x $(IMAGE_PY) || $(IMAGE_PYTHON) -m venv $(IMAGE_VENV)
 	$(IMAGE_PY) -m pip install -q --upgrade pip
@@ -81,5 +92,11 @@ check-image: $(IMAGE_VENV)/.installed
 	MAX_JOBS=2 ADAPTERKERN_CUDA_ARCHS=90 ADAPTERKERN_FORCE_CUDA=1 $(IMAGE_PY) -m pip install -q --no-deps --no-build-isolation -e .
 	$(IMAGE_PY) -m pytest tests -q -p no:cacheprovider -n auto --maxprocesses 4
 
+# The prepared GPU session (README, "The GPU check"). The device machine has no .git: on the dev
+# machine `make gpu-check-commit` writes the commit (and any local changes) to .gpu-check-commit,
+# which the device call carries; `make gpu-check` runs the script with it where a GPU is at hand.
+gpu-check-commit:
+	git rev-parse HEAD > .gpu-check-commit && git status --short >> .gpu-check-commit
+
 gpu-check:
-	bash benchmarks/gpu_check.sh
+	bash benchmarks/gpu_check.sh .gpu-check-commit

@@ -27,7 +27,7 @@ template <class Op, int BT>
 cudaError_t launch_tok(const BwdTokKParams& kp, int64_t nblocks, size_t smem, cudaStream_t stream) {
   cudaError_t e = allow_max_smem<adapter_bwd_token_kernel<Op, BT>>(smem);
   if (e != cudaSuccess) return e;
-  adapter_bwd_token_kernel<Op, BT><<<dim3((unsigned)nblocks), kThreads, smem, stream>>>(kp);
+  ADAPTERKERN_LAUNCH(dim3((unsigned)nblocks), kThreads, smem, stream, adapter_bwd_token_kernel<Op, BT>)(kp);
   return cudaGetLastError();
 }
 
@@ -81,13 +81,14 @@ cudaError_t run_wgrad(const WgradArgs& a, const WgradPlan& plan, cudaStream_t st
   kp.ws_w = a.ws_w; kp.ws_b = a.ws_b;
   const dim3 grid((unsigned)ceil_div64(a.M, kTileN), a.need_w ? (unsigned)ceil_div64(a.N, kTileN) : 1u,
                   (unsigned)plan.nsplit);
-  adapter_wgrad_kernel<Op><<<grid, kThreads, 0, stream>>>(kp);
+  ADAPTERKERN_LAUNCH(grid, kThreads, 0, stream, adapter_wgrad_kernel<Op>)(kp);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   auto reduce = [&](const float* ws, int64_t n, void* out) {
     const int threads = 256;
     const int64_t blocks = std::min<int64_t>(ceil_div64(n, threads), 4096);
-    wgrad_reduce_kernel<S><<<(unsigned)blocks, threads, 0, stream>>>(ws, plan.nsplit, n, static_cast<S*>(out));
+    S* const dst = static_cast<S*>(out);
+    ADAPTERKERN_LAUNCH((unsigned)blocks, threads, 0, stream, wgrad_reduce_kernel<S>)(ws, plan.nsplit, n, dst);
     return cudaGetLastError();
   };
   if (a.need_w && (e = reduce(a.ws_w, (int64_t)a.M * a.N, a.w_out)) != cudaSuccess) return e;

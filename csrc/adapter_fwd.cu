@@ -14,7 +14,7 @@ template <class Op, int BT>
 cudaError_t launch_fwd(const FwdKParams& kp, dim3 grid, size_t smem, cudaStream_t stream) {
   cudaError_t e = allow_max_smem<adapter_fwd_kernel<Op, BT>>(smem);
   if (e != cudaSuccess) return e;
-  adapter_fwd_kernel<Op, BT><<<grid, kThreads, smem, stream>>>(kp);
+  ADAPTERKERN_LAUNCH(grid, kThreads, smem, stream, adapter_fwd_kernel<Op, BT>)(kp);
   return cudaGetLastError();
 }
 

@@ -4,6 +4,16 @@
 
 #include <cuda_runtime.h>
 
+// `ADAPTERKERN_LAUNCH(grid, block, smem, stream, kernel)(args...)` is the kernel launch
+// `kernel<<<grid, block, smem, stream>>>(args...)` (the kernel last: a template-id's commas are
+// fine there). Under the host emulation (csrc/README.md, "Host emulation") it runs the kernel on
+// host threads with the same launch checks.
+#ifdef ADAPTERKERN_HOST_EMULATION
+#define ADAPTERKERN_LAUNCH(grid, block, smem, stream, ...) ::emu::Launch(__VA_ARGS__, grid, block, smem, stream)
+#else
+#define ADAPTERKERN_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
+
 namespace adapterkern {
 
 struct DevInfo {

@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_bwd_token_kernel(const Bw
   constexpr int LDW = kBK + PAD;
   constexpr int LDZ = kBK + PAD;
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  ADAPTERKERN_DYNAMIC_SMEM(smem_raw);
   const int rpad = round_up(p.r, kTileN);
   const int ldh = rpad + PAD;
   S* Hs = reinterpret_cast<S*>(smem_raw);
@@ -237,8 +237,8 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_wgrad_kernel(const WgKPar
   using S = typename Op::S;
   using L = WarpLayout<64>;
   constexpr int LDW = kBK + smem_pad<S>();
-  __shared__ __align__(16) S As[kTileN * LDW];
-  __shared__ __align__(16) S Bs[kTileN * LDW];
+  ADAPTERKERN_STATIC_SMEM(S, As, kTileN * LDW);
+  ADAPTERKERN_STATIC_SMEM(S, Bs, kTileN * LDW);
 
   const S* __restrict__ a = static_cast<const S*>(p.a);
   const S* __restrict__ b = static_cast<const S*>(p.b);

@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_fwd_kernel(const FwdKPara
   constexpr int PAD = smem_pad<S>();
   constexpr int LDW = kBK + PAD;
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  ADAPTERKERN_DYNAMIC_SMEM(smem_raw);
   const int rpad = round_up(p.r, kTileN);
   const int ldh = rpad + PAD;
   const int ldx = p.stage_x ? round_up(p.d, kTileN) + PAD : kBK + PAD;

@@ -19,6 +19,20 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
+// Host emulation hooks (csrc/README.md, "Host emulation"): built by g++ with
+// -DADAPTERKERN_HOST_EMULATION against csrc/emu/include, the inline PTX and the shared-memory
+// declarations become calls into the emulator (csrc/emu/include/emu.h); under nvcc each hook expands to
+// exactly the CUDA code it names.
+//   ADAPTERKERN_DYNAMIC_SMEM(name)       the block's dynamic shared memory as `unsigned char name[]`
+//   ADAPTERKERN_STATIC_SMEM(T, name, n)  a static `__shared__ T name[n]`, 16-byte aligned
+#ifdef ADAPTERKERN_HOST_EMULATION
+#define ADAPTERKERN_DYNAMIC_SMEM(name) unsigned char* const name = ::emu::dynamic_smem()
+#define ADAPTERKERN_STATIC_SMEM(T, name, n) T* const name = ::emu::static_smem<T>(n)
+#else
+#define ADAPTERKERN_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define ADAPTERKERN_STATIC_SMEM(T, name, n) __shared__ __align__(16) T name[n]
+#endif
+
 namespace adapterkern {
 
 constexpr int kThreads = 128;  // threads per block, every kernel
@@ -174,11 +188,16 @@ struct Mma16816 {
 };
 
 // The operand lists of every mma.sync here (C/D: 4 fp32 in place, A: 4 regs, B: 2 regs); `shape_types`
-// is the instruction's suffix after "mma.sync.aligned." (a string literal).
+// is the instruction's suffix after "mma.sync.aligned." (a string literal), which the host emulation
+// decodes (it knows exactly the three forms used below).
+#ifdef ADAPTERKERN_HOST_EMULATION
+#define ADAPTERKERN_MMA_SYNC(shape_types, c, a, b) ::emu::mma_sync(shape_types, c, a.r, b.r)
+#else
 #define ADAPTERKERN_MMA_SYNC(shape_types, c, a, b)                                            \
   asm volatile("mma.sync.aligned." shape_types " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n" \
                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                              \
                : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]))
+#endif
 
 template <>
 __device__ __forceinline__ void Mma16816<__half>::mma(float (&c)[4], const FragA& a, const FragB& b) {
@@ -203,7 +222,11 @@ struct MmaTF32 {
   struct FragB { uint32_t r[2]; };
   __device__ __forceinline__ static uint32_t tf32(float v) {
     uint32_t r;
+#ifdef ADAPTERKERN_HOST_EMULATION
+    r = ::emu::cvt_rna_tf32_f32(v);
+#else
     asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(v));
+#endif
     return r;
   }
   __device__ __forceinline__ static void load_a(FragA& f, const S* a, int ld) {

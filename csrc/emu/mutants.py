@@ -1,0 +1,144 @@
+"""Planted bugs: each mutation of csrc/ must make the host-emulated kernel test fail.
+
+For every mutant, csrc/ is copied to a temporary directory, one source edit is applied (the edited
+text must occur exactly once), and the test program is built and run in the mutant's variants:
+``asan`` (ASan + UBSan, every case: numerics and memory errors) and/or ``tsan`` (ThreadSanitizer,
+the race-prone subset). The unmutated copy must pass both. Prints, per mutant and variant, whether
+the bug was caught and the first line that says so.
+
+    python3 csrc/emu/mutants.py                 # every mutant; exit status 1 if one survives
+    python3 csrc/emu/mutants.py --only no-b_up  # one mutant
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _load_build():  # csrc/emu/build.py, under a name that cannot clash with an installed `build` package
+    name = "adapterkern_emu_build"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("build.py"))
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+build = _load_build()
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str      # relative to csrc/
+    old: str
+    new: str
+    variants: tuple[str, ...]  # where it must be caught
+    why: str
+
+
+MUTANTS = (
+    Mutant("swapped-fragment", "kernels/common.cuh",
+           "    f.r[1] = ld_u32(a + (g + 8) * ld + 2 * t);\n    f.r[2] = ld_u32(a + g * ld + 2 * t + 8);\n",
+           "    f.r[1] = ld_u32(a + g * ld + 2 * t + 8);\n    f.r[2] = ld_u32(a + (g + 8) * ld + 2 * t);\n",
+           ("asan",), "Mma16816::load_a: registers a2,a3 and a4,a5 exchanged (rows g+8 vs columns +8)"),
+    Mutant("missing-barrier", "kernels/common.cuh",
+           "    warp_tile_mma<Op, MT, NT>(acc, a + k0, lda, ws + wn0 * LDW, LDW);\n    __syncthreads();\n",
+           "    warp_tile_mma<Op, MT, NT>(acc, a + k0, lda, ws + wn0 * LDW, LDW);\n",
+           ("tsan",), "smem_by_weight_mma: no barrier between the MMAs on a weight stage and the next stage's store"),
+    Mutant("bound-off-by-one", "kernels/common.cuh",
+           "      return (n < N && k < K) ? w[n * swn + k * swk] : zero;\n",
+           "      return (n < N && k <= K) ? w[n * swn + k * swk] : zero;\n",
+           ("asan",), "smem_by_weight_mma: the weight load reads column k = K (one past the last)"),
+    Mutant("missing-barrier-fwd", "kernels/adapter_fwd.cuh",
+           "      warp_tile_mma<Op, L::MT, L::NT>(acc, a, ldx, Ws + wn0 * LDW, LDW);\n      __syncthreads();\n",
+           "      warp_tile_mma<Op, L::MT, L::NT>(acc, a, ldx, Ws + wn0 * LDW, LDW);\n",
+           ("tsan",), "forward phase 1: no barrier between the k-stage's MMAs and the next stage's stores"),
+    Mutant("token-bound-off-by-one", "kernels/adapter_fwd.cuh",
+           "    return (t < p.T && col < p.d) ? x[t * p.sx0 + col * p.sx1] : zero;\n",
+           "    return (t <= p.T && col < p.d) ? x[t * p.sx0 + col * p.sx1] : zero;\n",
+           ("asan",), "the forward's x load reads token t = T (one past the last)"),
+    Mutant("divergent-barrier", "kernels/adapter_bwd.cuh",
+           "      if (lane < 4) {\n#pragma unroll\n",
+           "      if (lane < 4) {\n        __syncthreads();\n#pragma unroll\n",
+           ("asan",), "a __syncthreads reached by 4 lanes of each warp (a hang on the GPU): must abort, not hang"),
+    Mutant("no-b_up", "kernels/adapter_fwd.cuh",
+           "        bcol[nt][h] = (j < j_end && bu != nullptr) ? to_f(bu[j * p.sbu]) : 0.0f;\n",
+           "        bcol[nt][h] = 0.0f;\n",
+           ("asan",), "the forward epilogue drops b_up"),
+)
+
+VARIANT_ARGS = {"asan": ["--fail-fast"], "tsan": ["--subset=tsan", "--fail-fast"]}  # one failure is the verdict
+_REPORT = re.compile(r"^(emu: FATAL.*|.*ERROR: AddressSanitizer.*|.*runtime error.*|WARNING: ThreadSanitizer.*)$", re.M)
+
+
+@dataclasses.dataclass
+class Result:
+    mutant: str
+    variant: str
+    caught: bool
+    line: str  # the first failing case, and the first sanitizer / emulator report if there is one
+    seconds: float
+
+
+def run_variant(csrc: Path, variant: str, out: Path) -> tuple[int, str, float]:
+    start = time.monotonic()
+    exe = build.build(variant, csrc, out)
+    proc = build.run(exe, VARIANT_ARGS[variant])
+    fail = next((ln for ln in proc.stdout.splitlines() if ln.startswith("FAIL ")), "")
+    report = _REPORT.search(proc.stderr)
+    line = " / ".join(x for x in (fail, report.group(1).strip() if report else "") if x) or "passes"
+    return proc.returncode, line, time.monotonic() - start
+
+
+def check(mutants: tuple[Mutant, ...], out: Path = build.DEFAULT_OUT, baseline: bool = True) -> list[Result]:
+    """Runs the baseline (must pass) and every mutant (must fail in its variants)."""
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="adapterkern-mutants-") as tmp:
+        if baseline:
+            for variant in ("asan", "tsan"):
+                rc, line, secs = run_variant(build.ROOT / "csrc", variant, out)
+                results.append(Result("(none)", variant, rc != 0, line, secs))
+        for m in mutants:
+            csrc = Path(tmp) / m.name / "csrc"
+            shutil.copytree(build.ROOT / "csrc", csrc)
+            target = csrc / m.file
+            text = target.read_text()
+            if text.count(m.old) != 1:
+                raise RuntimeError(f"mutant {m.name}: the text to replace occurs {text.count(m.old)} times in {m.file}")
+            target.write_text(text.replace(m.old, m.new))
+            for variant in m.variants:
+                rc, line, secs = run_variant(csrc, variant, out)
+                results.append(Result(m.name, variant, rc != 0, line, secs))
+    return results
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", action="append", help="mutant name (repeatable); default: all")
+    ap.add_argument("--all-variants", action="store_true", help="run every mutant in both variants (report only)")
+    ns = ap.parse_args()
+    chosen = tuple(m for m in MUTANTS if not ns.only or m.name in ns.only)
+    if ns.all_variants:
+        chosen = tuple(dataclasses.replace(m, variants=("asan", "tsan")) for m in chosen)
+    required = {m.name: m.variants for m in MUTANTS}
+    ok = True
+    for r in check(chosen):
+        if r.mutant == "(none)":
+            verdict, good = ("FAILS (baseline)", False) if r.caught else ("passes", True)
+        else:
+            verdict, good = ("caught", True) if r.caught else ("NOT caught", r.variant not in required[r.mutant])
+        ok = ok and good
+        print(f"{r.mutant:22} {r.variant:5} {verdict:10} {r.seconds:6.1f} s  {r.line}", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

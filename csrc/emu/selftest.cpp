@@ -1,0 +1,217 @@
+// Self-checks of the emulator (see selftest.h). Every expected value comes from a formula written
+// here (IEEE encodings, round-to-nearest rules, the PTX accumulator layout), not from emu.cpp.
+#include "selftest.h"
+
+#include <cmath>
+#include <cstdio>
+#include <random>
+
+#include "kernels/common.cuh"
+
+namespace {
+
+constexpr double kU32 = 1.0 / (1 << 24);
+
+template <class... A>
+std::string fmt(const char* f, A... args) {
+  char buf[256];
+  std::snprintf(buf, sizeof buf, f, args...);
+  return buf;
+}
+
+// IEEE binary16 / bfloat16 bit pattern -> value, from the encodings' definitions.
+double half_bits_value(uint32_t h) {
+  const int e = (h >> 10) & 31, m = h & 1023;
+  const double mag = e == 31 ? (m ? NAN : INFINITY)
+                     : e == 0 ? m * std::ldexp(1.0, -24)
+                              : (1 + m / 1024.0) * std::ldexp(1.0, e - 15);
+  return (h & 0x8000) ? -mag : mag;
+}
+double bf16_bits_value(uint32_t b) {
+  const int e = (b >> 7) & 255, m = b & 127;
+  const double mag = e == 255 ? (m ? NAN : INFINITY)
+                     : e == 0 ? m * std::ldexp(1.0, -133)
+                              : (1 + m / 128.0) * std::ldexp(1.0, e - 127);
+  return (b & 0x8000) ? -mag : mag;
+}
+bool same(double a, double b) { return (std::isnan(a) && std::isnan(b)) || a == b; }
+
+// Round-to-nearest-even of a 16-bit format, checked on every representable value, every midpoint
+// between neighbours (exact in fp32) and the floats just beside each midpoint.
+template <class Enc, class Dec>
+CheckResult check_format(const char* name, uint32_t max_finite, double (*value)(uint32_t), Enc enc, Dec dec) {
+  for (uint32_t h = 0; h < 65536; ++h)
+    if (!same(dec(h), value(h))) return {name, false, fmt("decode of bits %#x gives %g, want %g", h, dec(h), value(h))};
+  for (uint32_t sign : {0u, 0x8000u}) {
+    for (uint32_t h = 0; h <= max_finite; ++h) {
+      const uint32_t lo = sign | h, hi = sign | (h + 1);  // hi is +-inf after the largest finite value
+      const double vlo = value(lo), vhi = h == max_finite ? 2 * vlo - value(sign | (h - 1)) : value(hi);
+      const float mid = (float)((vlo + vhi) / 2);
+      const uint32_t even = (h & 1) ? hi : lo;
+      if (enc((float)vlo) != lo) return {name, false, fmt("value %g does not round-trip", vlo)};
+      const float above = std::nextafter(mid, sign ? -INFINITY : INFINITY), below = std::nextafter(mid, 0.0f);
+      for (auto [x, want] : {std::pair{mid, even}, {above, hi}, {below, lo}})
+        if (enc(x) != want) return {name, false, fmt("%.9g rounds to %#x, want %#x", (double)x, enc(x), want)};
+    }
+  }
+  if (!std::isnan(dec(enc(NAN))) || !std::isnan(dec(enc(-NAN)))) return {name, false, "NaN does not stay NaN"};
+  if (dec(enc(INFINITY)) != INFINITY || dec(enc(-1e38f * 10)) != -INFINITY) return {name, false, "inf"};
+  if (enc(1e-45f) != 0 || enc(-1e-45f) != 0x8000) return {name, false, "fp32 subnormal does not round to signed zero"};
+  return {name, true, "all 65536 encodings, midpoints and neighbours"};
+}
+
+// cvt.rna.tf32.f32: nearest 11-bit significand, ties away from zero (std::round), fixed 2^-136
+// quantum below 2^-126 (the tf32 subnormals), overflow to inf, NaN stays NaN.
+float tf32_rna(float x) {
+  if (std::isnan(x) || std::isinf(x)) return x;
+  if (std::fabs(x) < std::ldexp(1.0, -126)) return (float)std::ldexp(std::round(std::ldexp((double)x, 136)), -136);
+  int e;
+  const double m = std::frexp((double)x, &e);  // |m| in [0.5, 1)
+  return (float)std::ldexp(std::round(m * 2048), e - 11);
+}
+
+CheckResult check_tf32() {
+  std::mt19937 rng(7);
+  std::vector<float> xs = {0.0f,          -0.0f,          1.0f,     3.0f,     1e-40f, -1e-42f,
+                           3.4028235e38f, -3.4028235e38f, INFINITY, -INFINITY};
+  for (uint32_t low : {0x0fffu, 0x1000u, 0x1001u, 0x2000u + 0x1000u})  // ties and neighbours
+    for (uint32_t hi : {0x3f800000u, 0xbf800000u, 0x00000000u, 0x7f000000u})
+      xs.push_back(std::bit_cast<float>(hi | low));
+  for (int i = 0; i < 200000; ++i) xs.push_back(std::bit_cast<float>((uint32_t)rng()));
+  for (float x : xs) {
+    const float got = std::bit_cast<float>(emu::cvt_rna_tf32_f32(x)), want = tf32_rna(x);
+    if (!same(got, want))
+      return {"cvt.rna.tf32.f32", false, fmt("%.9g -> %.9g, want %.9g", (double)x, (double)got, (double)want)};
+  }
+  if (emu::cvt_rna_tf32_f32(std::bit_cast<float>(0x3f801234u)) & 0x1fffu)
+    return {"cvt.rna.tf32.f32", false, "the low 13 bits of the result must be 0"};
+  return {"cvt.rna.tf32.f32", true, "ties, subnormals, inf/NaN and 200000 random floats"};
+}
+
+// ---- launches: limits, thread/block coverage, barriers, early exit, shuffles -------------------
+void coverage_kernel(int* hits) {  // one counter per (block, thread), each written by one thread
+  const unsigned b = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  hits[b * blockDim.x * blockDim.y * blockDim.z + t] += 1;
+}
+void barrier_kernel(int* out, int exit_below) {  // threads < exit_below return before the barrier
+  ADAPTERKERN_DYNAMIC_SMEM(smem);
+  int* s = reinterpret_cast<int*>(smem);
+  const int n = (int)blockDim.x, i = (int)threadIdx.x;
+  if (i < exit_below) return;
+  s[i] = i * 10;
+  __syncthreads();
+  out[i] = s[exit_below + (i - exit_below + 1) % (n - exit_below)];
+}
+void shuffle_kernel(float* out) {  // out[5 * lane + k] = the value of lane (lane ^ 2^k)
+  for (int k = 0; k < 5; ++k) out[5 * threadIdx.x + k] = __shfl_xor_sync(0xffffffffu, (float)threadIdx.x, 1 << k);
+}
+
+CheckResult check_launches() {
+  const char* name = "launch limits, coverage, barrier, early exit, shuffle";
+  int dev = 0, optin = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  std::vector<int> out(256, -1);
+  const size_t over = 48 * 1024 + 4;
+  emu::Launch(barrier_kernel, dim3(1), dim3(64), over, nullptr)(out.data(), 0);
+  if (cudaGetLastError() != cudaErrorInvalidValue) return {name, false, "49 KiB without the opt-in must fail"};
+  if (cudaGetLastError() != cudaSuccess) return {name, false, "cudaGetLastError must clear the error"};
+  const auto attr = cudaFuncAttributeMaxDynamicSharedMemorySize;
+  if (cudaFuncSetAttribute(barrier_kernel, attr, optin + 1) != cudaErrorInvalidValue)
+    return {name, false, "an attribute above the opt-in limit must fail"};
+  cudaGetLastError();
+  if (cudaFuncSetAttribute(barrier_kernel, attr, optin) != cudaSuccess)
+    return {name, false, "the opt-in attribute"};
+  emu::Launch(barrier_kernel, dim3(1), dim3(64), over, nullptr)(out.data(), 0);
+  if (cudaGetLastError() != cudaSuccess) return {name, false, "49 KiB after the opt-in"};
+  for (int i = 0; i < 64; ++i)
+    if (out[i] != ((i + 1) % 64) * 10) return {name, false, fmt("barrier: out[%d] = %d", i, out[i])};
+  std::fill(out.begin(), out.end(), -1);
+  emu::Launch(barrier_kernel, dim3(1), dim3(96), 96 * sizeof(int), nullptr)(out.data(), 40);  // 40 exit early
+  for (int i = 0; i < 96; ++i)
+    if (out[i] != (i < 40 ? -1 : 10 * (40 + (i - 40 + 1) % 56)))
+      return {name, false, fmt("early exit: out[%d] = %d", i, out[i])};
+  emu::Launch(coverage_kernel, dim3(0), dim3(32), 0, nullptr)(out.data());
+  if (cudaGetLastError() != cudaErrorInvalidConfiguration) return {name, false, "an empty grid must fail"};
+  emu::Launch(coverage_kernel, dim3(1), dim3(1025), 0, nullptr)(out.data());
+  if (cudaGetLastError() != cudaErrorInvalidConfiguration) return {name, false, "1025 threads must fail"};
+  std::vector<int> hits(3 * 2 * 2 * 40, 0);
+  emu::Launch(coverage_kernel, dim3(3, 2, 2), dim3(5, 4, 2), 0, nullptr)(hits.data());
+  for (int h : hits)
+    if (h != 1) return {name, false, "a (block, thread) pair ran other than once"};
+  std::vector<float> sh(32 * 5);
+  emu::Launch(shuffle_kernel, dim3(1), dim3(32), 0, nullptr)(sh.data());
+  for (int l = 0; l < 32; ++l)
+    for (int k = 0; k < 5; ++k)
+      if (sh[5 * l + k] != (float)(l ^ (1 << k))) return {name, false, fmt("shuffle: lane %d, xor %d", l, 1 << k)};
+  return {name, true, "ok"};
+}
+
+// ---- one warp MMA tile through the kernels' own fragment loaders -------------------------------
+template <class Op>
+void mma_tile_kernel(const typename Op::S* a, const typename Op::S* b, int ld, float* out) {
+  typename Op::FragA fa;
+  typename Op::FragB fb;
+  float c[4];
+  for (int k0 = 0; k0 < 16; k0 += Op::kK) {  // C = A[16][16] * B[8][16]^T over 16 / kK instructions
+    Op::load_a(fa, a + k0, ld);
+    Op::load_b(fb, b + k0, ld);
+    if (k0 == 0)
+      for (float& x : c) x = 0.25f;
+    Op::mma(c, fa, fb);
+  }
+  for (int i = 0; i < 4; ++i) out[threadIdx.x * 4 + i] = c[i];
+}
+
+template <class Op, class Enc, class Dec>
+CheckResult check_mma_tile(const char* name, Enc enc, Dec dec) {
+  using S = typename Op::S;
+  constexpr int ld = 24;  // K = 16 plus padding
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal;
+  std::vector<S> a(16 * ld), b(8 * ld);
+  for (auto& v : a) v = enc(normal(rng));
+  for (auto& v : b) v = enc(normal(rng));
+  std::vector<float> out(32 * 4, NAN);
+  emu::Launch(mma_tile_kernel<Op>, dim3(1), dim3(32), 0, nullptr)(a.data(), b.data(), ld, out.data());
+  for (int lane = 0; lane < 32; ++lane)
+    for (int i = 0; i < 4; ++i) {  // PTX accumulator layout: c_i at row groupID + 8 * (i >= 2),
+                                   // column 2 * threadID_in_group + (i & 1)
+      const int row = (lane >> 2) + (i >= 2 ? 8 : 0), col = 2 * (lane & 3) + (i & 1);
+      double want = 0.25, mag = 0.25;
+      for (int k = 0; k < 16; ++k) {
+        want += dec(a[row * ld + k]) * dec(b[col * ld + k]);
+        mag += std::fabs(dec(a[row * ld + k]) * dec(b[col * ld + k]));
+      }
+      const double got = out[lane * 4 + i];
+      if (!(std::fabs(got - want) <= 4 * kU32 * mag)) {
+        char buf[160];
+        std::snprintf(buf, sizeof buf, "C[%d][%d] = %.7g, want %.7g (fragment layout?)", row, col, got, want);
+        return {name, false, buf};
+      }
+    }
+  return {name, true, "16x8x16 tile vs float64"};
+}
+
+}  // namespace
+
+std::vector<CheckResult> run_selftests(int device) {
+  cudaSetDevice(device);
+  auto f16_enc = [](float v) { return (uint32_t)__float2half_rn(v).bits; };
+  auto f16_dec = [](uint32_t h) { return (double)__half2float(__half{(uint16_t)h}); };
+  auto bf16_enc = [](float v) { return (uint32_t)__float2bfloat16_rn(v).bits; };
+  auto bf16_dec = [](uint32_t h) { return (double)__bfloat162float(__nv_bfloat16{(uint16_t)h}); };
+  return {
+      check_format("fp16 conversions", 0x7bff, half_bits_value, f16_enc, f16_dec),
+      check_format("bf16 conversions", 0x7f7f, bf16_bits_value, bf16_enc, bf16_dec),
+      check_tf32(),
+      check_launches(),
+      check_mma_tile<adapterkern::MmaF16>("MmaF16 tile (load_a/load_b/mma)", __float2half_rn,
+                                          [](__half v) { return half_bits_value(v.bits); }),
+      check_mma_tile<adapterkern::MmaBF16>("MmaBF16 tile (load_a/load_b/mma)", __float2bfloat16_rn,
+                                           [](__nv_bfloat16 v) { return bf16_bits_value(v.bits); }),
+      check_mma_tile<adapterkern::MmaTF32>("MmaTF32 tile (load_a/load_b/mma)", [](float v) { return v; },
+                                           [](float v) { return (double)tf32_rna(v); }),
+  };
+}
