@@ -143,7 +143,7 @@ def _act_grad(h, ACT: tl.constexpr):
         return tl.full(h.shape, 1.0, h.dtype)
 
 
-# The interpreter's dot hands bf16 operands to numpy as their raw uint16 bits (Triton 3.6 and 3.9;
+# The interpreter's dot hands bf16 operands to numpy as their raw uint16 bits (seen with Triton 3.9;
 # triton-lang/triton#11584): relative errors of 1e8, no warning. Under the interpreter only, bf16
 # operands are widened to fp32 first, which is exact and is what the tensor cores compute (exact
 # products, fp32 sums); compiled kernels never take this branch.
