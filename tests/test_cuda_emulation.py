@@ -34,8 +34,8 @@ def _load(name: str, path: Path):
     return module
 
 
-emu_build = _load("adapterkern_emu_build", EMU / "build.py")
 emu_mutants = _load("adapterkern_emu_mutants", EMU / "mutants.py")
+emu_build = emu_mutants.build  # csrc/emu/build.py, as mutants.py loads it
 
 pytestmark = pytest.mark.skipif(emu_build.compiler() is None, reason="g++ not found: host emulation of csrc/ not built")
 

@@ -19,21 +19,18 @@ std::string fmt(const char* f, A... args) {
   return buf;
 }
 
-// IEEE binary16 / bfloat16 bit pattern -> value, from the encodings' definitions.
-double half_bits_value(uint32_t h) {
-  const int e = (h >> 10) & 31, m = h & 1023;
-  const double mag = e == 31 ? (m ? NAN : INFINITY)
-                     : e == 0 ? m * std::ldexp(1.0, -24)
-                              : (1 + m / 1024.0) * std::ldexp(1.0, e - 15);
-  return (h & 0x8000) ? -mag : mag;
+// The value of a 16-bit IEEE-style pattern (sign, `exp_bits` of biased exponent, the rest mantissa),
+// from the encodings' definitions: binary16 has 5 exponent bits, bfloat16 8.
+double bits16_value(uint32_t bits, int exp_bits) {
+  const int man_bits = 15 - exp_bits, bias = (1 << (exp_bits - 1)) - 1, emax = (1 << exp_bits) - 1;
+  const int e = (bits >> man_bits) & emax, m = bits & ((1 << man_bits) - 1);
+  const double mag = e == emax ? (m ? NAN : INFINITY)
+                     : e == 0  ? std::ldexp((double)m, 1 - bias - man_bits)
+                               : std::ldexp(1.0 + std::ldexp((double)m, -man_bits), e - bias);
+  return (bits & 0x8000) ? -mag : mag;
 }
-double bf16_bits_value(uint32_t b) {
-  const int e = (b >> 7) & 255, m = b & 127;
-  const double mag = e == 255 ? (m ? NAN : INFINITY)
-                     : e == 0 ? m * std::ldexp(1.0, -133)
-                              : (1 + m / 128.0) * std::ldexp(1.0, e - 127);
-  return (b & 0x8000) ? -mag : mag;
-}
+double half_bits_value(uint32_t h) { return bits16_value(h, 5); }
+double bf16_bits_value(uint32_t b) { return bits16_value(b, 8); }
 bool same(double a, double b) { return (std::isnan(a) && std::isnan(b)) || a == b; }
 
 // Round-to-nearest-even of a 16-bit format, checked on every representable value, every midpoint

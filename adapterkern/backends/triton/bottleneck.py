@@ -48,7 +48,6 @@ from ...activations import (
 )
 
 
-
 @triton.jit
 def _interpreter_probe():
     pass
