@@ -44,7 +44,8 @@
 # GPU_CHECK_DRY=1: the same control flow on a CPU machine in about a minute (tiny shapes, Triton's
 # interpreter, a tiny test selection, results in a temp dir, nothing written in the repository):
 # tests/test_gpu_check.py runs it. GPU_CHECK_SANITIZER names the compute-sanitizer to use;
-# GPU_CHECK_RESULTS_DIR the folder the results folder is made in.
+# GPU_CHECK_RESULTS_DIR the folder the results folder is made in. PYTHON: the interpreter of every
+# stage (default python3, the GPU image's; on the dev machine, .venv/bin/python).
 set -u
 
 # stage_grant PLANNED MIN LEFT GRACE: seconds to give a stage that has LEFT seconds before the
