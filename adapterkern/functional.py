@@ -8,7 +8,7 @@ from torch import Tensor
 
 from . import library  # noqa: F401  (registers the torch.library ops)
 from .activations import get_activation
-from .backends import reference, resolve_backend
+from .backends import BATCHED, MULTI, SINGLE, reference, resolve_backend
 
 # float64 is accepted too (for gradcheck and references); the kernels then accumulate in float64.
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -135,7 +135,7 @@ def bottleneck_adapter(
     _check_scaling(scaling, d, x)
     _check_residual(residual, x)
     act = get_activation(activation)
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device, SINGLE)
 
     x2d = x.reshape(-1, d)
     res2d = None if residual is None else residual.reshape(-1, d)
@@ -260,9 +260,7 @@ def multi_adapter(
         if weights.device != x.device:
             raise ValueError(f"weights: expected device {x.device} (x's device), got {weights.device}")
     act = get_activation(activation)
-    name = resolve_backend(backend, x.device)
-    if name == "cuda":
-        raise ValueError("backend: the CUDA extension has no multi-adapter kernel; use backend='triton' or 'torch'")
+    name = resolve_backend(backend, x.device, MULTI)
 
     folded = weights is not None and weights.dim() == 1 and n * w_down.shape[1] <= MAX_FOLDED_RANK
     if folded:
@@ -399,9 +397,7 @@ def bottleneck_adapter_batched(
     elif groups.perm.shape != index.shape or groups.counts.shape != (n + 1,):
         raise ValueError(f"groups: made for {groups.perm.numel()} tokens and {groups.counts.numel() - 1} adapters, not {index.numel()} and {n}")
     act = get_activation(activation)
-    name = resolve_backend(backend, x.device)
-    if name == "cuda":
-        raise ValueError("backend: the CUDA extension has no batched-adapter kernel; use backend='triton' or 'torch'")
+    name = resolve_backend(backend, x.device, BATCHED)
     x2d = x.reshape(-1, d)
     res2d = None if residual is None else residual.reshape(-1, d)
     scale_2d = _stack_scaling(scaling, n)
@@ -413,7 +409,7 @@ def bottleneck_adapter_batched(
         scale, scale_value = _kernel_scaling(scale_2d)
         save_preact = _needs_preact(x, w_down, b_down, w_up, b_up, scale, residual)
         y, _ = torch.ops.adapterkern.batched_adapter_fwd(
-            x2d, w_down, b_down, w_up, b_up, scale, scale_value, res2d, add_residual, groups.perm, groups.counts, groups.starts,
+            x2d, groups.perm, groups.counts, groups.starts, w_down, b_down, w_up, b_up, scale, scale_value, res2d, add_residual,
             act.kernel_id, save_preact, name,
         )
     return y.view(x.shape)

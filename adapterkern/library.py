@@ -1,246 +1,177 @@
 """torch.library registration of the fused kernel ops, so they survive torch.compile and CUDA graphs.
 
-Two custom ops, shared by every kernel backend (the ``backend`` string argument picks the module):
+One forward / backward op pair per op of :mod:`adapterkern.backends` (the ``backend`` string argument
+picks the kernel-backend module), all made by :func:`_register` from one parameter list:
 
 * ``adapterkern::bottleneck_adapter_fwd(x, w_down, b_down, w_up, b_up, scale, scale_value, residual,
   activation_id, save_preact, backend) -> (y, preact)``
 * ``adapterkern::bottleneck_adapter_bwd(dy, x, preact, w_down, b_down, w_up, b_up, scale, scale_value,
   residual_is_x, activation_id, backend, needs) -> (dx, dw_down, db_down, dw_up, db_up, dscale)``
-
 * ``adapterkern::multi_adapter_fwd`` / ``multi_adapter_bwd``: the same for a stack of N adapters on one
-  input (``w_down`` (N, r, d), ...; ``y`` (N, T, d)), with ``add_residual``.
+  input (``w_down`` (N, r, d), ...; ``y`` (N, T, d)), with ``add_residual`` after ``residual``.
+* ``adapterkern::batched_adapter_fwd`` / ``batched_adapter_bwd``: the stack with each token routed to
+  one adapter; the token groups ``perm, counts, starts`` follow ``x`` in both ops.
 
 Shapes and semantics are the kernel-backend interface documented in :mod:`adapterkern.backends`.
-The forward saves only the pre-activation (T, r) for backward, never the (T, d) output (see
-benchmarks/NOTES.md for the byte count). Outputs not needed are returned as empty tensors by the
-backward op (custom ops cannot return None) and turned into None here.
+The forward saves only the pre-activation for backward, never the (T, d) output (see
+benchmarks/NOTES.md for the byte count); a backward through a forward called with
+``save_preact=False`` is an error (the functional ops set it whenever a gradient can be needed).
+Outputs not needed are returned as empty tensors by the backward op (custom ops cannot return None)
+and turned into None here.
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .backends import kernel_backend
+from .backends import BATCHED, MULTI, SINGLE, kernel_functions
+
+# (name, schema type) of the adapter's weights, as every op takes them.
+_WEIGHTS = (
+    ("w_down", "Tensor"), ("b_down", "Tensor?"), ("w_up", "Tensor"), ("b_up", "Tensor?"),
+    ("scale", "Tensor?"), ("scale_value", "float"),
+)
+_GROUPS = (("perm", "Tensor"), ("counts", "Tensor"), ("starts", "Tensor"))
+# The inputs with a gradient, in the order of the backward op's outputs.
+_GRAD_INPUTS = ("x", "w_down", "b_down", "w_up", "b_up", "scale")
 
 
-@torch.library.custom_op("adapterkern::bottleneck_adapter_fwd", mutates_args=())
-def bottleneck_adapter_fwd(
-    x: Tensor,
-    w_down: Tensor,
-    b_down: Optional[Tensor],
-    w_up: Tensor,
-    b_up: Optional[Tensor],
-    scale: Optional[Tensor],
-    scale_value: float,
-    residual: Optional[Tensor],
-    activation_id: int,
-    save_preact: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    return kernel_backend(backend).adapter_forward(
-        x, w_down, b_down, w_up, b_up, scale, scale_value, residual, activation_id, save_preact
+@dataclass(frozen=True)
+class _OpSpec:
+    """One op's registration: ``name`` (ops ``adapterkern::{name}_fwd`` / ``_bwd``), the backend
+    ``op``, whether it takes ``add_residual`` and the token groups, and the fake forward's
+    (y shape, preact shape) from (T, d, w_down.shape)."""
+
+    name: str
+    op: str
+    add_residual: bool
+    groups: bool
+    output_shapes: Callable[[int, int, tuple], tuple]
+
+    @property
+    def forward_params(self) -> tuple:
+        return (
+            (("x", "Tensor"),) + (_GROUPS if self.groups else ()) + _WEIGHTS + (("residual", "Tensor?"),)
+            + ((("add_residual", "bool"),) if self.add_residual else ())
+            + (("activation_id", "int"), ("save_preact", "bool"), ("backend", "str"))
+        )
+
+    @property
+    def backward_params(self) -> tuple:
+        return (
+            (("dy", "Tensor"), ("x", "Tensor")) + (_GROUPS if self.groups else ()) + (("preact", "Tensor"),)
+            + _WEIGHTS + (("residual_is_x", "bool"), ("activation_id", "int"), ("backend", "str"), ("needs", "bool[]"))
+        )
+
+
+def _schema(params: tuple, returns: str) -> str:
+    return "(" + ", ".join(f"{kind} {name}" for name, kind in params) + ") -> " + returns
+
+
+def _named(params: tuple, args: tuple) -> dict:
+    return dict(zip((name for name, _ in params), args))
+
+
+def _kernel_args(spec: _OpSpec, a: dict, head: tuple, middle: tuple, tail: tuple) -> list:
+    """The kernel-backend call's arguments: ``head``, the groups as one tuple, ``middle``, the weights, ``tail``."""
+    groups = [(a["perm"], a["counts"], a["starts"])] if spec.groups else []
+    return [a[n] for n in head] + groups + [a[n] for n in middle] + [a[n] for n, _ in _WEIGHTS] + [a[n] for n in tail]
+
+
+def _register(spec: _OpSpec) -> None:
+    forward_params, backward_params = spec.forward_params, spec.backward_params
+    forward_tail = ("residual",) + (("add_residual",) if spec.add_residual else ()) + ("activation_id", "save_preact")
+
+    def forward(*args):
+        a = _named(forward_params, args)
+        kernel_forward, _ = kernel_functions(a["backend"], spec.op)
+        return kernel_forward(*_kernel_args(spec, a, ("x",), (), forward_tail))
+
+    def forward_fake(*args):
+        a = _named(forward_params, args)
+        x = a["x"]
+        y_shape, preact_shape = spec.output_shapes(x.shape[0], x.shape[1], tuple(a["w_down"].shape))
+        return x.new_empty(y_shape), x.new_empty(preact_shape if a["save_preact"] else (0,))
+
+    def check_backward_inputs(a: dict) -> None:
+        """dy and preact must be what this op's forward made for x and w_down: the kernels index them so."""
+        x = a["x"]
+        y_shape, preact_shape = spec.output_shapes(x.shape[0], x.shape[1], tuple(a["w_down"].shape))
+        for name, shape in (("dy", y_shape), ("preact", preact_shape)):
+            if tuple(a[name].shape) != shape:
+                raise ValueError(
+                    f"{name}: expected shape {shape} (the forward's, for x {tuple(x.shape)} and w_down "
+                    f"{tuple(a['w_down'].shape)}), got {tuple(a[name].shape)}"
+                )
+
+    def backward_op(*args):
+        a = _named(backward_params, args)
+        check_backward_inputs(a)
+        _, kernel_backward = kernel_functions(a["backend"], spec.op)
+        grads = kernel_backward(*_kernel_args(spec, a, ("dy", "x"), ("preact",), ("residual_is_x", "activation_id", "needs")))
+        return tuple(a["x"].new_empty(0) if g is None else g for g in grads)
+
+    def backward_fake(*args):
+        """Gradients have their inputs' shapes (contiguous); those not needed are empty."""
+        a = _named(backward_params, args)
+        check_backward_inputs(a)
+        return tuple(
+            torch.empty_like(a[n], memory_format=torch.contiguous_format) if need and a[n] is not None else a["x"].new_empty(0)
+            for need, n in zip(a["needs"], _GRAD_INPUTS)
+        )
+
+    fwd = torch.library.custom_op(
+        f"adapterkern::{spec.name}_fwd", forward, mutates_args=(), schema=_schema(forward_params, "(Tensor, Tensor)")
     )
-
-
-@bottleneck_adapter_fwd.register_fake
-def _(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, activation_id, save_preact, backend):
-    num_tokens, d = x.shape
-    preact_shape = (num_tokens, w_down.shape[0]) if save_preact else (0,)
-    return x.new_empty((num_tokens, d)), x.new_empty(preact_shape)
-
-
-@torch.library.custom_op("adapterkern::bottleneck_adapter_bwd", mutates_args=())
-def bottleneck_adapter_bwd(
-    dy: Tensor,
-    x: Tensor,
-    preact: Tensor,
-    w_down: Tensor,
-    b_down: Optional[Tensor],
-    w_up: Tensor,
-    b_up: Optional[Tensor],
-    scale: Optional[Tensor],
-    scale_value: float,
-    residual_is_x: bool,
-    activation_id: int,
-    backend: str,
-    needs: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = kernel_backend(backend).adapter_backward(
-        dy, x, preact, w_down, b_down, w_up, b_up, scale, scale_value, residual_is_x, activation_id, needs
+    fwd.register_fake(forward_fake)
+    bwd = torch.library.custom_op(
+        f"adapterkern::{spec.name}_bwd", backward_op, mutates_args=(), schema=_schema(backward_params, "(" + ", ".join(["Tensor"] * len(_GRAD_INPUTS)) + ")")
     )
-    return tuple(x.new_empty(0) if g is None else g for g in grads)
-
-
-def _bwd_fake(dy, x, preact, w_down, b_down, w_up, b_up, scale, scale_value, residual_is_x, activation_id, backend, needs):
-    """Gradients have their inputs' shapes (contiguous); those not needed are empty."""
-    likes = (x, w_down, b_down, w_up, b_up, scale)
-    return tuple(
-        torch.empty_like(t, memory_format=torch.contiguous_format) if need and t is not None else x.new_empty(0)
-        for need, t in zip(needs, likes)
-    )
-
-
-bottleneck_adapter_bwd.register_fake(_bwd_fake)
-
-
-def _register_autograd(fwd_op, bwd_op, kind: str) -> None:
-    """Autograd for a forward op whose args are (x, w_down, b_down, w_up, b_up, scale, scale_value,
-    residual, <extra>, activation_id, save_preact, backend), <extra> being nothing (``kind`` "single"),
-    add_residual ("multi"), or add_residual and the token groups perm, counts, starts ("batched"). The backward op gets
-    the saved pre-activation (and the groups); d_residual is dy (summed over the stack for "multi")."""
+    bwd.register_fake(backward_fake)
+    forward_names = [name for name, _ in forward_params]
+    saved = ("x", *(name for name, _ in _GROUPS if spec.groups), "w_down", "b_down", "w_up", "b_up", "scale")
 
     def setup_context(ctx, inputs, output):
-        x, w_down, b_down, w_up, b_up, scale, scale_value, residual = inputs[:8]
-        add_residual = inputs[8] if kind in ("multi", "batched") else True
-        groups = list(inputs[9:12]) if kind == "batched" else []
-        activation_id, _, backend = inputs[-3:]
-        ctx.save_for_backward(x, output[1], w_down, b_down, w_up, b_up, scale, *groups)
-        ctx.scale_value = scale_value
-        ctx.residual_is_x = add_residual and residual is None
+        a = _named(forward_params, inputs)
+        ctx.save_for_backward(output[1], *(a[n] for n in saved))
+        add_residual = a.get("add_residual", True)
+        ctx.scale_value = a["scale_value"]
+        ctx.residual_is_x = add_residual and a["residual"] is None
         ctx.add_residual = add_residual
-        ctx.activation_id = activation_id
-        ctx.backend = backend
+        ctx.activation_id = a["activation_id"]
+        ctx.backend = a["backend"]
 
     def backward(ctx, dy, _dpreact):
-        x, preact, w_down, b_down, w_up, b_up, scale, *groups = ctx.saved_tensors
-        need_x, need_wd, need_bd, need_wu, need_bu, need_s, _, need_res = ctx.needs_input_grad[:8]
-        needs = [need_x, need_wd, need_bd, need_wu, need_bu, need_s]
-        grads = [None] * 6
+        preact, *tensors = ctx.saved_tensors
+        t = dict(zip(saved, tensors))
+        need = dict(zip(forward_names, ctx.needs_input_grad))
+        needs = [need[n] for n in _GRAD_INPUTS]
+        grads = dict.fromkeys(forward_names)
         if any(needs):
-            if preact.numel() == 0 and x.shape[0] * w_down.shape[-2] > 0:
+            if preact.numel() == 0 and t["x"].shape[0] * t["w_down"].shape[-2] > 0:
                 raise RuntimeError(
-                    "adapterkern: backward through an adapter op called with save_preact=False; call it "
-                    "through adapterkern.bottleneck_adapter / multi_adapter, which save it when grads are needed"
+                    f"adapterkern: backward through {spec.name}_fwd called with save_preact=False; call it "
+                    "through the adapterkern functional ops, which save the pre-activation when grads are needed"
                 )
-            outs = bwd_op(
-                dy, x, preact, w_down, b_down, w_up, b_up, scale, ctx.scale_value, ctx.residual_is_x,
-                ctx.activation_id, ctx.backend, needs, *groups,
+            groups = [t[n] for n, _ in _GROUPS] if spec.groups else []
+            outs = bwd(
+                dy, t["x"], *groups, preact, t["w_down"], t["b_down"], t["w_up"], t["b_up"], t["scale"], ctx.scale_value,
+                ctx.residual_is_x, ctx.activation_id, ctx.backend, needs,
             )
-            grads = [g if need else None for g, need in zip(outs, needs)]
-        d_residual = None
-        if need_res and ctx.add_residual:
-            d_residual = dy.sum(0) if kind == "multi" else dy
-        n_rest = len(ctx.needs_input_grad) - 8
-        return (*grads, None, d_residual) + (None,) * n_rest
+            grads.update((n, g) for n, g, wanted in zip(_GRAD_INPUTS, outs, needs) if wanted)
+        if need["residual"] and ctx.add_residual:
+            grads["residual"] = dy.sum(0) if spec.op == MULTI else dy
+        return tuple(grads[n] for n in forward_names)
 
-    fwd_op.register_autograd(backward, setup_context=setup_context)
+    fwd.register_autograd(backward, setup_context=setup_context)
 
 
-_register_autograd(bottleneck_adapter_fwd, torch.ops.adapterkern.bottleneck_adapter_bwd, "single")
-
-
-@torch.library.custom_op("adapterkern::multi_adapter_fwd", mutates_args=())
-def multi_adapter_fwd(
-    x: Tensor,
-    w_down: Tensor,
-    b_down: Optional[Tensor],
-    w_up: Tensor,
-    b_up: Optional[Tensor],
-    scale: Optional[Tensor],
-    scale_value: float,
-    residual: Optional[Tensor],
-    add_residual: bool,
-    activation_id: int,
-    save_preact: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    return kernel_backend(backend).multi_adapter_forward(
-        x, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_residual, activation_id, save_preact
-    )
-
-
-@multi_adapter_fwd.register_fake
-def _(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_residual, activation_id, save_preact, backend):
-    (num_tokens, d), (n, r) = x.shape, w_down.shape[:2]
-    return x.new_empty((n, num_tokens, d)), x.new_empty((n, num_tokens, r) if save_preact else (0,))
-
-
-@torch.library.custom_op("adapterkern::multi_adapter_bwd", mutates_args=())
-def multi_adapter_bwd(
-    dy: Tensor,
-    x: Tensor,
-    preact: Tensor,
-    w_down: Tensor,
-    b_down: Optional[Tensor],
-    w_up: Tensor,
-    b_up: Optional[Tensor],
-    scale: Optional[Tensor],
-    scale_value: float,
-    residual_is_x: bool,
-    activation_id: int,
-    backend: str,
-    needs: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = kernel_backend(backend).multi_adapter_backward(
-        dy, x, preact, w_down, b_down, w_up, b_up, scale, scale_value, residual_is_x, activation_id, needs
-    )
-    return tuple(x.new_empty(0) if g is None else g for g in grads)
-
-
-multi_adapter_bwd.register_fake(_bwd_fake)
-_register_autograd(multi_adapter_fwd, torch.ops.adapterkern.multi_adapter_bwd, "multi")
-
-
-@torch.library.custom_op("adapterkern::batched_adapter_fwd", mutates_args=())
-def batched_adapter_fwd(
-    x: Tensor,
-    w_down: Tensor,
-    b_down: Optional[Tensor],
-    w_up: Tensor,
-    b_up: Optional[Tensor],
-    scale: Optional[Tensor],
-    scale_value: float,
-    residual: Optional[Tensor],
-    add_residual: bool,
-    perm: Tensor,
-    counts: Tensor,
-    starts: Tensor,
-    activation_id: int,
-    save_preact: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    return kernel_backend(backend).batched_adapter_forward(
-        x, (perm, counts, starts), w_down, b_down, w_up, b_up, scale, scale_value, residual, add_residual,
-        activation_id, save_preact,
-    )
-
-
-@batched_adapter_fwd.register_fake
-def _(x, w_down, b_down, w_up, b_up, scale, scale_value, residual, add_residual, perm, counts, starts, activation_id, save_preact, backend):
-    return x.new_empty(x.shape), x.new_empty((x.shape[0], w_down.shape[1]) if save_preact else (0,))
-
-
-@torch.library.custom_op("adapterkern::batched_adapter_bwd", mutates_args=())
-def batched_adapter_bwd(
-    dy: Tensor,
-    x: Tensor,
-    preact: Tensor,
-    w_down: Tensor,
-    b_down: Optional[Tensor],
-    w_up: Tensor,
-    b_up: Optional[Tensor],
-    scale: Optional[Tensor],
-    scale_value: float,
-    residual_is_x: bool,
-    activation_id: int,
-    backend: str,
-    needs: list[bool],
-    perm: Tensor,
-    counts: Tensor,
-    starts: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = kernel_backend(backend).batched_adapter_backward(
-        dy, x, preact, w_down, b_down, w_up, b_up, scale, scale_value, residual_is_x, activation_id, needs,
-        (perm, counts, starts),
-    )
-    return tuple(x.new_empty(0) if g is None else g for g in grads)
-
-
-@batched_adapter_bwd.register_fake
-def _(dy, x, preact, w_down, b_down, w_up, b_up, scale, scale_value, residual_is_x, activation_id, backend, needs, perm, counts, starts):
-    return _bwd_fake(dy, x, preact, w_down, b_down, w_up, b_up, scale, scale_value, residual_is_x, activation_id, backend, needs)
-
-
-_register_autograd(batched_adapter_fwd, torch.ops.adapterkern.batched_adapter_bwd, "batched")
+_register(_OpSpec("bottleneck_adapter", SINGLE, add_residual=False, groups=False,
+                  output_shapes=lambda t, d, w: ((t, d), (t, w[0]))))
+_register(_OpSpec("multi_adapter", MULTI, add_residual=True, groups=False,
+                  output_shapes=lambda t, d, w: ((w[0], t, d), (w[0], t, w[1]))))
+_register(_OpSpec("batched_adapter", BATCHED, add_residual=True, groups=True,
+                  output_shapes=lambda t, d, w: ((t, d), (t, w[1]))))

@@ -49,3 +49,67 @@ def test_available_backends_cpu():
 def test_public_names():
     for name in ("bottleneck_adapter", "available_backends", "nn", "ACTIVATION_NAMES", "__version__"):
         assert hasattr(adapterkern, name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Op-aware choice: the table of which backend implements which op
+# ------------------------------------------------------------------------------------------------
+from adapterkern import backends  # noqa: E402
+from adapterkern.backends import BATCHED, IMPLEMENTS, MULTI, OPS, SINGLE, implements  # noqa: E402
+from conftest import reference_adapter, rel_err  # noqa: E402
+
+
+def test_the_table():
+    assert IMPLEMENTS["torch"] == set(OPS) and IMPLEMENTS["triton"] == set(OPS)
+    assert IMPLEMENTS["cuda"] == {SINGLE}
+    assert implements("auto", MULTI) and implements("triton", BATCHED)
+    assert implements("cuda", SINGLE) and not implements("cuda", MULTI) and not implements("cuda", BATCHED)
+    with pytest.raises(ValueError, match="op"):
+        resolve_backend("auto", torch.device("cpu"), "fused_everything")
+
+
+@pytest.fixture
+def cuda_extension_but_no_triton(monkeypatch):
+    """A machine whose ``auto`` choice is the CUDA extension (Triton missing), simulated on CPU tensors:
+    cuda is "available" on the CPU and first in auto's preference there."""
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setattr(backends, "is_available", lambda name, device: name in ("cuda", "torch"))
+    monkeypatch.setitem(backends.AUTO_PREFERENCE, "cpu", ("triton", "cuda", "torch"))
+
+
+def test_auto_picks_per_op(cuda_extension_but_no_triton):
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu, SINGLE) == "cuda"
+    assert resolve_backend("auto", cpu, MULTI) == "torch"
+    assert resolve_backend("auto", cpu, BATCHED) == "torch"
+    with pytest.raises(ValueError, match=r"backend: 'cuda' has no multi_adapter kernel.*'torch', 'triton'"):
+        resolve_backend("cuda", cpu, MULTI)
+
+
+def test_env_default_without_the_op_falls_back_to_auto(cuda_extension_but_no_triton, monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "cuda")
+    assert resolve_backend("auto", torch.device("cpu"), SINGLE) == "cuda"
+    assert resolve_backend("auto", torch.device("cpu"), BATCHED) == "torch"
+
+
+def test_stack_ops_fall_back_to_torch_where_auto_lacks_them(cuda_extension_but_no_triton, monkeypatch):
+    """multi_adapter and bottleneck_adapter_batched with backend='auto' run (on the torch backend)
+    instead of raising, and give the maths of N separate adapters."""
+    calls = []
+    for op in ("multi_adapter", "batched_adapter"):
+        real = getattr(backends.reference, op)
+        monkeypatch.setattr(backends.reference, op, lambda *a, _real=real, _op=op, **k: calls.append(_op) or _real(*a, **k))
+    n, t, d, r = 3, 10, 16, 4
+    x = torch.randn(t, d, dtype=torch.float64)
+    w_down, b_down = torch.randn(n, r, d, dtype=torch.float64), torch.randn(n, r, dtype=torch.float64)
+    w_up, b_up = torch.randn(n, d, r, dtype=torch.float64), torch.randn(n, d, dtype=torch.float64)
+    scaling = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64)
+    refs = torch.stack([reference_adapter(x, w_down[i], b_down[i], w_up[i], b_up[i], "relu", scaling[i]) for i in range(n)])
+
+    stacked = adapterkern.multi_adapter(x, w_down, b_down, w_up, b_up, scaling=scaling)
+    assert rel_err(stacked, refs) < 1e-12
+    index = torch.tensor([2, 0, -1, 1, 1, 0, 2, -1, 0, 1])
+    routed = adapterkern.bottleneck_adapter_batched(x, index, w_down, b_down, w_up, b_up, scaling=scaling)
+    expected = torch.stack([x[i] if k < 0 else refs[k, i] for i, k in enumerate(index.tolist())])
+    assert rel_err(routed, expected) < 1e-12
+    assert calls == ["multi_adapter", "batched_adapter"]

@@ -138,12 +138,12 @@ def test_gradcheck(backend):
 def test_opcheck_and_compile():
     c = make_case(3, (21, 32), 8, torch.float32, scaling="adapter")
     g = adapterkern.token_groups(c["index"], 3)
-    args = [c["x"], c["w_down"], c["b_down"], c["w_up"], c["b_up"], c["scaling"].reshape(3, 1), 1.0, None, True, *g, 1, True, "triton"]
+    args = [c["x"], *g, c["w_down"], c["b_down"], c["w_up"], c["b_up"], c["scaling"].reshape(3, 1), 1.0, None, True, 1, True, "triton"]
     torch.library.opcheck(torch.ops.adapterkern.batched_adapter_fwd.default, args)
     with torch.no_grad():
         _, preact = torch.ops.adapterkern.batched_adapter_fwd(*args)
     detached = [t.detach() for t in (c["x"], c["w_down"], c["b_down"], c["w_up"], c["b_up"])]
-    bwd = [torch.randn(21, 32), detached[0], preact, *detached[1:], c["scaling"].detach().reshape(3, 1), 1.0, True, 1, "triton", [True] * 6, *g]
+    bwd = [torch.randn(21, 32), detached[0], *g, preact, *detached[1:], c["scaling"].detach().reshape(3, 1), 1.0, True, 1, "triton", [True] * 6]
     torch.library.opcheck(torch.ops.adapterkern.batched_adapter_bwd.default, bwd)
 
     def f(x, idx, wd, bd, wu, bu, s, groups):

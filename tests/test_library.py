@@ -95,3 +95,22 @@ def test_cuda_graph_capture(backend):
         x.copy_(torch.randn_like(x))
         graph.replay()
         assert torch.equal(out, call()) and not torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_backward_needs_the_forwards_preact(backend):
+    """The backward ops index dy and preact by the forward's shapes: a wrong one is a ValueError naming it,
+    and a backward through a forward that saved no pre-activation is an error, not a recomputation."""
+    x, w_down, b_down, w_up, b_up, scale, _, _, act, _, _ = _args(backend)
+    detached = [t.detach() for t in (x, w_down, b_down, w_up, b_up, scale)]
+    with torch.no_grad():
+        _, preact = torch.ops.adapterkern.bottleneck_adapter_fwd(*detached[:6], 1.0, None, act, True, backend)
+    dy = torch.randn_like(detached[0])
+    for wrong_dy, wrong_preact, name in ((dy[:-1], preact, "dy"), (dy, preact[:, :-1], "preact"), (dy, preact.new_empty(0), "preact")):
+        with pytest.raises(ValueError, match=rf"{name}: expected shape"):
+            torch.ops.adapterkern.bottleneck_adapter_bwd(
+                wrong_dy, detached[0], wrong_preact, *detached[1:6], 1.0, True, act, backend, [True] * 6
+            )
+    y, _ = torch.ops.adapterkern.bottleneck_adapter_fwd(x, w_down, b_down, w_up, b_up, scale, 1.0, None, act, False, backend)
+    with pytest.raises(RuntimeError, match="save_preact=False"):
+        y.sum().backward()

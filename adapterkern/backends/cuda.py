@@ -209,10 +209,6 @@ def adapter_backward(dy, x, preact, w_down, b_down, w_up, b_up, scale, scale_val
         needs[5] = False
     if not any(needs):
         return (None,) * 6
-    T, r = x.shape[0], w_down.shape[0]
-    if preact is None or tuple(preact.shape) != (T, r):
-        # Forward ran without save_preact: recompute the pre-activation (cuBLAS, x's dtype).
-        preact = torch.nn.functional.linear(x, w_down, b_down)
     outs = torch.ops.adapterkern.cuda_adapter_bwd(
         dy, x, preact, w_down, b_down, w_up, b_up, scale, float(scale_value), bool(residual_is_x),
         int(activation_id), *needs, fp32_matmul_allows_tf32(),

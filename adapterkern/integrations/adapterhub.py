@@ -96,7 +96,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..activations import get_activation
-from ..backends import _check_name, resolve_backend
+from ..backends import check_backend_name, resolve_backend
 from ..functional import SUPPORTED_DTYPES, bottleneck_adapter, bottleneck_adapter_batched, multi_adapter, token_groups
 
 __all__ = ["AdapterPatchReport", "AdapterPatchWarning", "patch_adapters", "unpatch_adapters"]
@@ -819,7 +819,7 @@ def patch_adapters(model: nn.Module, backend: str = "auto") -> AdapterPatchRepor
         ImportError: the ``adapters`` library is not installed.
     """
     _check_model(model)
-    backend = _check_name(backend, "backend")
+    backend = check_backend_name(backend, "backend")
     try:
         from adapters.methods import modeling as lib
         from adapters.methods.bottleneck import BottleneckLayer

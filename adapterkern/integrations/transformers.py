@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from ..activations import get_activation
-from ..backends import _check_name
+from ..backends import check_backend_name
 from ..nn.bottleneck import INIT_SCHEMES, BottleneckAdapter
 
 PLACEMENTS = ("pfeiffer", "houlsby", "parallel", "mam")
@@ -149,7 +149,7 @@ class AdapterConfig:
             if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
                 raise ValueError(f"target_modules: expected a non-empty list of module names, got {self.target_modules!r}")
             self.target_modules = tuple(self.target_modules)
-        self.backend = _check_name(self.backend, "backend")
+        self.backend = check_backend_name(self.backend, "backend")
         for name in ("prefix_length", "prefix_bottleneck"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

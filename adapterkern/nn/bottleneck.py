@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..activations import get_activation
-from ..backends import _check_name
+from ..backends import check_backend_name
 from ..functional import bottleneck_adapter
 
 INIT_SCHEMES = ("bert", "houlsby", "mam_adapter")
@@ -72,7 +72,7 @@ class BottleneckAdapter(nn.Module):
         self.hidden_size = hidden_size
         self.bottleneck_size = bottleneck_size
         self.activation = get_activation(activation).name
-        self.backend = _check_name(backend, "backend")
+        self.backend = check_backend_name(backend, "backend")
         self.adapter_down = nn.Linear(hidden_size, bottleneck_size, bias=bias, **factory)
         self.adapter_up = nn.Linear(bottleneck_size, hidden_size, bias=bias, **factory)
         self._set_scaling(scaling, factory)
@@ -115,7 +115,7 @@ class BottleneckAdapter(nn.Module):
         nn.Module.__init__(self)
         self.hidden_size, self.bottleneck_size = down.in_features, down.out_features
         self.activation = get_activation(activation).name
-        self.backend = _check_name(backend, "backend")
+        self.backend = check_backend_name(backend, "backend")
         self.adapter_down, self.adapter_up = down, up
         if isinstance(scaling, Tensor):
             self.scaling = scaling
@@ -151,30 +151,51 @@ def layout(adapter: "BottleneckAdapter") -> tuple:
 
 def stack_adapters(adapters: Sequence["BottleneckAdapter"]):
     """The adapters as one stack for :func:`adapterkern.multi_adapter` / ``bottleneck_adapter_batched``:
-    (w_down (N, r, d), b_down (N, r) or None, w_up (N, d, r), b_up (N, d) or None, scaling), stacked
-    from their own parameters on every call (differentiable). ``scaling`` is a float when all are the
-    same float, else (N,) (one scalar each) or (N, d) (some per channel), in the tensors' dtype (float32
-    for Python floats). The adapters must share :func:`layout` (the caller checks)."""
-    first = adapters[0]
-
-    def stack(get):
-        return torch.stack([get(a) for a in adapters])
-
-    return (
-        stack(lambda a: a.adapter_down.weight),
-        None if first.adapter_down.bias is None else stack(lambda a: a.adapter_down.bias),
-        stack(lambda a: a.adapter_up.weight),
-        None if first.adapter_up.bias is None else stack(lambda a: a.adapter_up.bias),
-        _stack_scalings([a.scaling for a in adapters], first.hidden_size, first.adapter_up.weight.device),
+    :func:`stack_weights` of their projections and scalings. They must share :func:`layout` (the
+    caller checks)."""
+    return stack_weights(
+        [a.adapter_down for a in adapters], [a.adapter_up for a in adapters], [a.scaling for a in adapters]
     )
 
 
-def _stack_scalings(scalings: list, d: int, device):
+def stack_weights(downs: Sequence[nn.Linear], ups: Sequence[nn.Linear], scalings: Sequence[Union[float, Tensor]]):
+    """N adapters' projections as one stack, the one stacking rule of every fused many-adapter path.
+
+    Args:
+        downs: N ``nn.Linear(d, r)`` (weight (r, d)), all with or all without a bias.
+        ups: N ``nn.Linear(r, d)`` (weight (d, r)), all with or all without a bias.
+        scalings: N Python floats or float tensors of shape (), (1,) or (d,).
+
+    Returns:
+        (w_down (N, r, d), b_down (N, r) or None, w_up (N, d, r), b_up (N, d) or None, scaling), stacked
+        from the modules' own parameters on every call (differentiable). ``scaling`` is a Python float
+        when all are the same float; else a tensor of shape (N,) when every scaling is a scalar, or
+        (N, d) when one is per channel. Its dtype is float32 promoted with the tensor scalings' dtypes
+        (float32 unless one is float64): a scaling is multiplied in the kernels' float32 accumulator, so
+        a Python float is never rounded to a 16-bit weight dtype first.
+    """
+    def stack(tensors):
+        return torch.stack(list(tensors))
+
+    w_up = stack(m.weight for m in ups)
+    return (
+        stack(m.weight for m in downs),
+        None if downs[0].bias is None else stack(m.bias for m in downs),
+        w_up,
+        None if ups[0].bias is None else stack(m.bias for m in ups),
+        _stack_scalings(list(scalings), w_up.shape[1], w_up.device),
+    )
+
+
+def _stack_scalings(scalings: list, d: int, device: torch.device):
     if all(not isinstance(s, Tensor) for s in scalings):
         if all(s == scalings[0] for s in scalings):
             return float(scalings[0])
-        return torch.tensor(scalings, dtype=torch.float32, device=device)
-    dtype = next(s.dtype for s in scalings if isinstance(s, Tensor))
+        return torch.tensor([float(s) for s in scalings], dtype=torch.float32, device=device)
+    dtype = torch.float32
+    for s in scalings:
+        if isinstance(s, Tensor):
+            dtype = torch.promote_types(dtype, s.dtype)
     flat = [s.reshape(-1).to(dtype) if isinstance(s, Tensor) else torch.full((1,), float(s), dtype=dtype, device=device) for s in scalings]
     if all(f.numel() == 1 for f in flat):
         return torch.cat(flat)

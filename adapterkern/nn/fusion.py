@@ -33,7 +33,7 @@ from typing import Iterable, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..backends import resolve_backend
+from ..backends import MULTI, implements
 from ..functional import bottleneck_adapter, multi_adapter
 from .bottleneck import BottleneckAdapter, layout, stack_adapters
 
@@ -300,20 +300,19 @@ def freeze_for_fusion_training(
 
 def _adapter_outputs(x: Tensor, adapters: Sequence[BottleneckAdapter], backend: str) -> Tensor:
     """(N, *x.shape): each adapter's ``scaling * up(act(down(x)))`` without residual."""
-    name = resolve_backend(backend, x.device)
-    if name != "cuda" and all(layout(a) == layout(adapters[0]) for a in adapters):
+    if implements(backend, MULTI) and all(layout(a) == layout(adapters[0]) for a in adapters):
         w_down, b_down, w_up, b_up, scaling = stack_adapters(adapters)
         return multi_adapter(
             x, w_down, b_down, w_up, b_up, activation=adapters[0].activation, scaling=scaling,
-            add_residual=False, backend=name,
+            add_residual=False, backend=backend,
         )
-    # Different r / activation / bias layout (or the CUDA extension, which has no multi-adapter
-    # kernel): one fused single-adapter call per adapter, on a zero residual.
+    # Different r / activation / bias layout (or a backend without a multi-adapter kernel): one fused
+    # single-adapter call per adapter, on a zero residual.
     zeros = torch.zeros_like(x)
     return torch.stack([
         bottleneck_adapter(
             x, a.adapter_down.weight, a.adapter_down.bias, a.adapter_up.weight, a.adapter_up.bias,
-            activation=a.activation, scaling=a.scaling, residual=zeros, backend=name,
+            activation=a.activation, scaling=a.scaling, residual=zeros, backend=backend,
         )
         for a in adapters
     ])

@@ -849,7 +849,7 @@ def batched_adapter_forward(x, groups, w_down, b_down, w_up, b_up, scale, scale_
     )
 
 
-def batched_adapter_backward(dy, x, preact, w_down, b_down, w_up, b_up, scale, scale_value, residual_is_x, activation_id, needs, groups):
+def batched_adapter_backward(dy, x, groups, preact, w_down, b_down, w_up, b_up, scale, scale_value, residual_is_x, activation_id, needs):
     """Backward of :func:`batched_adapter_forward`; dy (T, d)."""
     return multi_adapter_backward(
         dy, x, preact, w_down, b_down, w_up, b_up, scale, scale_value, residual_is_x, activation_id, needs, groups=groups
