@@ -14,7 +14,7 @@ AH_PY := $(ADAPTERHUB_VENV)/bin/python
 # The lent GPU machine's image (benchmarks/NOTES.md, "Versions"): Python 3.12, torch 2.11 (a CUDA
 # build, ~3 GB from PyPI), Triton 3.6, transformers 5.17. `make check-image` rebuilds that stack here
 # and runs what can run without a GPU: the CUDA extension built against torch 2.11's headers, every
-# Triton kernel compiled for sm_80/sm_90 by Triton 3.6 (tests/test_triton_compile.py), and the whole
+# Triton kernel compiled for sm_80/sm_90 by Triton 3.6 (tests/test_backends_triton_compile.py), and the whole
 # suite on Triton 3.6's interpreter. Not part of `make test`; run it before a GPU session.
 # numpy < 2.4: Triton 3.6's interpreter calls int() on 1-element arrays, an error from numpy 2.4.
 IMAGE_VENV ?= .venv-image
@@ -43,13 +43,13 @@ test: $(VENV)/.installed-test $(ADAPTERHUB_VENV)/.installed
 
 # In parallel (pytest-xdist, one worker per core up to 4): the Triton interpreter is CPU-bound.
 # ADAPTERKERN_EMU_MUTANTS=1: the planted bugs of csrc/emu/mutants.py must each fail the CUDA
-# kernels' host emulation (tests/test_cuda_emulation.py; about a CPU minute and a half).
+# kernels' host emulation (tests/test_csrc_emulation.py; about a CPU minute and a half).
 test-main: $(VENV)/.installed-test
 	ADAPTERKERN_EMU_MUTANTS=1 $(PY) -m pytest tests -q -n auto --maxprocesses 4
 
 # ADAPTERKERN_REQUIRE_ADAPTERS turns the "adapters not installed" skip into a failure here.
 test-adapterhub: $(ADAPTERHUB_VENV)/.installed
-	ADAPTERKERN_REQUIRE_ADAPTERS=1 $(AH_PY) -m pytest tests/test_adapterhub*.py -q
+	ADAPTERKERN_REQUIRE_ADAPTERS=1 $(AH_PY) -m pytest tests/test_integrations_adapterhub*.py -q
 
 # Fine-tunes a Pfeiffer adapter on frozen all-MiniLM-L6-v2 (weights and data come from PyPI packages; no hub access).
 example: $(VENV)/.installed-examples

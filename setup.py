@@ -19,31 +19,19 @@ from setuptools import setup
 
 HERE = Path(__file__).resolve().parent
 CSRC = HERE / "csrc"
-NVCC_FLAGS = ["-O3", "-lineinfo"]  # never --use_fast_math: the kernels promise IEEE maths
+
+
+def _load_toolchain():
+    """adapterkern/cuda_toolchain.py (flags, sources, CUDA_HOME fix), loaded from its file: the package
+    itself is not importable while it is being built."""
+    spec = importlib.util.spec_from_file_location("_adapterkern_cuda_toolchain", HERE / "adapterkern" / "cuda_toolchain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _log(msg: str) -> None:
     print(f"adapterkern setup: {msg}", file=sys.stderr)
-
-
-def _arch_flags(archs: str) -> list:
-    items = [a.strip().replace(".", "") for a in archs.replace(",", ";").split(";") if a.strip()]
-    if not items:
-        raise SystemExit("adapterkern setup: ADAPTERKERN_CUDA_ARCHS is empty")
-    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in items]
-    flags.append(f"-gencode=arch=compute_{items[-1]},code=compute_{items[-1]}")  # PTX for newer GPUs
-    return flags
-
-
-def _fix_cuda_home(cpp_extension) -> None:
-    """adapterkern/_cuda_home.py's fix for torch's CUDA_HOME guess (wrong where nvcc on PATH is a wrapper
-    script), loaded from its file: the package itself is not importable while it is being built."""
-    spec = importlib.util.spec_from_file_location("_adapterkern_cuda_home", HERE / "adapterkern" / "_cuda_home.py")
-    cuda_home = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cuda_home)
-    root = cuda_home.fix_cpp_extension(cpp_extension)
-    if root:
-        _log(f"CUDA_HOME={root}")
 
 
 def _cuda_extension_kwargs() -> dict:
@@ -61,7 +49,10 @@ def _cuda_extension_kwargs() -> dict:
     if not force and torch.version.cuda is None:
         _log(f"torch {torch.__version__} is a CPU build; skipping the CUDA extension")
         return {}
-    _fix_cuda_home(cpp_extension)
+    toolchain = _load_toolchain()
+    root = toolchain.fix_cpp_extension(cpp_extension)
+    if root:
+        _log(f"CUDA_HOME={root}")
     cuda_home = cpp_extension.CUDA_HOME
     nvcc = shutil.which("nvcc") or (cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")))
     if not force:
@@ -71,14 +62,18 @@ def _cuda_extension_kwargs() -> dict:
         if not CSRC.is_dir():
             _log("csrc/ not found; skipping the CUDA extension")
             return {}
-    archs = os.environ.get("ADAPTERKERN_CUDA_ARCHS", "80;90")
+    archs = os.environ.get(toolchain.ARCHS_ENV_VAR, toolchain.DEFAULT_ARCHS)
+    try:
+        arch_flags = toolchain.cuda_arch_flags(archs)
+    except ValueError as exc:
+        raise SystemExit(f"adapterkern setup: {exc}")
     _log(f"building adapterkern._C for sm {archs}")
-    sources = sorted(str(p.relative_to(HERE)) for p in CSRC.glob("*.cu")) + ["csrc/bindings.cpp"]
+    sources = [str(p.relative_to(HERE)) for p in toolchain.extension_sources(CSRC)]
     ext = CUDAExtension(
         name="adapterkern._C",
         sources=sources,
         include_dirs=[str(CSRC)],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": NVCC_FLAGS + _arch_flags(archs)},
+        extra_compile_args={"cxx": toolchain.CXX_FLAGS, "nvcc": toolchain.NVCC_FLAGS + arch_flags},
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 

@@ -33,7 +33,9 @@ if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON="$(command -v python3)"; fi
 fi
 # Same language level as torch's cpp_extension (C++20 since torch 2.10); no --use_fast_math.
-NVCC_FLAGS=(-std=c++20 -O3 -lineinfo -Xptxas -v -I"$ROOT/csrc")
+# The optimisation flags are the extension build's own (adapterkern/cuda_toolchain.py).
+read -ra BUILD_FLAGS <<< "$("$PYTHON" "$ROOT/adapterkern/cuda_toolchain.py" --nvcc-flags)" || exit 2
+NVCC_FLAGS=(-std=c++20 "${BUILD_FLAGS[@]}" -Xptxas -v -I"$ROOT/csrc")
 # shellcheck disable=SC2206
 NVCC_FLAGS+=(${CHECK_CUDA_NVCC_EXTRA:-})  # e.g. "-maxrregcount=32" (the tests use it to force a spill)
 

@@ -43,7 +43,7 @@
 #
 # GPU_CHECK_DRY=1: the same control flow on a CPU machine in about a minute (tiny shapes, Triton's
 # interpreter, a tiny test selection, results in a temp dir, nothing written in the repository):
-# tests/test_gpu_check.py runs it. GPU_CHECK_SANITIZER names the compute-sanitizer to use;
+# tests/test_benchmarks_gpu_check.py runs it. GPU_CHECK_SANITIZER names the compute-sanitizer to use;
 # GPU_CHECK_RESULTS_DIR the folder the results folder is made in. PYTHON: the interpreter of every
 # stage (default python3, the GPU image's; on the dev machine, .venv/bin/python).
 set -u
@@ -66,7 +66,7 @@ pytest_exclusions() {
     echo "$expr"
 }
 
-# GPU_CHECK_FUNCTIONS_ONLY=1: sourced for the functions above only (tests/test_gpu_check.py).
+# GPU_CHECK_FUNCTIONS_ONLY=1: sourced for the functions above only (tests/test_benchmarks_gpu_check.py).
 # shellcheck disable=SC2317
 if [ "${GPU_CHECK_FUNCTIONS_ONLY:-0}" = 1 ]; then return 0 2>/dev/null || exit 0; fi
 
@@ -424,19 +424,19 @@ fi
 if [ "$DRY" = 1 ]; then
     TEST_ARGS=(tests/test_backends.py)
 else
-    # CPU-only checks CI runs already: test_triton_compile.py, the nvcc/ptxas checks (test_cuda_build.py's
+    # CPU-only checks CI runs already: test_backends_triton_compile.py, the nvcc/ptxas checks (test_csrc_build.py's
     # GPU tests stay), the kernels' host emulation under sanitizers and this script's own dry run.
     # Two Triton configs per kernel: the full sweep would time 48 for every shape key.
-    TEST_ARGS=(tests --ignore=tests/test_triton_compile.py --ignore=tests/test_cuda_emulation.py
-               --ignore=tests/test_gpu_check.py
-               --deselect tests/test_cuda_build.py::test_kernels_compile_for_sm80_sm90_without_spills
-               --deselect tests/test_cuda_build.py::test_spill_check_fails_on_a_spilling_kernel
+    TEST_ARGS=(tests --ignore=tests/test_backends_triton_compile.py --ignore=tests/test_csrc_emulation.py
+               --ignore=tests/test_benchmarks_gpu_check.py
+               --deselect tests/test_csrc_build.py::test_kernels_compile_for_sm80_sm90_without_spills
+               --deselect tests/test_csrc_build.py::test_spill_check_fails_on_a_spilling_kernel
                --maxfail=50)
     "$PY" -c "import xdist" 2> /dev/null && TEST_ARGS+=(-n "$(( $(nproc) < 12 ? $(nproc) : 12 ))")
     # A test stuck in a kernel ends its worker (thread method: a hung CUDA call never returns to Python)
     # and is reported, instead of holding the stage until its limit.
     "$PY" -c "import pytest_timeout" 2> /dev/null && TEST_ARGS+=(--timeout 90 --timeout-method thread)
-    [[ " ${DROPPED[*]} " == *" cuda "* ]] && TEST_ARGS+=(--deselect tests/test_cuda_build.py)
+    [[ " ${DROPPED[*]} " == *" cuda "* ]] && TEST_ARGS+=(--deselect tests/test_csrc_build.py)
 fi
 EXCLUDE=$(pytest_exclusions "${DROPPED[@]}")
 [ -n "$EXCLUDE" ] && TEST_ARGS+=(-k "$EXCLUDE")

@@ -133,7 +133,7 @@ def one_thread():
 
 
 def import_adapters():
-    """The AdapterHub ``adapters`` library for the test_adapterhub*.py files: the module skips with a
+    """The AdapterHub ``adapters`` library for the test_integrations_adapterhub*.py files: the module skips with a
     stated reason where it is not installed, unless ADAPTERKERN_REQUIRE_ADAPTERS=1 (``make
     test-adapterhub``), where a missing library is a failure."""
     if os.environ.get("ADAPTERKERN_REQUIRE_ADAPTERS") == "1":

@@ -400,7 +400,7 @@ def test_torch_compile():
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
 def test_mam_is_the_parallel_adapter_plus_prefixes(family, tmp_path):
     """MAM through add_adapter == a parallel adapter with the same weights plus the same prefix modules
-    put on the attention modules by hand (the prefix attention itself is tested in test_prefix.py)."""
+    put on the attention modules by hand (the prefix attention itself is tested in test_nn_prefix.py)."""
     from adapterkern.integrations.prefix_attention import attention_places
     from adapterkern.integrations.transformers import AdapterSlot
 

@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..cuda_toolchain import ARCHS_ENV_VAR, CXX_FLAGS, NVCC_FLAGS, cuda_arch_flags, extension_sources, fix_cpp_extension
 from .precision import fp32_matmul_allows_tf32
 
 BUILD_HINT = (
@@ -55,29 +56,10 @@ def _cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "adapterkern"
 
 
-def _sources() -> list[Path]:
-    return sorted(CSRC_DIR.glob("*.cu")) + [CSRC_DIR / "bindings.cpp"]
-
-
-def cuda_arch_flags(archs: Optional[str] = None) -> list[str]:
-    """nvcc -gencode flags for ``archs`` ("80;90", default ``$ADAPTERKERN_CUDA_ARCHS`` or "80;90"):
-    SASS for each, plus PTX of the newest so later GPUs can JIT it."""
-    archs = archs if archs is not None else os.environ.get("ADAPTERKERN_CUDA_ARCHS", "80;90")
-    items = [a.strip().replace(".", "") for a in archs.replace(",", ";").split(";") if a.strip()]
-    if not items:
-        raise ValueError("ADAPTERKERN_CUDA_ARCHS is empty")
-    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in items]
-    flags.append(f"-gencode=arch=compute_{items[-1]},code=compute_{items[-1]}")
-    return flags
-
-
-NVCC_FLAGS = ["-O3", "-lineinfo"]  # never --use_fast_math: IEEE maths
-
-
 def _jit_build() -> None:
     from torch.utils import cpp_extension
 
-    archs = os.environ.get("ADAPTERKERN_CUDA_ARCHS")
+    archs = os.environ.get(ARCHS_ENV_VAR)
     if not archs:  # build only for the GPU at hand: one arch keeps the build short
         major, minor = torch.cuda.get_device_capability()
         archs = f"{major}{minor}"
@@ -91,8 +73,8 @@ def _jit_build() -> None:
     build_dir.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name=JIT_NAME,
-        sources=[str(s) for s in _sources()],
-        extra_cflags=["-O3"],
+        sources=[str(s) for s in extension_sources(CSRC_DIR)],
+        extra_cflags=CXX_FLAGS,
         extra_cuda_cflags=NVCC_FLAGS + cuda_arch_flags(archs),
         extra_include_paths=[str(CSRC_DIR)],
         build_directory=str(build_dir),
@@ -111,14 +93,12 @@ def _why_no_jit() -> Optional[str]:
         return "no CUDA device"
     from torch.utils import cpp_extension
 
-    from .._cuda_home import fix_cpp_extension
-
     fix_cpp_extension(cpp_extension)  # nvcc on PATH a wrapper script: torch's guess has no headers
     if cpp_extension.CUDA_HOME is None and shutil.which("nvcc") is None:
         return "nvcc not found (set CUDA_HOME)"
     if not cpp_extension.is_ninja_available():
         return "ninja not found (pip install ninja)"
-    if not all(s.is_file() for s in _sources()):
+    if not all(s.is_file() for s in extension_sources(CSRC_DIR)):
         return f"CUDA sources not found under {CSRC_DIR} (not a source checkout)"
     return None
 

@@ -8,26 +8,32 @@ weights, no downloads). Each run answers the same batch for all N tasks:
   layers 0..k-1 run once on the batch, layers k..11 on the batch tiled N times, every adapter place
   serving the N adapters in one launch (:func:`adapterkern.bottleneck_adapter_batched`).
 
-All variants are timed in alternation; the speed-up is relative to ``drop 0``. Rücklé et al. 2021
+All variants are timed in alternation; the speed-up is relative to ``drop 0``. The adapters run on the
+backend ``--backend`` resolves to for the batched op (auto's choice if it has no kernel for it). Rücklé et al. 2021
 report, for 8 tasks at once with adapters dropped from the first five layers, 39% faster inference
 (BERT-base, GPU); see benchmarks/NOTES.md.
 """
 from __future__ import annotations
 
 import argparse
-import uuid
 from typing import Dict, List, Optional
 
+import torch
+
+import adapterkern as ak
+from adapterkern.backends import BATCHED
+
+from . import common, models, timing
+from .models import bert_model
+from .report import append_csv
+
 COLUMNS = [
-    "run_id", "date", "device", "device_type", "threads", "torch", "triton", "cuda", "adapterkern", "git_commit",
-    "dtype", "tasks", "layers", "hidden", "batch", "seq", "bottleneck", "backend", "variant", "drop_layers",
-    "median_ms", "iqr_ms", "rounds", "speedup_vs_drop0", "max_rel_diff",
+    *common.PROVENANCE, "dtype", "tasks", "layers", "hidden", "batch", "seq", "bottleneck", "backend", "variant",
+    "drop_layers", "median_ms", "iqr_ms", "rounds", "speedup_vs_drop0", "max_rel_diff",
 ]
 
 
 def parser() -> argparse.ArgumentParser:
-    from .cli import add_alternating_args
-
     p = argparse.ArgumentParser(prog="python -m adapterkern.bench adapterdrop", description=__doc__.splitlines()[0])
     p.add_argument("--tasks", type=int, default=8)
     p.add_argument("--drops", default="0,3,5", help="comma-separated k: adapters dropped from layers 0..k-1")
@@ -35,35 +41,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="sequences per task batch (default 1 on CPU, 8 on GPU)")
     p.add_argument("--seq", type=int, help="tokens per sequence (default 64 on CPU, 128 on GPU)")
     p.add_argument("--reduction-factor", type=int, default=16)
-    p.add_argument("--backend", default="auto")
     p.add_argument("--no-loop", action="store_true", help="skip the N-pass loop baseline")
-    add_alternating_args(p, "adapterdrop", rounds=5)
+    common.add_subcommand_args(p, "adapterdrop", rounds=5)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """``adapterdrop``: median time (ms) of answering one batch for every task, per variant, its speed-up
+    over ``drop 0``, and its output's max relative difference from N passes with the same layers dropped."""
     args = parser().parse_args(argv)
-    from .models import transformers_reason
-
-    reason = transformers_reason()
-    if reason:
-        print(f"adapterdrop benchmark skipped: {reason}")
+    run = common.start(args, "adapterdrop", requires=models.transformers_reason)
+    if run is None:
         return 0
-    import torch
-
-    import adapterkern as ak
-
-    from . import timing
-    from .cli import _device, default_csv
-    from .envinfo import environment
-    from .grid import default_dtype
-    from .models import bert_model
-    from .report import append_csv
-
-    device = _device(args.device)
-    for note in timing.prepare_cpu(device, args.threads, args.malloc):
-        print(f"note: {note}")
-    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
+    device, dtype = run.device, run.dtype
     batch = args.batch or (8 if device.type == "cuda" else 1)
     seq = args.seq or (128 if device.type == "cuda" else 64)
     drops = [int(k) for k in args.drops.split(",")]
@@ -71,6 +61,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit(f"--drops: each k must lie in [0, {args.layers - 1}]")
     if 0 not in drops:
         drops = [0] + drops
+    # one backend for the loop's single-adapter calls and the shared passes' batched ones alike
+    backend = run.backend(args.backend, BATCHED)
 
     torch.manual_seed(0)
     model = bert_model(args.layers, device, dtype).eval()
@@ -78,7 +70,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     r = max(1, hidden // args.reduction_factor)
     names = [f"task{i}" for i in range(args.tasks)]
     for name in names:
-        ak.add_adapter(model, name, ak.AdapterConfig.pfeiffer(bottleneck_size=r, backend=args.backend))
+        ak.add_adapter(model, name, ak.AdapterConfig.pfeiffer(bottleneck_size=r, backend=backend))
     with torch.no_grad():  # non-identity adapters, so that every variant's output is checked for real
         for p in (p for n, p in model.named_parameters() if "bottleneck_adapters" in n):
             p.normal_(0.0, 0.02)
@@ -108,38 +100,31 @@ def main(argv: Optional[List[str]] = None) -> int:
             ak.set_adapter_drop(model, k)
             refs[k] = loop().float()
         ak.set_adapter_drop(model, 0)
-        print(f"[adapterdrop] {args.tasks} tasks x batch {batch} x {seq} tokens, {args.layers} layers, d={hidden}, "
-              f"r={r}, {str(dtype).replace('torch.', '')} on {device}; {args.rounds} alternating rounds", flush=True)
+        run.say(f"{args.tasks} tasks x batch {batch} x {seq} tokens, {args.layers} layers, d={hidden}, r={r}, "
+                f"{common.dtype_name(dtype)} on {device}; {args.rounds} alternating rounds")
         times = timing.interleaved([fn for _, fn in variants.values()], device, rounds=args.rounds,
                                    min_block_s=args.block_ms / 1e3)
-    env = environment(device)
-    run_id = uuid.uuid4().hex[:8]
     t0 = times[list(variants).index("drop 0")].median_s
     rows: List[Dict[str, object]] = []
     for (label, (k, _)), t in zip(variants.items(), times):
         ref = refs[k]
         diff = ((outs[label] - ref).abs().max() / ref.abs().max()).item()
-        rows.append({
-            "run_id": run_id, **env, "dtype": str(dtype).replace("torch.", ""), "tasks": args.tasks,
-            "layers": args.layers, "hidden": hidden, "batch": batch, "seq": seq, "bottleneck": r,
-            "backend": args.backend, "variant": label, "drop_layers": k, "median_ms": t.median_s * 1e3,
-            "iqr_ms": t.iqr_s * 1e3, "rounds": t.samples, "speedup_vs_drop0": t0 / t.median_s, "max_rel_diff": diff,
-        })
-    csv_path = append_csv(args.csv or default_csv("adapterdrop", device), rows, COLUMNS)
-    print()
-    print(format_table(rows))
-    print(f"note: speed-up = median of drop 0 / median of the variant (each timed in alternation); rel diff = "
-          f"max |out - N passes with the same layers dropped| / max |out|; {env['device']}, torch {env['torch']}, "
-          f"commit {env['git_commit'] or '?'}; run {run_id}")
-    print("note: Rücklé et al. 2021 (AdapterDrop): 8 tasks at once, adapters dropped from the first 5 layers: 39% faster")
-    print(f"wrote {len(rows)} rows to {csv_path}")
-    return 0
+        rows.append(run.row(
+            tasks=args.tasks, layers=args.layers, hidden=hidden, batch=batch, seq=seq, bottleneck=r, backend=backend,
+            variant=label, drop_layers=k, median_ms=t.median_s * 1e3, iqr_ms=t.iqr_s * 1e3, rounds=t.samples,
+            speedup_vs_drop0=t0 / t.median_s, max_rel_diff=diff,
+        ))
+    path = append_csv(run.csv, rows, COLUMNS)
+    return run.finish(
+        format_table(rows), rows, path,
+        "speed-up = median of drop 0 / median of the variant (each timed in alternation); rel diff = "
+        "max |out - N passes with the same layers dropped| / max |out|",
+        "Rücklé et al. 2021 (AdapterDrop): 8 tasks at once, adapters dropped from the first 5 layers: 39% faster")
 
 
 def format_table(rows: List[Dict[str, object]]) -> str:
+    """One line per variant."""
     header = ["variant", "median ms", "IQR ms", "speed-up vs drop 0", "rel diff"]
     body = [[str(r["variant"]), f"{r['median_ms']:,.2f}", f"{r['iqr_ms']:,.2f}", f"{r['speedup_vs_drop0']:.2f}x",
              f"{r['max_rel_diff']:.1e}"] for r in rows]
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
+    return common.text_table(header, body)

@@ -131,11 +131,12 @@ def _fused(backend: str):
 
 
 def adapterkern_backends(device: torch.device) -> Tuple[List[str], Optional[str]]:
-    """The adapterkern backends that can run on ``device`` (or [] and the reason there are none)."""
+    """The adapterkern backends with a single-adapter kernel that can run on ``device`` (or [] and the
+    reason there are none)."""
     try:
-        import adapterkern
+        from adapterkern.backends import SINGLE, available_backends, implements
 
-        return list(adapterkern.available_backends(device)), None
+        return [b for b in available_backends(device) if implements(b, SINGLE)], None
     except Exception as exc:  # noqa: BLE001 - the op not importable: report it, bench the rest
         return [], f"adapterkern.available_backends failed ({type(exc).__name__}: {exc})"
 

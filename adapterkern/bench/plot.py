@@ -11,7 +11,10 @@ import os
 from collections import defaultdict
 from typing import Dict, List, Optional
 
+from .common import png_path
 from .report import latest_run, read_csv
+
+MATPLOTLIB_MISSING = "matplotlib is not installed (`pip install matplotlib`, or the 'bench' extra)"
 
 
 def have_matplotlib() -> bool:
@@ -31,8 +34,16 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, out: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def plot_grid(rows: List[Dict[str, str]], out: str, bottleneck: Optional[int] = None) -> str:
-    """Draw ``rows`` (one run) to ``out``; returns ``out``."""
+    """Draw grid ``rows`` (one run) to the PNG ``out``: median latency (us) against T, log-log, at one
+    bottleneck ``r`` (default 64 if measured); returns ``out``."""
     plt = _pyplot()
     if not rows:
         raise ValueError("plot: no rows to draw")
@@ -88,10 +99,7 @@ def plot_grid(rows: List[Dict[str, str]], out: str, bottleneck: Optional[int] = 
     ncol = min(len(labels), 3 if len(ds) == 1 else 5)
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)
     fig.tight_layout(rect=(0, 0.04 + 0.04 * ((len(labels) + ncol - 1) // ncol), 1, 0.93))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_bars(rows: List[Dict[str, str]], label_key: str, metrics: List[tuple], title: str, out: str) -> str:
@@ -115,13 +123,11 @@ def plot_bars(rows: List[Dict[str, str]], label_key: str, metrics: List[tuple], 
         ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """``plot``: draw one run of a grid CSV to a PNG."""
     p = argparse.ArgumentParser(prog="python -m adapterkern.bench plot", description=__doc__.splitlines()[0])
     p.add_argument("csv", help="a grid CSV written by python -m adapterkern.bench")
     p.add_argument("--out", help="PNG path (default: the CSV's path with .png)")
@@ -129,9 +135,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--bottleneck", type=int, help="which r to draw (default: 64 if measured)")
     args = p.parse_args(argv)
     if not have_matplotlib():
-        print("plot: matplotlib is not installed; `pip install matplotlib` (or the 'bench' extra) to draw PNGs")
+        print(f"plot: {MATPLOTLIB_MISSING}")
         return 2
     rows = latest_run(read_csv(args.csv), args.run)
-    out = plot_grid(rows, args.out or os.path.splitext(args.csv)[0] + ".png", args.bottleneck)
+    out = plot_grid(rows, png_path(args.csv, args.out), args.bottleneck)
     print(f"wrote {out}")
     return 0

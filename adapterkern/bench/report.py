@@ -1,16 +1,19 @@
-"""CSV rows of the grid benchmark: the columns, appending, reading back, and the printed table."""
+"""CSV rows of the benchmarks: appending and reading back; the grid's columns and printed table, and
+``python -m adapterkern.bench table CSV``, which prints that table again from a grid CSV."""
 from __future__ import annotations
 
+import argparse
 import csv
 import math
 import os
 from typing import Dict, Iterable, List, Optional, Sequence
 
+from .common import PROVENANCE, text_table
+
 # Every grid row has exactly these columns, in this order. Provenance first (one run shares it),
 # then the point, then the measurement and what is derived from it.
 COLUMNS = [
-    "run_id", "date", "device", "device_type", "threads", "torch", "triton", "cuda", "adapterkern", "git_commit",
-    "malloc",
+    *PROVENANCE, "malloc",
     "mode", "dtype", "tokens", "hidden", "bottleneck", "activation", "impl", "cuda_graph",
     "median_us", "iqr_us", "samples", "timer", "rotate_sets",
     "floor_bytes", "copy_GBps", "floor_us", "pct_of_floor", "achieved_GBps", "achieved_GFLOPs",
@@ -59,6 +62,7 @@ def append_csv(path: str, rows: Sequence[Dict[str, object]], columns: Sequence[s
 
 
 def read_csv(path: str) -> List[Dict[str, str]]:
+    """Every row of the CSV at ``path``, as dicts of strings."""
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
@@ -89,6 +93,7 @@ TABLE_HEADER = ["mode", "dtype", "T", "d", "r", "impl", "thr", "median us", "IQR
 
 
 def table_cells(rows: Iterable[Dict[str, object]]) -> List[List[str]]:
+    """The cells of :data:`TABLE_HEADER` for each grid row (from a run or read back from a CSV)."""
     out = []
     for r in rows:
         impl = str(r["impl"]) + ("+graph" if str(r.get("cuda_graph")) in ("1", "True") else "")
@@ -104,24 +109,31 @@ def table_cells(rows: Iterable[Dict[str, object]]) -> List[List[str]]:
 
 
 def format_table(rows: Iterable[Dict[str, object]], markdown: bool = False) -> str:
+    """The grid's table (a blank line between points), or a Markdown table."""
     cells = table_cells(rows)
     if markdown:
         lines = ["| " + " | ".join(TABLE_HEADER) + " |",
                  "|" + "|".join("---" if i < 7 else "---:" for i in range(len(TABLE_HEADER))) + "|"]
         lines += ["| " + " | ".join(c) + " |" for c in cells]
         return "\n".join(lines)
-    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(TABLE_HEADER)]
-    left = 6  # the first six columns are names, left-aligned; the numbers right-aligned
+    return text_table(TABLE_HEADER, cells, left=6, group=5)  # names left-aligned, numbers right
 
-    def line(values: Sequence[str]) -> str:
-        return "  ".join(v.ljust(w) if i < left else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths)))
 
-    out = [line(TABLE_HEADER), line(["-" * w for w in widths])]
-    previous = None
-    for c in cells:
-        key = tuple(c[:5])
-        if previous is not None and key != previous:
-            out.append("")
-        previous = key
-        out.append(line(c))
-    return "\n".join(out)
+def main(argv: Optional[List[str]] = None) -> int:
+    """``table``: print the table of one run of a grid CSV."""
+    p = argparse.ArgumentParser(prog="python -m adapterkern.bench table",
+                                description="Print the table of one run from a grid CSV.")
+    p.add_argument("csv")
+    p.add_argument("--run", help="run_id (default: the last run in the file)")
+    p.add_argument("--markdown", action="store_true")
+    args = p.parse_args(argv)
+    rows = latest_run(read_csv(args.csv), args.run)
+    if not rows:
+        print(f"{args.csv}: no rows")
+        return 1
+    print(format_table(rows, markdown=args.markdown))
+    first = rows[0]
+    print(f"\n{first['device']}; {first['dtype']}; torch {first['torch']}, triton {first['triton'] or '-'}, "
+          f"CUDA {first['cuda'] or '-'}; commit {first['git_commit'] or '?'}; {first['date']}; "
+          f"copy bandwidth {float(first['copy_GBps']):.1f} GB/s")
+    return 0

@@ -24,6 +24,8 @@ import torch
 
 @dataclass
 class Timing:
+    """One callable's measurement, in seconds per call."""
+
     median_s: float
     iqr_s: float
     samples: int  # how many measurements the median is taken over
@@ -41,6 +43,7 @@ def _quantile(values: Sequence[float], q: float) -> float:
 
 
 def summarize(times_s: Sequence[float], timer: str) -> Timing:
+    """Median and IQR of per-call times ``times_s`` (seconds); ``timer`` names how they were taken."""
     return Timing(
         median_s=statistics.median(times_s),
         iqr_s=_quantile(times_s, 0.75) - _quantile(times_s, 0.25),
@@ -74,6 +77,7 @@ _L2_FLUSH: dict = {}
 
 
 def _l2_bytes(device: torch.device) -> int:
+    """The GPU's L2 cache size in bytes (64 MiB when the driver does not say)."""
     props = torch.cuda.get_device_properties(device)
     return int(getattr(props, "L2_cache_size", 0) or 64 * 2**20)
 
@@ -96,6 +100,7 @@ def time_cuda(fn: Callable[[], object], warmup_ms: float = 25.0, rep_ms: float =
 
 
 def _time_cuda_events(fn: Callable[[], object], warmup_ms: float, rep_ms: float, device: torch.device) -> Timing:
+    """:func:`time_cuda` without Triton: CUDA events around each call, an L2-sized write before each."""
     flush = _L2_FLUSH.get(device)
     if flush is None:
         flush = _L2_FLUSH[device] = torch.empty(2 * _l2_bytes(device) // 4, dtype=torch.int32, device=device)
@@ -126,6 +131,7 @@ def _time_cuda_events(fn: Callable[[], object], warmup_ms: float, rep_ms: float,
 
 def time_fn(fn: Callable[[], object], device: torch.device, *, min_run_time: float, warmup_ms: float,
             rep_ms: float) -> Timing:
+    """:func:`time_cuda` on a CUDA device (``warmup_ms``, ``rep_ms``), else :func:`time_cpu` (``min_run_time`` s)."""
     if device.type == "cuda":
         return time_cuda(fn, warmup_ms=warmup_ms, rep_ms=rep_ms, device=device)
     return time_cpu(fn, min_run_time=min_run_time)
@@ -244,6 +250,7 @@ def tune_cpu_malloc() -> str:
 
 
 def malloc_setting() -> str:
+    """What :func:`tune_cpu_malloc` set (``default`` when it was not called): the CSVs' ``malloc`` column."""
     return _MALLOC_SETTING["value"]
 
 
@@ -295,16 +302,3 @@ def choose_cpu_threads(requested: Optional[str]) -> Optional[str]:
         return (f"CPU threads: 1 (a {n}-thread matmul probe ran {slowdown:.1f}x slower than 1 thread: the "
                 f"cores are busy with other work; --threads {n} to insist)")
     return None
-
-
-def prepare_cpu(device, threads: str, malloc: str) -> list:
-    """On a CPU device, pick the thread count and tune the allocator; returns the notes to print."""
-    notes = []
-    if device.type != "cpu":
-        return notes
-    threads_note = choose_cpu_threads(threads)
-    if threads_note:
-        notes.append(threads_note)
-    if malloc == "tuned":
-        notes.append(f"CPU allocator: {tune_cpu_malloc()}")
-    return notes

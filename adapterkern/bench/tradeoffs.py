@@ -22,45 +22,45 @@ import argparse
 import copy
 import os
 import tempfile
-import time
-import uuid
 from typing import Dict, List, Optional
 
-TRADEOFF_COLUMNS = [
-    "run_id", "date", "device", "device_type", "threads", "torch", "triton", "cuda", "adapterkern", "git_commit",
-    "transformers", "malloc", "dtype", "layers", "batch", "seq", "config", "backend", "trainable_params",
-    "trainable_pct", "checkpoint_MiB", "train_step_ms", "train_step_iqr_ms", "peak_mem_MiB", "mem_method",
-    "infer_ms", "infer_iqr_ms",
+import torch
+
+from adapterkern.backends import SINGLE
+
+from . import common, models, timing
+from .models import add_adapters, add_lora, bert_model, merge_lora
+from .plot import MATPLOTLIB_MISSING, have_matplotlib, plot_bars
+from .report import append_csv, read_csv
+
+COLUMNS = [
+    *common.PROVENANCE, "transformers", "malloc", "dtype", "layers", "batch", "seq", "config", "backend",
+    "trainable_params", "trainable_pct", "checkpoint_MiB", "train_step_ms", "train_step_iqr_ms", "peak_mem_MiB",
+    "mem_method", "infer_ms", "infer_iqr_ms",
 ]
 CONFIGS = ("full fine-tuning", "eager adapters", "fused adapters", "LoRA (merged for inference)")
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m adapterkern.bench tradeoffs", description=__doc__.splitlines()[0])
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="default; on CPU: 2 layers, batch 2x128")
-    size.add_argument("--full", action="store_true", help="12 layers; batch 32x512 on GPU, 8x128 on CPU")
+    common.add_size_args(p, quick="default; on CPU: 2 layers, batch 2x128",
+                         full="12 layers; batch 32x512 on GPU, 8x128 on CPU")
     p.add_argument("--layers", type=int, help="encoder layers (default 12; CPU --quick 2)")
     p.add_argument("--batch", help="BxS (default GPU 32x512, CPU 2x128 quick / 8x128 full)")
     p.add_argument("--reduction-factor", type=int, default=16)
-    p.add_argument("--backend", default="auto", help="adapterkern backend of the fused adapters")
-    p.add_argument("--dtype", help="default bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--device")
-    p.add_argument("--rounds", type=int, help="alternating timing rounds (default 5 quick, 10 full)")
-    p.add_argument("--threads", default="auto", help="CPU: torch threads (default auto, see the grid's --help)")
-    p.add_argument("--malloc", choices=("tuned", "default"), default="tuned")
-    p.add_argument("--csv", help="append here (default benchmarks/results/tradeoffs-<device>.csv)")
     p.add_argument("--png", help="PNG path (default: the CSV path with .png; needs matplotlib)")
+    common.add_subcommand_args(p, "tradeoffs", rounds=None,
+                               rounds_help="alternating timing rounds (default 5 quick, 10 full)")
     return p
 
 
 def _count(params) -> int:
+    """Number of elements of ``params``."""
     return sum(p.numel() for p in params)
 
 
 def _checkpoint_mib(state: Dict[str, object]) -> float:
-    import torch
-
+    """Size in MiB of ``torch.save(state)`` on disk."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "ckpt.pt")
         torch.save(state, path)
@@ -68,39 +68,21 @@ def _checkpoint_mib(state: Dict[str, object]) -> float:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """``tradeoffs``: per configuration, trainable parameters, checkpoint MiB, training step ms, training
+    memory MiB and inference ms; one table, one CSV, one PNG (when matplotlib is installed)."""
     args = parser().parse_args(argv)
-    from .models import transformers_reason
-
-    reason = transformers_reason()
-    if reason:
-        print(f"tradeoffs benchmark skipped: {reason}")
+    run = common.start(args, "tradeoffs", requires=models.transformers_reason)
+    if run is None:
         return 0
-    import torch
-    import transformers
+    import transformers  # present: models.transformers_reason() said so
 
-    from . import envinfo, grid, timing
-    from .cli import _device, default_csv
-    from .models import add_adapters, add_lora, bert_model, merge_lora
-    from .plot import have_matplotlib, plot_bars
-    from .report import append_csv, read_csv
-
-    device = _device(args.device)
-    notes: List[str] = timing.prepare_cpu(device, args.threads, args.malloc)
-    dtype = grid.DTYPES[args.dtype] if args.dtype else grid.default_dtype(device)
+    device, dtype, env = run.device, run.dtype, run.env
     cpu = device.type == "cpu"
     layers = args.layers or (2 if cpu and not args.full else 12)
     batch_text = args.batch or ("32x512" if not cpu else ("8x128" if args.full else "2x128"))
     b, s = (int(v) for v in batch_text.lower().split("x"))
     rounds = args.rounds or (10 if args.full else 5)
-    try:
-        from adapterkern.backends import resolve_backend
-
-        backend = resolve_backend(args.backend, device)
-    except Exception as exc:  # noqa: BLE001
-        print(f"tradeoffs: the adapterkern op is not usable here ({type(exc).__name__}: {exc})")
-        return 1
-    env = envinfo.environment(device)
-    run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    backend = run.backend(args.backend, SINGLE)
 
     torch.manual_seed(0)
     base = bert_model(layers, device, dtype)
@@ -109,9 +91,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     backbone_params = _count(base.parameters())
     adapter_params_per_layer = 2 * d * r + r + d
     lora_rank = max(1, round(adapter_params_per_layer / (2 * 2 * d)))  # q and v: rank * (d_in + d_out) each
-    print(f"[tradeoffs] BERT-base-sized, {layers} layers ({backbone_params / 1e6:.1f}M params), batch {b}x{s}, "
-          f"{str(dtype).replace('torch.', '')} on {env['device']}; adapters r={r}, LoRA rank {lora_rank} on q,v; "
-          f"fused backend {backend}", flush=True)
+    run.say(f"BERT-base-sized, {layers} layers ({backbone_params / 1e6:.1f}M params), batch {b}x{s}, "
+            f"{common.dtype_name(dtype)} on {env['device']}; adapters r={r}, LoRA rank {lora_rank} on q,v; "
+            f"fused backend {backend}")
 
     def build(config: str):
         model = copy.deepcopy(base)
@@ -151,7 +133,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return f
 
     results: Dict[str, Dict[str, object]] = {c: {} for c in CONFIGS}
-    models, steps, opts = {}, {}, {}
+    built, steps, opts = {}, {}, {}
     for config in CONFIGS:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -195,44 +177,35 @@ def main(argv: Optional[List[str]] = None) -> int:
             act_bytes = sum(n for ptr, n in saved.items() if ptr not in param_ptrs)
             res.update(peak_mem_MiB=(param_bytes + grad_bytes + opt_bytes + act_bytes) / 2**20,
                        mem_method="accounted: params+grads+AdamW state+saved activations")
-        models[config], steps[config], opts[config] = model, step, opt
+        built[config], steps[config], opts[config] = model, step, opt
     # the fused adapters start from the eager adapters' weights (copied after build for an equal start)
-    eager_ad = [m for m in models["eager adapters"].modules() if type(m).__name__ == "EagerAdapter"]
-    fused_ad = [m for m in models["fused adapters"].modules() if type(m).__name__ == "EagerAdapter"]
+    eager_ad = [m for m in built["eager adapters"].modules() if type(m).__name__ == "EagerAdapter"]
+    fused_ad = [m for m in built["fused adapters"].modules() if type(m).__name__ == "EagerAdapter"]
     with torch.no_grad():
         for e, f in zip(eager_ad, fused_ad):
             f.load_state_dict(e.state_dict())
 
-    print(f"[tradeoffs] timing training steps ({rounds} alternating rounds) ...", flush=True)
-    block_s = 0.05
+    run.say(f"timing training steps ({rounds} alternating rounds) ...")
+    block_s = args.block_ms / 1e3
     train_t = timing.interleaved([steps[c] for c in CONFIGS], device, rounds=rounds, min_block_s=block_s)
     for c, t in zip(CONFIGS, train_t):
         results[c].update(train_step_ms=t.median_s * 1e3, train_step_iqr_ms=t.iqr_s * 1e3)
     del opts, steps
-    for model in models.values():
+    for model in built.values():
         model.eval()
-    merge_lora(models["LoRA (merged for inference)"])
-    print(f"[tradeoffs] timing inference ({rounds} alternating rounds) ...", flush=True)
-    infer_t = timing.interleaved([infer_fn(models[c]) for c in CONFIGS], device, rounds=rounds, min_block_s=block_s)
+    merge_lora(built["LoRA (merged for inference)"])
+    run.say(f"timing inference ({rounds} alternating rounds) ...")
+    infer_t = timing.interleaved([infer_fn(built[c]) for c in CONFIGS], device, rounds=rounds, min_block_s=block_s)
     for c, t in zip(CONFIGS, infer_t):
         results[c].update(infer_ms=t.median_s * 1e3, infer_iqr_ms=t.iqr_s * 1e3)
 
-    rows = []
-    for c in CONFIGS:
-        rows.append({"run_id": run_id, **env, "transformers": transformers.__version__,
-                     "malloc": timing.malloc_setting() if cpu else "", "dtype": str(dtype).replace("torch.", ""),
-                     "layers": layers, "batch": b, "seq": s, "config": c, **results[c]})
-    print()
-    print(format_tradeoff_table(rows))
-    for n in notes:
-        print(f"note: {n}")
-    print(f"note: peak memory is {rows[0]['mem_method']}")
-    print(f"note: {env['device']}; torch {env['torch']}, transformers {transformers.__version__}, "
-          f"commit {env['git_commit'] or '?'}; run {run_id}")
-    path = append_csv(args.csv or default_csv("tradeoffs", device), rows, TRADEOFF_COLUMNS)
-    print(f"wrote {len(rows)} rows to {path}")
+    rows = [run.row(transformers=transformers.__version__, layers=layers, batch=b, seq=s, config=c, **results[c])
+            for c in CONFIGS]
+    path = append_csv(run.csv, rows, COLUMNS)
+    status = run.finish(format_table(rows), rows, path, f"peak memory is {rows[0]['mem_method']}",
+                        transformers=transformers.__version__)
     if have_matplotlib():
-        written = [r for r in read_csv(path) if r["run_id"] == run_id]
+        written = [r for r in read_csv(path) if r["run_id"] == run.run_id]
         png = plot_bars(written, "config", [
             ("trainable_pct", "trainable params (% of backbone)", True),
             ("checkpoint_MiB", "checkpoint on disk (MiB)", True),
@@ -240,14 +213,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             ("peak_mem_MiB", "training memory (MiB)"),
             ("infer_ms", "inference latency (ms)"),
         ], f"BERT-base-sized, {layers} layers, batch {b}x{s}, {rows[0]['dtype']}, {env['device']}",
-            args.png or os.path.splitext(path)[0] + ".png")
+            common.png_path(path, args.png))
         print(f"wrote {png}")
     else:
-        print("note: matplotlib not installed, no PNG drawn (pip install matplotlib)")
-    return 0
+        print(f"note: {MATPLOTLIB_MISSING}, no PNG drawn")
+    return status
 
 
-def format_tradeoff_table(rows: List[Dict[str, object]]) -> str:
+def format_table(rows: List[Dict[str, object]]) -> str:
+    """One line per configuration; times as median ± IQR."""
     header = ["config", "trainable", "% of backbone", "checkpoint MiB", "train step ms", "train mem MiB",
               "inference ms"]
     cells = [[
@@ -257,13 +231,7 @@ def format_tradeoff_table(rows: List[Dict[str, object]]) -> str:
         f"{float(r['peak_mem_MiB']):,.0f}",
         f"{float(r['infer_ms']):,.2f} ± {float(r['infer_iqr_ms']):,.2f}",
     ] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
-
-    def line(v):
-        return "  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(v, widths)))
-
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(c) for c in cells]) + \
-        "\n(± is the IQR; times are medians)"
+    return common.text_table(header, cells, left=1) + "\n(± is the IQR; times are medians)"
 
 
 if __name__ == "__main__":  # pragma: no cover

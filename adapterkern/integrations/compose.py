@@ -28,18 +28,12 @@ from torch import Tensor, nn
 from ..functional import bottleneck_adapter_batched, token_groups
 from ..nn.bottleneck import BottleneckAdapter, layout, stack_adapters
 from ..nn.fusion import AdapterFusion, fuse_adapters, resolve_fusion_config
-from .transformers import (
-    SEQUENTIAL,
-    AdapterSlot,
-    _check_adapter_name,
-    _check_model,
-    _configs,
-    _first_param,
-    _iter_slots,
-    _require_adapter,
-    get_active_adapter,
-    set_active_adapter,
+from .placement import AdapterConfig
+from .slots import (
+    PREFIX, SEQUENTIAL, AdapterSlot, Place, SlotConfig, adapter_configs, attach, check_new_name, iter_slots, reference_param,
+    require_adapter,
 )
+from .transformers import get_active_adapter, set_active_adapter
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,11 +41,16 @@ from .transformers import (
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, repr=False)
 class Fuse:
-    """Composition: the fusion ``name`` over ``adapters`` (their outputs from one multi_adapter launch)."""
+    """Composition: the fusion ``name`` over ``adapters`` (their outputs from one multi_adapter launch).
+    Equal when name and adapters are, so that the slots holding a fusion can be found by value."""
 
-    def __init__(self, name: str, adapters: Sequence[str]):
-        self.name, self.adapters = name, tuple(adapters)
+    name: str
+    adapters: Tuple[str, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "adapters", tuple(self.adapters))
 
     def __call__(self, slot: AdapterSlot, x: Tensor, residual: Optional[Tensor]) -> Tensor:
         return fuse_adapters(x, [slot[n] for n in self.adapters], slot[self.name], residual=residual)
@@ -61,19 +60,28 @@ class Fuse:
 
 
 @dataclass
-class FusionConfig:
+class FusionConfig(SlotConfig, kind="fusion"):
     """A fusion in an add_adapter model: which adapters it mixes and the fusion layer's config
     (the ``adapters`` library's fields, see :func:`adapterkern.nn.fusion.resolve_fusion_config`)."""
 
     adapters: Tuple[str, ...]
     fusion: dict
-    kind = "fusion"
+
+    @property
+    def requires(self) -> Tuple[str, ...]:
+        return self.adapters
 
     def composition(self, name: str) -> Fuse:
         return Fuse(name, self.adapters)
 
-    def build(self, slot_hidden_size: int, ref: Tensor) -> AdapterFusion:
-        return AdapterFusion(slot_hidden_size, len(self.adapters), dict(self.fusion), device=ref.device, dtype=ref.dtype)
+    def build_for_load(self, model: nn.Module, places: Sequence[Place]) -> List[AdapterFusion]:
+        """One fresh AdapterFusion of width ``place.hidden_size`` per place, with the dtype and device of
+        the module it sits on (a fresh fusion and a loaded one have the same form)."""
+        layers = []
+        for place in places:
+            ref = reference_param(place.module, model)
+            layers.append(AdapterFusion(place.hidden_size, len(self.adapters), dict(self.fusion), device=ref.device, dtype=ref.dtype))
+        return layers
 
     def to_dict(self) -> dict:
         return {"adapters": list(self.adapters), "fusion": dict(self.fusion)}
@@ -92,23 +100,22 @@ def add_fusion(model: nn.Module, name: str, adapters: Sequence[str], config="dyn
     Stage 2 of the paper's training: ``train_adapter(model, name)`` trains the fusion layers only.
     ``config``: ``"dynamic"``, ``"static"`` or a dict of the ``adapters`` library's fusion fields.
     Save and load it like an adapter (the named adapters must be in the model first)."""
-    _check_model(model)
-    _check_adapter_name(name)
-    if name in _configs(model):
-        raise ValueError(f"name: this model already has an adapter or fusion {name!r}")
+    check_new_name(model, name)
     if isinstance(adapters, str) or not isinstance(adapters, (list, tuple)) or not adapters:
         raise TypeError(f"adapters: expected a non-empty list of adapter names, got {adapters!r}")
     for a in adapters:
-        _require_adapter(model, a)
-        if isinstance(_configs(model)[a], FusionConfig):
-            raise ValueError(f"adapters: {a!r} is a fusion; a fusion mixes adapters")
+        require_adapter(model, a)
+        if not isinstance(adapter_configs(model)[a], AdapterConfig):
+            raise ValueError(f"adapters: {a!r} is a {adapter_configs(model)[a].kind}; a fusion mixes adapters")
     spec = FusionConfig(tuple(adapters), resolve_fusion_config(config))
-    slots = [(n, m, slot) for n, m, slot in _iter_slots(model) if slot.mode == SEQUENTIAL and all(a in slot for a in adapters)]
-    if not slots:
+    places = [
+        Place(n, m, slot.mode, slot.hidden_size)
+        for n, m, slot in iter_slots(model)
+        if slot.mode == SEQUENTIAL and all(a in slot for a in adapters)
+    ]
+    if not places:
         raise ValueError(f"adapters: no sequential (pfeiffer/houlsby) place holds all of {list(adapters)}; fusion needs them")
-    for _, module, slot in slots:
-        slot[name] = spec.build(slot.hidden_size, _first_param(module, model))
-    _configs(model)[name] = spec
+    attach(model, name, spec, places, spec.build_for_load(model, places))
     if set_active:
         set_active_adapter(model, name)
 
@@ -172,8 +179,8 @@ def _check_names(model: nn.Module, names: Sequence[Optional[str]]) -> List[Optio
         raise TypeError(f"names: expected a non-empty list of adapter names (None for no adapter), got {names!r}")
     for name in names:
         if name is not None:
-            _require_adapter(model, name)
-    prefixed = sorted({n for _, _, slot in _iter_slots(model) if slot.mode == "prefix" for n in names if n in slot})
+            require_adapter(model, name)
+    prefixed = sorted({n for _, _, slot in iter_slots(model) if slot.mode == PREFIX for n in names if n in slot})
     if prefixed:
         raise ValueError(f"names: {prefixed} have prefix tuning (mam), which cannot be routed per sequence (yet)")
     return list(names)
@@ -193,7 +200,7 @@ def route_adapters(model: nn.Module, names: Sequence[Optional[str]], adapter_ind
     previous = get_active_adapter(model)
     route = Route(names, adapter_index)
     try:
-        for _, _, slot in _iter_slots(model):
+        for _, _, slot in iter_slots(model):
             slot.active = route
         yield route
     finally:
@@ -211,7 +218,7 @@ def set_adapter_drop(model: nn.Module, num_layers: int) -> None:
     adapters' weights and can change between forwards."""
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
         raise ValueError(f"num_layers: expected an int >= 0, got {num_layers!r}")
-    for _, _, slot in _iter_slots(model):
+    for _, _, slot in iter_slots(model):
         slot.dropped = slot.layer is not None and slot.layer < num_layers
 
 
@@ -225,7 +232,7 @@ class StochasticAdapterDrop:
     """
 
     def __init__(self, model: nn.Module, max_layers: Optional[int] = None, seed: int = 0):
-        layers = sorted({slot.layer for _, _, slot in _iter_slots(model) if slot.layer is not None})
+        layers = sorted({slot.layer for _, _, slot in iter_slots(model) if slot.layer is not None})
         if not layers:
             raise ValueError("model: has no adapter places with a layer index")
         self.model = model
@@ -249,7 +256,7 @@ def _layer_modules(model: nn.Module) -> Dict[int, nn.Module]:
     """Layer index -> the transformer layer module holding that layer's adapter places."""
     out: Dict[int, nn.Module] = {}
     modules = dict(model.named_modules())
-    for name, _, slot in _iter_slots(model):
+    for name, _, slot in iter_slots(model):
         if slot.layer is None:
             continue
         parts = name.split(".")
@@ -294,16 +301,16 @@ def multi_task_forward(model: nn.Module, names: Sequence[Optional[str]], drop_la
     later = [m for i, m in layers.items() if i >= drop_layers]
     route = Route(names, torch.empty(0, dtype=torch.long))
     previous = get_active_adapter(model)
-    dropped = {id(slot): slot.dropped for _, _, slot in _iter_slots(model)}
+    dropped = {id(slot): slot.dropped for _, _, slot in iter_slots(model)}
     handles = [m.register_forward_pre_hook(expand, with_kwargs=True) for m in later]
     try:
         set_adapter_drop(model, drop_layers)
-        for _, _, slot in _iter_slots(model):
+        for _, _, slot in iter_slots(model):
             slot.active = route
         return model(**inputs)
     finally:
         for h in handles:
             h.remove()
         set_active_adapter(model, previous)
-        for _, _, slot in _iter_slots(model):
+        for _, _, slot in iter_slots(model):
             slot.dropped = dropped.get(id(slot), False)

@@ -41,9 +41,9 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.prefix import PrefixTuning
+from .slots import check_model, layer_index, model_type, slot_of
 
 ATTN_IMPLEMENTATION = "adapterkern_prefix"
-SLOT_ATTR = "bottleneck_adapters"  # = adapterkern.integrations.transformers.SLOT_ATTR
 _STATE = "_adapterkern_prefix_attention"  # model.__dict__ key: the configs' previous implementations
 
 __all__ = [
@@ -63,13 +63,10 @@ __all__ = [
 def active_prefix(module: nn.Module) -> Optional[PrefixTuning]:
     """The :class:`PrefixTuning` applied in ``module``'s attention: the active entry of its
     ``bottleneck_adapters`` slot if that is a PrefixTuning (and the slot is not dropped), else None."""
-    slot = module._modules.get(SLOT_ATTR)
-    if slot is None or getattr(slot, "dropped", False):
+    slot = slot_of(module)
+    if slot is None or slot.dropped or not isinstance(slot.active, str) or slot.active not in slot:
         return None
-    active = getattr(slot, "active", None)
-    if not isinstance(active, str) or active not in slot:
-        return None
-    entry = slot[active]
+    entry = slot[slot.active]
     return entry if isinstance(entry, PrefixTuning) else None
 
 
@@ -216,8 +213,7 @@ def attention_places(model: nn.Module) -> List[AttentionPlace]:
     Llama/Mistral/Qwen-style (``N.self_attn``) model, in model order, with (num_kv_heads, head_dim)
     from its config (``num_key_value_heads`` if set, else the attention heads; ``head_dim`` if set,
     else hidden_size // heads), checked against the module's own head size."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
     config = getattr(model, "config", None)
     if config is None:
         raise ValueError(f"model: a {type(model).__name__} has no .config (a Hugging Face transformers model expected)")
@@ -234,7 +230,7 @@ def attention_places(model: nn.Module) -> List[AttentionPlace]:
             break
     else:
         raise ValueError(
-            f"attention_places: cannot find the self-attention modules of this {getattr(config, 'model_type', type(model).__name__)} "
+            f"attention_places: cannot find the self-attention modules of this {model_type(model)} "
             f"model (known: BERT/RoBERTa N.attention.self, GPT-2 N.attn, Llama/Mistral/Qwen N.self_attn)"
         )
     places = []
@@ -242,8 +238,7 @@ def attention_places(model: nn.Module) -> List[AttentionPlace]:
         own = getattr(module, head_attr, None)
         if isinstance(own, int) and own != head_dim:
             raise ValueError(f"{name}: head size {own}, but the config says {head_dim}")
-        numbers = [int(p) for p in name.split(".") if p.isdigit()]
-        places.append(AttentionPlace(name, module, numbers[-1] if numbers else None, kv_heads, head_dim, hidden))
+        places.append(AttentionPlace(name, module, layer_index(name), kv_heads, head_dim, hidden))
     return places
 
 
@@ -252,7 +247,7 @@ def attention_places(model: nn.Module) -> List[AttentionPlace]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _configs(model: nn.Module) -> list:
+def _attention_configs(model: nn.Module) -> list:
     """The distinct configs of the model, of its sub-models (modules with a ``config``) and their sub-configs."""
     seen, out = set(), []
     stack = [getattr(module, "config", None) for module in model.modules()]
@@ -299,7 +294,7 @@ def enable_prefix_attention(model: nn.Module) -> None:
                 f"attention code), so prefixes cannot be applied there"
             )
     register_prefix_attention()
-    configs = _configs(model)
+    configs = _attention_configs(model)
     model.__dict__[_STATE] = [(config, config._attn_implementation_internal) for config in configs]
     for config in configs:
         config._attn_implementation_internal = ATTN_IMPLEMENTATION
@@ -307,8 +302,7 @@ def enable_prefix_attention(model: nn.Module) -> None:
 
 def disable_prefix_attention(model: nn.Module) -> None:
     """Restore the attention implementations ``enable_prefix_attention`` replaced (no-op if not enabled)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
     saved = model.__dict__.pop(_STATE, None)
     for config, previous in saved or ():
         config._attn_implementation_internal = previous

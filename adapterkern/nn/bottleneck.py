@@ -171,8 +171,9 @@ def stack_weights(downs: Sequence[nn.Linear], ups: Sequence[nn.Linear], scalings
         from the modules' own parameters on every call (differentiable). ``scaling`` is a Python float
         when all are the same float; else a tensor of shape (N,) when every scaling is a scalar, or
         (N, d) when one is per channel. Its dtype is float32 promoted with the tensor scalings' dtypes
-        (float32 unless one is float64): a scaling is multiplied in the kernels' float32 accumulator, so
-        a Python float is never rounded to a 16-bit weight dtype first.
+        (float32 unless one is float64): the kernels multiply the scaling in their float32 accumulator,
+        so a Python float reaches them unrounded whatever the weights' dtype (the torch backend computes
+        in x's dtype throughout, the scaling too).
     """
     def stack(tensors):
         return torch.stack(list(tensors))

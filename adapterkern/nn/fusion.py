@@ -1,16 +1,16 @@
 """AdapterFusion (Pfeiffer et al. 2021, https://arxiv.org/abs/2005.00247) with the semantics of the
-AdapterHub ``adapters`` library (1.3.0: ``adapters/methods/modeling.py`` ``BertFusion``, lines 359-456;
-the presets in ``adapters/configuration/adapter_fusion_config.py``; how it is fed in
-``adapters/methods/bottleneck.py`` ``compose_fuse``, lines 254-303; the regularisation term in
-``adapters/model_mixin.py`` ``get_fusion_regularization_loss``, lines 1455-1470).
+AdapterHub ``adapters`` library (1.x: ``BertFusion`` in ``adapters/methods/modeling.py``; the presets
+in ``adapters/configuration/adapter_fusion_config.py``; how it is fed in ``compose_fuse`` of
+``adapters/methods/bottleneck.py``; the regularisation term in ``get_fusion_regularization_loss`` of
+``adapters/model_mixin.py``).
 
 With ``u_n`` the N adapters' outputs ``scaling_n * up_n(act(down_n(x)))`` (no residual; what
 :func:`adapterkern.multi_adapter` returns with ``add_residual=False``), ``z`` the query and ``h`` the
 residual, the library computes::
 
-    s_n = u_n + h  if residual_before  else  u_n       (bottleneck.py:290-296: key and value are the
-                                                        same tensor, so the in-place ``value +=``
-                                                        of modeling.py:414 reaches the keys too)
+    s_n = u_n + h  if residual_before  else  u_n       (compose_fuse passes one tensor as key and
+                                                        value, so BertFusion's in-place
+                                                        ``value +=`` of the residual reaches the keys too)
     q   = W_q z + b_q          (z itself without ``query``)
     k_n = W_k s_n + b_k        (s_n itself without ``key``)
     v_n = W_v s_n              (no bias; s_n itself without ``value``)
@@ -22,7 +22,7 @@ placements are the same function, and so is this module's evaluation, which uses
 ``q . (W_k s + b_k) = (W_k^T q) . s + q . b_k`` and ``sum_n a_n W_v s_n = W_v sum_n a_n s_n``
 (with ``sum_n a_n = 1`` for the residual): the two d x d projections run on the T query rows, not
 on the N*T stack rows, and no (N, ..., d) key or value tensor is built. The results equal the
-library's up to rounding (tests/test_adapterhub_fusion.py compares in float64 and float32).
+library's up to rounding (tests/test_integrations_adapterhub_fusion.py compares in float64 and float32).
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def resolve_fusion_config(config) -> dict:
 
 
 def _init_bert_(linear: nn.Linear) -> None:
-    """The library's ``Adapter.init_bert_weights`` (modeling.py:265): normal(0, 0.02) weight, zero bias."""
+    """The library's ``Adapter.init_bert_weights``: normal(0, 0.02) weight, zero bias."""
     with torch.no_grad():
         linear.weight.normal_(mean=0.0, std=0.02)
         if linear.bias is not None:
@@ -107,7 +107,7 @@ class AdapterFusion(nn.Module):
             fields (see :func:`resolve_fusion_config`).
         attention_probs_dropout_prob: the dropout on the scores when the config's ``dropout_prob`` is
             None or 0; the library takes it from the model config then (``fusion_config.dropout_prob
-            or model_config.attention_probs_dropout_prob``, bottleneck.py:125; BERT's is 0.1).
+            or model_config.attention_probs_dropout_prob`` in the bottleneck layer's fusion set-up; BERT's is 0.1).
 
     Submodules and attributes have the library's names, so ``load_state_dict(bert_fusion.state_dict())``
     works both ways: ``query``, ``key`` (``nn.Linear(d, d)``, bert init), ``value`` (``nn.Linear(d, d,
@@ -115,7 +115,7 @@ class AdapterFusion(nn.Module):
     ``dense`` (``nn.Linear(d, 1)``, only when query, key and value are all off; unused, as in the
     library), ``dropout``; ``T`` (a Python float, not in the state dict) and ``reduction``.
 
-    Temperature (modeling.py:406-410, 438-439): ``T`` starts at 50.0 with ``temperature=True`` (else
+    Temperature (``BertFusion.__init__`` and ``forward``): ``T`` starts at 50.0 with ``temperature=True`` (else
     1.0), ``reduction = T / 1000``, and **every** forward call, in training and in eval mode alike and
     under ``torch.no_grad()`` too, divides the scores by the current ``T`` and then sets
     ``T = max(T - reduction, 1.0)``: from the 982nd call on, T is 1 (float steps of 0.05). This is
@@ -123,9 +123,9 @@ class AdapterFusion(nn.Module):
     advance the schedule too. Set ``module.T`` to control it yourself.
 
     ``query_before_ln`` and ``regularization`` are kept in :attr:`config` but, as in the library,
-    not read here: the first says which tensor the caller passes as ``query`` (modeling.py:180, 205),
+    not read here: the first says which tensor the caller passes as ``query`` (the bottleneck layer's ``compose_fuse``),
     and the library adds the regularisation term whenever a fusion layer has a trainable value matrix
-    (model_mixin.py:1463, trainer.py:263), whatever ``regularization`` says: see :meth:`regularization_loss`.
+    (``get_fusion_regularization_loss``, and the ``adapters`` trainer's training step), whatever ``regularization`` says: see :meth:`regularization_loss`.
     """
 
     def __init__(
@@ -150,7 +150,7 @@ class AdapterFusion(nn.Module):
         self.dropout = nn.Dropout(float(p))
         factory = {"device": device, "dtype": dtype}
         d, cfg = hidden_size, self.config
-        # Created and initialised in the library's order (modeling.py:380-404), so the same seed gives
+        # Created and initialised in the library's order (``BertFusion.__init__``), so the same seed gives
         # the same initial weights.
         if not cfg["query"] and not cfg["key"] and not cfg["value"]:
             self.dense = nn.Linear(d, 1, **factory)  # the library creates it and never uses it
@@ -221,7 +221,7 @@ class AdapterFusion(nn.Module):
             shift = torch.matmul(q, self.key.bias).unsqueeze(-1) if self.key.bias is not None else None
         else:
             qk, shift = q, None
-        if cfg["residual_before"]:  # keys are u_n + h (modeling.py:414; key is value in compose_fuse)
+        if cfg["residual_before"]:  # keys are u_n + h (key is value in compose_fuse)
             r_term = torch.einsum("...d,...d->...", qk, residual).unsqueeze(-1)
             shift = r_term if shift is None else shift + r_term
         scores = torch.einsum("...d,n...d->...n", qk, adapter_outputs)
@@ -229,7 +229,7 @@ class AdapterFusion(nn.Module):
             scores = scores + shift  # a per-token constant; it matters only under dropout
         scores = self.dropout(scores)
         probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)) / self.T, dim=-1)
-        self.T = max(self.T - self.reduction, 1.0)  # modeling.py:439: every call, train or eval
+        self.T = max(self.T - self.reduction, 1.0)  # as BertFusion.forward: every call, train or eval
         probs = probs.to(adapter_outputs.dtype)
         context = torch.einsum("...n,n...d->...d", probs, adapter_outputs)
         if cfg["residual_before"]:
@@ -243,11 +243,11 @@ class AdapterFusion(nn.Module):
         return context
 
     def regularization_loss(self) -> Optional[Tensor]:
-        """The library's term for this layer: ``0.01 * ((I - W_v) ** 2).sum()`` (model_mixin.py:1458-1464),
+        """The library's term for this layer: ``0.01 * ((I - W_v) ** 2).sum()`` (``get_fusion_regularization_loss``),
         a 0-dim tensor in float32 (float64 for a float64 value matrix), or None where the library
         adds nothing: no value matrix, or a frozen one. ``config["regularization"]`` is not consulted
         (the library never reads it); the ``adapters`` trainer back-propagates the sum over all fusion
-        layers after every training step (trainer.py:261-266): see :func:`fusion_regularization_loss`.
+        layers after every training step: see :func:`fusion_regularization_loss`.
         """
         if not self.config["value"] or not self.value.weight.requires_grad:
             return None

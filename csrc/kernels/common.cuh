@@ -437,8 +437,7 @@ template <typename S> __host__ __device__ constexpr int smem_pad() { return 16 /
 // W_ROW_FAST: w is contiguous along n (see RegTile). Weight offsets are 32-bit (see FwdKParams).
 // Codegen notes (checked on the PTX / ptxas report): w, N, K and the strides are references, to be
 // bound to the kernel's own variables (its `const S* __restrict__` weight pointer, p.d, p.swu0, ...),
-// which keeps the code of the loops this replaced: the weight loads stay ld.global.nc where they were
-// (SimtF32; a by-value pointer loses that), and the bounds and strides are re-read from the parameter
+// so that the weight loads stay ld.global.nc (SimtF32; a by-value pointer loses that), and the bounds and strides are re-read from the parameter
 // bank instead of being hoisted into registers across the k-loop (by value: +22 registers in
 // adapter_fwd_kernel<MmaTF32, 64>). kpad is computed once per kernel by the caller for the same reason.
 template <class Op, bool W_ROW_FAST, int MT, int NT>

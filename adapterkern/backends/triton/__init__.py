@@ -33,8 +33,8 @@ def unavailable_reason(device: torch.device) -> str:
 
 INTERPRET = False  # whether Triton runs this backend's kernels in its CPU interpreter
 if _IMPORT_ERROR is None:
+    from .language import INTERPRET  # noqa: F811,E402
     from .bottleneck import (  # noqa: F401,E402
-        INTERPRET,
         adapter_backward,
         adapter_forward,
         batched_adapter_backward,

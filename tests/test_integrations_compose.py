@@ -133,11 +133,11 @@ def test_stochastic_drop_is_reproducible():
     assert [StochasticAdapterDrop(model, seed=3).step() for _ in range(1)] == ks[:1]
     b = StochasticAdapterDrop(model, seed=3)
     assert [b.step() for _ in range(20)] == ks
-    from adapterkern.integrations.transformers import _iter_slots
+    from adapterkern.integrations.slots import iter_slots
 
-    assert all(slot.dropped == (slot.layer < ks[-1]) for _, _, slot in _iter_slots(model))
+    assert all(slot.dropped == (slot.layer < ks[-1]) for _, _, slot in iter_slots(model))
     b.disable()
-    assert not any(slot.dropped for _, _, slot in _iter_slots(model))
+    assert not any(slot.dropped for _, _, slot in iter_slots(model))
 
 
 def test_bad_calls():

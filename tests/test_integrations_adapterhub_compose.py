@@ -1,4 +1,5 @@
-"""patch_adapters on the ``adapters`` library's composition blocks and AdapterDrop's skip_layers.
+"""patch_adapters on the ``adapters`` library's composition blocks (adapterkern.integrations.adapterhub_compose)
+and AdapterDrop's skip_layers.
 
 BatchSplit / MultiTask / Parallel run in one ``bottleneck_adapter_batched`` launch per layer and place,
 Fuse's N up-projections in one ``multi_adapter`` launch before the library's fusion layer. On tiny
@@ -32,10 +33,11 @@ from adapters.methods.modeling import BertFusion  # noqa: E402
 import adapterkern  # noqa: E402
 from adapterkern.backends import is_available  # noqa: E402
 from adapterkern.integrations import adapterhub as ah  # noqa: E402
+from adapterkern.integrations import adapterhub_compose, adapterhub_plans  # noqa: E402
 from conftest import assert_runs_close, assert_runs_equal, rel_err  # noqa: E402
-from test_adapterhub import _model  # noqa: E402  (the same tiny BERT / GPT-2 / Llama)
+from test_integrations_adapterhub import _model  # noqa: E402  (the same tiny BERT / GPT-2 / Llama)
 
-D = 32  # hidden size (test_adapterhub._model's)
+D = 32  # hidden size (test_integrations_adapterhub._model's)
 B = 3  # batch
 TRITON = pytest.mark.skipif(not is_available("triton", torch.device("cpu")), reason="Triton (interpreter) not available on CPU")
 
@@ -47,14 +49,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def calls(monkeypatch):
     """Counts the integration's calls into each fused op: Counter of (op, backend)."""
     counter = Counter()
-    for op in ("bottleneck_adapter", "bottleneck_adapter_batched", "multi_adapter"):
-        real = getattr(ah, op)
+    for module, op in (
+        (adapterhub_plans, "bottleneck_adapter"),
+        (adapterhub_compose, "bottleneck_adapter_batched"),
+        (adapterhub_compose, "multi_adapter"),
+    ):
+        real = getattr(module, op)
 
         def counting(*args, _real=real, _op=op, **kwargs):
             counter[(_op, kwargs["backend"])] += 1
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(ah, op, counting)
+        monkeypatch.setattr(module, op, counting)
     return counter
 
 
@@ -307,6 +313,90 @@ def test_triton_backend(calls):
 
 
 # ------------------------------------------------------------------------------------------------
+# Stacked scalings (adapterkern.nn.bottleneck.stack_weights): differing Python floats are one
+# float32 tensor of the exact floats, also in a bf16 model
+# ------------------------------------------------------------------------------------------------
+# Two float scalings that bf16 rounds down by 2^-8 relative (ties to even): 1 + 2^-8 -> 1, 2 + 2^-7 -> 2.
+BF16_TIES = {"a": 1.0 + 2.0**-8, "b": 2.0 + 2.0**-7}
+
+
+def _tie_adapters():
+    return {name: (lambda s=s: SeqBnConfig(reduction_factor=4, scaling=s)) for name, s in BF16_TIES.items()}
+
+
+def test_stacked_float_scalings_are_float32_in_a_bf16_model(monkeypatch):
+    """Every fused composition op gets the differing float scalings as float32, unrounded (the library
+    multiplies its bf16 ``up`` by the Python float itself); a learned bf16 scaling joins them as the
+    float32 of its value."""
+    model = _setup("bert", {**_tie_adapters(), "l": SEQ["b"]}, fusions=[(Fuse("a", "b"), "dynamic")],
+                   dtype=torch.bfloat16)
+    model.eval()
+    seen = []
+    for op in ("bottleneck_adapter_batched", "multi_adapter"):
+        real = getattr(adapterhub_compose, op)
+
+        def capture(*args, _real=real, **kwargs):
+            seen.append(kwargs["scaling"])
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(adapterhub_compose, op, capture)
+    _patch(model, "torch")
+    layer = model.encoder.layer[0].output
+    x = torch.randn(2, 5, D, dtype=torch.bfloat16)
+    exact = torch.tensor(list(BF16_TIES.values()), dtype=torch.float32)
+    assert not torch.equal(exact.to(torch.bfloat16).float(), exact)  # bf16 would round them
+    for setup, compose in ((BatchSplit("a", "b", batch_sizes=[1, 1]), layer.compose_batch_split),
+                           (Fuse("a", "b"), layer.compose_fuse), (Average("a", "b"), layer.compose_average)):
+        seen.clear()
+        with torch.no_grad():
+            compose(setup, BottleneckState(x, x, x, None), 0)
+        assert len(seen) == 1, setup
+        assert seen[0].dtype == torch.float32 and torch.equal(seen[0], exact), (setup, seen[0])
+    seen.clear()
+    with torch.no_grad():
+        layer.compose_batch_split(BatchSplit("a", "l", batch_sizes=[1, 1]), BottleneckState(x, x, x, None), 0)
+    learned = layer.adapters["l"].scaling
+    assert learned.dtype == torch.bfloat16
+    assert seen[0].dtype == torch.float32 and torch.equal(seen[0], torch.cat([exact[:1], learned.detach().float()]))
+
+
+def test_stacked_float_scalings_unrounded_in_bf16_average():
+    """The numbers: a bf16 model's Average (folded in float32 on every backend) gives the adapters'
+    part of the float64 reference up to unbiased bf16 rounding, where the scalings rounded to bf16
+    first would scale it by 1 - 2^-8 (both scalings round down by that much)."""
+    model = _setup("bert", _tie_adapters(), dtype=torch.bfloat16)
+    model.eval()
+    _patch(model, "torch")
+    layer = model.encoder.layer[0].output
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, D, dtype=torch.bfloat16)
+    weights = [1.0, 3.0]
+    with torch.no_grad():
+        state = layer.compose_average(Average(*BF16_TIES, weights=weights), BottleneckState(x, None, x, None), 0)
+    got = state.hidden_states
+    w = torch.tensor(weights, dtype=torch.float64) / sum(weights) / len(weights)  # the library's (1/N) sum_n w_n out_n
+    x64 = x.double()
+    ref, ref_rounded = 0, 0  # the adapters' part: sum_n (w_n / N) s_n u_n
+    for w_n, name in zip(w, BF16_TIES):
+        adapter = layer.adapters[name]
+        down, up = adapter.adapter_down[-2], adapter.adapter_up
+        u = torch.relu(x64 @ down.weight.double().T + down.bias.double()) @ up.weight.double().T + up.bias.double()
+        ref = ref + w_n * adapter.scaling * u
+        ref_rounded = ref_rounded + w_n * torch.tensor(adapter.scaling, dtype=torch.bfloat16).double() * u
+    assert got.dtype == torch.float32
+    got = got.double() - x64 * w.sum()  # the residual's part is added in float32: exact enough
+    big = ref.abs() > 0.05  # relative errors where they mean something
+
+    def bias(y):
+        return ((y - ref) / ref)[big].mean().item()
+
+    assert big.sum() > 200
+    assert bias(ref_rounded) < -3.8e-3  # what rounding the scalings to bf16 would do
+    assert abs(bias(got)) < 1e-3, bias(got)
+    assert rel_err(got, ref) < 1e-2
+
+
+# ------------------------------------------------------------------------------------------------
 # AdapterDrop: skip_layers (the library: no active setup in a skipped layer)
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
@@ -399,6 +489,26 @@ def test_incompatible_blocks_keep_library_loop(calls):
             _run(model, inputs)
 
 
+def test_backend_without_the_blocks_op_keeps_library_loop(calls):
+    """The op a block needs (BatchSplit / Parallel: bottleneck_adapter_batched; Fuse / Average:
+    multi_adapter) decides: a backend without it (the CUDA extension has the single-adapter op only)
+    keeps the library's loop, and the report and the warning name the backend and the op; ``auto``
+    falls back per op, and what its report lists as fused runs fused."""
+    model = _setup("bert", SEQ, fusions=[(Fuse("a", "c"), "dynamic")])
+    cases = ((BatchSplit("a", "b", batch_sizes=[1, 2]), "bottleneck_adapter_batched"),
+             (Parallel("a", "b"), "bottleneck_adapter_batched"), (Fuse("a", "c"), "multi_adapter"),
+             (Average("a", "b"), "multi_adapter"))
+    for setup, op in cases:
+        model.set_active_adapters(setup)
+        why = f"backend='cuda' has no {op} kernel"
+        with pytest.warns(ah.AdapterPatchWarning, match=why):
+            report = adapterkern.patch_adapters(model, backend="cuda")  # no CUDA needed to patch
+        assert len(report.fused) == 8 and not report.compositions, str(report)
+        assert report.compositions_library == {f"encoder.layer.{i}.output: {setup!r}": why for i in (0, 1)}
+        adapterkern.unpatch_adapters(model)
+        _compare(model, setup, _expect(calls, **{op: 2}), backend="auto", modes=("eval",))
+
+
 # ------------------------------------------------------------------------------------------------
 # Average: the library's weighted mean, the N adapters folded into one launch
 # ------------------------------------------------------------------------------------------------
@@ -431,8 +541,9 @@ def test_average_bf16_keeps_the_library_dtype(calls):
 
 
 def test_average_note_and_library_numbers():
-    """The library's Average with sequential adapters: (1/N) sum_n w_n (res + s_n u_n) (what the module
-    docstring says, and what the patched Average computes); adapterkern.multi_adapter(weights=) keeps res once."""
+    """The library's Average with sequential adapters: (1/N) sum_n w_n (res + s_n u_n) (what README.md's
+    "AdapterHub models: how patch_adapters works" says, and what the patched Average computes);
+    adapterkern.multi_adapter(weights=) keeps res once."""
     model = _setup("bert", {"a": SEQ["a"], "b": SEQ["b"]})
     model.eval()
     layer = model.encoder.layer[0].output
@@ -482,10 +593,10 @@ def test_unpatch_restores_composition_functions_and_deepcopy(calls):
     before = {name: set(vars(m)) for name, m in model.named_modules()}
     _patch(model, "torch")
     layer = model.encoder.layer[0].output
-    assert all(ah._is_ours(vars(layer)[f]) and vars(layer)[f].__self__ is layer for f in ah.COMPOSE_FUNCS)
+    assert all(ah.is_patch_function(vars(layer)[f]) and vars(layer)[f].__self__ is layer for f in adapterhub_compose.COMPOSE_FUNCS)
     clone = copy.deepcopy(model)  # bound to the copy's layers, reading the copy's weights
     clone_layer = clone.encoder.layer[0].output
-    assert all(vars(clone_layer)[f].__self__ is clone_layer for f in ah.COMPOSE_FUNCS)
+    assert all(vars(clone_layer)[f].__self__ is clone_layer for f in adapterhub_compose.COMPOSE_FUNCS)
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()

@@ -3,7 +3,7 @@ the ``adapters`` library's BertFusion formula (written here, per adapter, with e
 tensors: the module's own evaluation reassociates the projections, this one does not): every config
 branch, the temperature schedule, dropout on the scores, the regularisation term, the gradients of
 every fusion parameter and (through fuse_adapters, torch and triton backends) of every adapter weight.
-The comparison with the library itself is tests/test_adapterhub_fusion.py."""
+The comparison with the library itself is tests/test_integrations_adapterhub_fusion.py."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -6,6 +6,7 @@ from torch import nn
 import adapterkern
 from adapterkern.backends import is_available
 from adapterkern.nn import BottleneckAdapter
+from adapterkern.nn.bottleneck import stack_weights
 from conftest import DEVICE, rel_err
 
 BACKENDS = [
@@ -84,3 +85,36 @@ def test_state_dict_and_repr():
     adapter = BottleneckAdapter(16, 4, scaling="channel", bias=False)
     assert set(adapter.state_dict()) == {"adapter_down.weight", "adapter_up.weight", "scaling"}
     assert "bottleneck_size=4" in repr(adapter)
+
+
+def _linears(n, d, r, dtype, bias=True):
+    downs = [nn.Linear(d, r, bias=bias, dtype=dtype) for _ in range(n)]
+    ups = [nn.Linear(r, d, bias=bias, dtype=dtype) for _ in range(n)]
+    return downs, ups
+
+
+def test_stack_weights_stacks_the_modules_parameters():
+    downs, ups = _linears(3, 8, 2, torch.float32)
+    w_down, b_down, w_up, b_up, scaling = stack_weights(downs, ups, [0.5, 0.5, 0.5])
+    assert w_down.shape == (3, 2, 8) and b_down.shape == (3, 2) and w_up.shape == (3, 8, 2) and b_up.shape == (3, 8)
+    assert torch.equal(w_down[1], downs[1].weight) and torch.equal(b_up[2], ups[2].bias)
+    assert scaling == 0.5 and isinstance(scaling, float)
+    w_down.sum().backward()  # stacked from the parameters themselves: gradients reach them
+    assert downs[0].weight.grad is not None
+    _, b_down, _, b_up, _ = stack_weights(*_linears(2, 8, 2, torch.float32, bias=False), [1.0, 1.0])
+    assert b_down is None and b_up is None
+
+
+def test_stack_weights_one_scaling_dtype_rule():
+    """Python floats that differ become float32 whatever the weights' dtype (a bf16 tensor would round
+    1 + 2^-8 to 1); tensor scalings are promoted with float32; per-channel ones give (N, d)."""
+    downs, ups = _linears(2, 8, 2, torch.bfloat16)
+    *_, scaling = stack_weights(downs, ups, [1.0 + 2.0**-8, 2.0])
+    assert scaling.dtype == torch.float32 and scaling.tolist() == [1.0 + 2.0**-8, 2.0]
+    learned = torch.tensor([0.75], dtype=torch.bfloat16)
+    *_, scaling = stack_weights(downs, ups, [learned, 1.0 + 2.0**-8])
+    assert scaling.dtype == torch.float32 and scaling.tolist() == [0.75, 1.0 + 2.0**-8]
+    channel = torch.full((8,), 0.25, dtype=torch.float64)
+    *_, scaling = stack_weights(downs, ups, [channel, 3.0])
+    assert scaling.dtype == torch.float64 and scaling.shape == (2, 8)
+    assert scaling[0].tolist() == [0.25] * 8 and scaling[1].tolist() == [3.0] * 8

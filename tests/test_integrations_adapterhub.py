@@ -1,4 +1,6 @@
-"""patch_adapters / unpatch_adapters on models set up with the AdapterHub ``adapters`` library.
+"""patch_adapters / unpatch_adapters on models set up with the AdapterHub ``adapters`` library: each
+adapter module's classification and fused forward (adapterkern.integrations.adapterhub_plans), the
+report and warning, patch / unpatch mechanics (adapterkern.integrations.adapterhub).
 
 Tiny random-weight BERT, RoBERTa, GPT-2, Llama and T5 models (no downloads) carry adapters of each
 bottleneck config type with random (non-identity) weights; the patched model's outputs and the
@@ -35,6 +37,7 @@ from adapters.composition import BatchSplit, Fuse, Stack  # noqa: E402
 import adapterkern  # noqa: E402
 from adapterkern.backends import is_available  # noqa: E402
 from adapterkern.integrations import adapterhub as ah  # noqa: E402
+from adapterkern.integrations import adapterhub_compose, adapterhub_plans  # noqa: E402
 from conftest import assert_runs_close, assert_runs_equal, rel_err  # noqa: E402
 
 pytestmark = [
@@ -112,13 +115,13 @@ _assert_equal = assert_runs_equal
 def fused_calls(monkeypatch):
     """Counts the calls into the fused op made by the integration."""
     calls = []
-    real = ah.bottleneck_adapter
+    real = adapterhub_plans.bottleneck_adapter
 
     def counting(*args, **kwargs):
         calls.append(kwargs["backend"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ah, "bottleneck_adapter", counting)
+    monkeypatch.setattr(adapterhub_plans, "bottleneck_adapter", counting)
     return calls
 
 
@@ -376,7 +379,7 @@ def test_compositions(fused_calls):
     """Stack of sequential adapters runs fused adapter by adapter; BatchSplit and Fuse of adapters that
     differ in activation keep the library's loop (warned once; each adapter of the BatchSplit still
     fused on its own, Fuse reads each adapter's ``up``: the library's forward); a Stack of two parallel
-    adapters keeps the library's path. (Compatible blocks in one launch: test_adapterhub_compose.py.)"""
+    adapters keeps the library's path. (Compatible blocks in one launch: test_integrations_adapterhub_compose.py.)"""
     model = _model("bert")
     model.add_adapter("a", config=SeqBnConfig(reduction_factor=4))
     model.add_adapter("b", config=SeqBnConfig(reduction_factor=4, non_linearity="gelu", scaling="learned"))
@@ -422,11 +425,11 @@ def test_compositions(fused_calls):
 # ------------------------------------------------------------------------------------------------
 # Patch / unpatch mechanics
 # ------------------------------------------------------------------------------------------------
-PATCHED_ATTRS = ("forward", "bottleneck_layer_forward") + ah.COMPOSE_FUNCS
+PATCHED_ATTRS = ("forward", "bottleneck_layer_forward") + adapterhub_compose.COMPOSE_FUNCS
 
 
 def _patched_modules(model):
-    return {name for name, m in model.named_modules() if any(ah._is_ours(vars(m).get(attr)) for attr in PATCHED_ATTRS)}
+    return {name for name, m in model.named_modules() if any(ah.is_patch_function(vars(m).get(attr)) for attr in PATCHED_ATTRS)}
 
 
 def test_unpatch_restores_library_and_patch_is_idempotent(fused_calls):
@@ -447,7 +450,7 @@ def test_unpatch_restores_library_and_patch_is_idempotent(fused_calls):
     for name, m in model.named_modules():  # each patched attribute is bound to its own module, not a wrapper of a wrapper
         for attr in PATCHED_ATTRS:
             f = vars(m).get(attr)
-            if ah._is_ours(f):
+            if ah.is_patch_function(f):
                 assert f.__self__ is m
     fused_calls.clear()
     _assert_close(_run(model, inputs), ref, 1e-5, 1e-4)

@@ -51,7 +51,7 @@ CASES = {"bf16": None, "fp32": "ieee", "fp64": None}
 def compile_all(archs=ARCHS, dtypes=tuple(CASES)) -> int:
     import triton.language as tl
 
-    from adapterkern.backends.triton import bottleneck as kernels
+    from adapterkern.backends.triton import kernels
 
     tiles = [(16, 16, 32), (512, 32, 32)]  # (R_PAD, BLOCK_T, BLOCK_D): smallest dots, widest bottleneck
     needs = dict(NEED_DX=True, NEED_DWD=True, NEED_DBD=True, NEED_DWU=True, NEED_DBU=True, NEED_DS=True)
@@ -71,9 +71,9 @@ def compile_all(archs=ARCHS, dtypes=tuple(CASES)) -> int:
                 gather = dtype == "bf16" and r_pad == 16
                 common = dict(ACT=2, PRECISION=precision, ACC=acc, R_PAD=r_pad, BLOCK_T=block_t, BLOCK_D=block_d, HAS_S=True, GATHER=gather)
                 jobs = [
-                    (kernels._fwd_kernel, dict(common, HAS_BD=True, HAS_BU=True, ADD_RES=not gather, SAVE_H=True)),
-                    (kernels._bwd_dh_kernel, common),
-                    (kernels._bwd_main_kernel, dict(common, HAS_BU=True, RES_IS_X=True, **needs)),
+                    (kernels.fwd_kernel, dict(common, HAS_BD=True, HAS_BU=True, ADD_RES=not gather, SAVE_H=True)),
+                    (kernels.bwd_dh_kernel, common),
+                    (kernels.bwd_main_kernel, dict(common, HAS_BU=True, RES_IS_X=True, **needs)),
                 ]
                 for kernel, constexprs in jobs:
                     what = f"sm_{arch} {kernel.fn.__name__} {dtype} precision={precision} R_PAD={r_pad} GATHER={gather}"
@@ -98,7 +98,7 @@ def test_triton_kernels_compile(arch, dtype):
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
 
 
-if __name__ == "__main__":  # python tests/test_triton_compile.py [ARCH DTYPE]: all of them by default
+if __name__ == "__main__":  # python tests/test_backends_triton_compile.py [ARCH DTYPE]: all of them by default
     if len(sys.argv) == 3:
         sys.exit(1 if compile_all((int(sys.argv[1]),), (sys.argv[2],)) else 0)
     sys.exit(1 if compile_all() else 0)

@@ -1,0 +1,218 @@
+"""The Triton building blocks every adapter kernel shares: the interpreter probe, activations and their
+derivatives, the one ``dot``, the autotuning configs, and the token-group tile of the stack / batched forms.
+
+Jit functions here are called from the kernels of :mod:`adapterkern.backends.triton.kernels`.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+from ...activations import (
+    GELU,
+    GELU_TANH,
+    GELU_TANH_COEF,
+    LEAKY_RELU,
+    LEAKY_RELU_SLOPE,
+    LINEAR,
+    QUICK_GELU,
+    QUICK_GELU_ALPHA,
+    RELU,
+    RELU6,
+    SIGMOID,
+    SILU,
+    SQRT_2_OVER_PI,
+    TANH,
+)
+
+@triton.jit
+def _interpreter_probe():
+    pass
+
+
+# Whether Triton runs kernels defined now in its CPU interpreter: asked of Triton itself (it decides
+# at definition time, from its own reading of TRITON_INTERPRET), so adapterkern and Triton agree.
+INTERPRET = not isinstance(_interpreter_probe, triton.runtime.JITFunction)
+
+# Activation ids and constants as Triton globals (must be tl.constexpr to be read inside a kernel).
+_RELU = tl.constexpr(RELU)
+_GELU = tl.constexpr(GELU)
+_GELU_TANH = tl.constexpr(GELU_TANH)
+_QUICK_GELU = tl.constexpr(QUICK_GELU)
+_SILU = tl.constexpr(SILU)
+_TANH = tl.constexpr(TANH)
+_SIGMOID = tl.constexpr(SIGMOID)
+_LEAKY_RELU = tl.constexpr(LEAKY_RELU)
+_RELU6 = tl.constexpr(RELU6)
+_LINEAR = tl.constexpr(LINEAR)
+_SLOPE = tl.constexpr(LEAKY_RELU_SLOPE)
+_QG_ALPHA = tl.constexpr(QUICK_GELU_ALPHA)
+_GT_COEF = tl.constexpr(GELU_TANH_COEF)
+_SQRT_2_OVER_PI = tl.constexpr(SQRT_2_OVER_PI)
+_INV_SQRT_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+
+# Constants are tl.constexpr globals; keep the tensor on the left of `*` (in the interpreter,
+# constexpr * tensor yields a constexpr wrapping the tensor, which tl.sigmoid rejects).
+
+
+@triton.jit
+def _tanh(x):
+    # No libdevice in the interpreter: tanh(x) = 2 * sigmoid(2x) - 1.
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def act(h, ACT: tl.constexpr):
+    """act(h), computed in h's (accumulator) dtype."""
+    # relu / relu6 via tl.where, not tl.maximum / tl.minimum: those drop NaN (PyTorch propagates it).
+    if ACT == _RELU:
+        return tl.where(h < 0.0, 0.0, h)
+    elif ACT == _GELU:
+        return 0.5 * h * (1.0 + tl.erf(h * _INV_SQRT_2))
+    elif ACT == _GELU_TANH:
+        return 0.5 * h * (1.0 + _tanh((h + h * h * h * _GT_COEF) * _SQRT_2_OVER_PI))
+    elif ACT == _QUICK_GELU:
+        return h * tl.sigmoid(h * _QG_ALPHA)
+    elif ACT == _SILU:
+        return h * tl.sigmoid(h)
+    elif ACT == _TANH:
+        return _tanh(h)
+    elif ACT == _SIGMOID:
+        return tl.sigmoid(h)
+    elif ACT == _LEAKY_RELU:
+        return tl.where(h > 0.0, h, h * _SLOPE)
+    elif ACT == _RELU6:
+        return tl.where(h < 0.0, 0.0, tl.where(h > 6.0, 6.0, h))
+    else:
+        return h
+
+
+@triton.jit
+def act_grad(h, ACT: tl.constexpr):
+    """d act / d h in h's dtype (at kinks, the subgradient PyTorch's autograd uses)."""
+    if ACT == _RELU:
+        return tl.where(h > 0.0, 1.0, 0.0)
+    elif ACT == _GELU:
+        return 0.5 * (1.0 + tl.erf(h * _INV_SQRT_2)) + h * tl.exp(-0.5 * h * h) * _INV_SQRT_2PI
+    elif ACT == _GELU_TANH:
+        t = _tanh((h + h * h * h * _GT_COEF) * _SQRT_2_OVER_PI)
+        return 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * (1.0 + h * h * (3.0 * _GT_COEF)) * _SQRT_2_OVER_PI
+    elif ACT == _QUICK_GELU:
+        s = tl.sigmoid(h * _QG_ALPHA)
+        return s + h * s * (1.0 - s) * _QG_ALPHA
+    elif ACT == _SILU:
+        s = tl.sigmoid(h)
+        return s * (1.0 + h * (1.0 - s))
+    elif ACT == _TANH:
+        t = _tanh(h)
+        return 1.0 - t * t
+    elif ACT == _SIGMOID:
+        s = tl.sigmoid(h)
+        return s * (1.0 - s)
+    elif ACT == _LEAKY_RELU:
+        return tl.where(h > 0.0, 1.0, _SLOPE.value)
+    elif ACT == _RELU6:
+        return tl.where((h > 0.0) & (h < 6.0), 1.0, 0.0)
+    else:
+        return tl.full(h.shape, 1.0, h.dtype)
+
+
+# The interpreter's dot hands bf16 operands to numpy as their raw uint16 bits (seen with Triton 3.9;
+# triton-lang/triton#11584): relative errors of 1e8, no warning. Under the interpreter only, bf16
+# operands are widened to fp32 first, which is exact and is what the tensor cores compute (exact
+# products, fp32 sums); compiled kernels never take this branch.
+_WIDEN_BF16_DOT_OPERANDS = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def dot(a, b, acc, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """acc + a @ b accumulated in ACC (acc None: a fresh accumulator); every tl.dot goes through here."""
+    if _WIDEN_BF16_DOT_OPERANDS:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+        if b.dtype == tl.bfloat16:
+            b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autotuning. Configs are pruned by the accumulator footprint (BLOCK_T x R_PAD fp32 per program);
+# the interpreter gets one config, since it would otherwise time every one of them.
+# ----------------------------------------------------------------------------------------------
+
+
+def _configs(block_t, block_d, warps, stages):
+    return [
+        triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+        for bt in block_t
+        for bd in block_d
+        for w in warps
+        for s in stages
+    ]
+
+
+# ADAPTERKERN_TRITON_CONFIGS=few: two configs per kernel instead of the full sweep, for running the test
+# suite on a GPU (every new shape key would otherwise compile and time 48 configs; gpu_check.sh sets it
+# for its test stage only, the benchmarks autotune fully). Two, so the choice logic still runs.
+_FEW_CONFIGS = os.environ.get("ADAPTERKERN_TRITON_CONFIGS", "") == "few"
+
+if INTERPRET:
+    FWD_CONFIGS = _configs([32], [32], [4], [1])
+    BWD_CONFIGS = _configs([32], [32], [4], [1])
+elif _FEW_CONFIGS:
+    FWD_CONFIGS = _configs([16, 64], [32], [4], [2])
+    BWD_CONFIGS = _configs([32, 64], [32], [4], [2])
+else:
+    FWD_CONFIGS = _configs([16, 32, 64, 128], [32, 64, 128], [4, 8], [2, 3])
+    BWD_CONFIGS = _configs([32, 64], [32, 64, 128], [4, 8], [2, 3])
+
+
+def _prune(configs, named_args, **kwargs):
+    r_pad = named_args["R_PAD"] if "R_PAD" in named_args else kwargs["R_PAD"]
+    t_bucket = named_args["T_BUCKET"]
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_T"] * r_pad <= 128 * 128  # accumulator registers
+        and c.kwargs["BLOCK_D"] * r_pad <= 128 * 128
+        and (c.kwargs["BLOCK_T"] <= max(16, t_bucket))  # no 128-row tiles for decode-size T
+    ]
+    return kept or configs[:1]
+
+
+PRUNE = {"early_config_prune": _prune}
+
+
+def t_bucket(num_tokens: int) -> int:
+    """Autotuning key for T: powers of two up to 16384, so new sequence lengths rarely retune."""
+    return min(triton.next_power_of_2(max(num_tokens, 1)), 16384)
+
+
+# ----------------------------------------------------------------------------------------------
+# Token groups. Every kernel works on *groups* of token rows, one adapter per group:
+#   stack (GATHER=False): adapter n's group is every token, rows 0..T-1 (multi_adapter; one adapter
+#     is a stack of one), and adapter n writes its own (T, D) / (T, R) slab of the outputs;
+#   batch (GATHER=True): group g holds the tokens routed to adapter g - 1 (g = 0: "no adapter"), the
+#     rows PERM[STARTS[g] : STARTS[g] + COUNTS[g]] (tokens sorted by adapter, computed once per batch
+#     into fixed-size buffers), and every group writes its rows of one (T, D) output.
+# Grid axis for the group is fixed (N or N + 1) and programs past their group's end exit at once, so
+# the launch shape depends only on T and N: a CUDA graph can replay it for any routing.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def group_tile(local, g, PERM, COUNTS, STARTS, T, GATHER: tl.constexpr):
+    """(rows (int64 token ids), mask, group size) for the group-local row numbers ``local`` of group g."""
+    if GATHER:
+        count = tl.load(COUNTS + g).to(tl.int64)
+        mask = local < count
+        rows = tl.load(PERM + tl.load(STARTS + g).to(tl.int64) + local, mask=mask, other=0).to(tl.int64)
+    else:
+        count = T  # an int argument: T == 1 arrives as a constexpr
+        mask = local < count
+        rows = local
+    return rows, mask, count

@@ -1,0 +1,288 @@
+"""Adapter slots: where the adapters of an :func:`~adapterkern.add_adapter` model live, and the
+model's record of what each adapter name is.
+
+A *place* is a module of the model that holds adapters. Its child ``bottleneck_adapters``
+(:data:`SLOT_ATTR`) is an :class:`AdapterSlot`, one module per adapter name, and one forward hook on
+the place applies the slot's active entry. How it is applied is the place's *mode*:
+
+===============  =================================================================================
+SEQUENTIAL       ``output -> adapter(output)``
+PARALLEL         ``output -> adapter(input, residual=output)``
+PARALLEL_SKIP    ``forward(h, skip) -> forward(h, adapter(skip))``: a post-LN module that adds the skip
+PREFIX           an attention module: key/value prefixes, read by the prefix attention (no hook)
+===============  =================================================================================
+
+Every name in a model has a config of one *kind*: a subclass of :class:`SlotConfig`, entered in
+:data:`CONFIG_KINDS` under the kind it names (``adapter``: :class:`~adapterkern.AdapterConfig`,
+``fusion``: :class:`~adapterkern.integrations.compose.FusionConfig`; ``import adapterkern`` imports
+both modules). Saving, loading, activating and deleting go through the methods the base class
+declares, whatever the kind. The record (name -> config, in the order added) is kept in
+``model.__dict__``: not a submodule, not in the state dict, copied with the model.
+"""
+from __future__ import annotations
+
+import abc
+import re
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Callable, ClassVar, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type, Union
+
+from torch import Tensor, nn
+
+SLOT_ATTR = "bottleneck_adapters"
+
+SEQUENTIAL = "sequential"
+PARALLEL = "parallel"
+PARALLEL_SKIP = "parallel_skip"
+PREFIX = "prefix"
+
+_RECORD = "_adapterkern_configs"  # model.__dict__ key: {name: SlotConfig}
+
+# kind name -> config class; filled by SlotConfig subclasses as they are defined
+CONFIG_KINDS: Dict[str, Type["SlotConfig"]] = {}
+
+
+@dataclass
+class Place:
+    """A module of a model that holds, or is to hold, adapters."""
+
+    name: str  # qualified module name
+    module: nn.Module
+    mode: str
+    hidden_size: int  # d of the (..., d) tensor the adapters there transform
+
+
+class SlotConfig(abc.ABC):
+    """What an adapter name of a model is: the base class of every config kind.
+
+    A subclass names its kind in its class statement, ``class FusionConfig(SlotConfig, kind="fusion")``,
+    and is entered in :data:`CONFIG_KINDS` under it. ``save_adapter`` writes ``kind`` and
+    :meth:`to_dict`; ``load_adapter`` finds the class with :func:`config_class`.
+    """
+
+    kind: ClassVar[str]
+
+    def __init_subclass__(cls, *, kind: str, **kwargs):
+        super().__init_subclass__(**kwargs)
+        taken = CONFIG_KINDS.get(kind)
+        # the same class defined again (a module reload) takes its entry over; another class may not
+        if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise TypeError(f"kind: {kind!r} is already the kind of {taken.__module__}.{taken.__qualname__}")
+        cls.kind = kind
+        CONFIG_KINDS[kind] = cls
+
+    @property
+    def requires(self) -> Tuple[str, ...]:
+        """Names of the adapters this entry works on (a fusion: those it mixes). They must be in every
+        slot that holds this entry, and cannot be deleted while it is there."""
+        return ()
+
+    def composition(self, name: str) -> Union[str, Callable]:
+        """What :attr:`AdapterSlot.active` holds while this entry, called ``name``, is the model's active
+        adapter: ``name`` itself (the slot applies ``slot[name]``) or a composition
+        ``(slot, x, residual) -> y``."""
+        return name
+
+    @abc.abstractmethod
+    def build_for_load(self, model: nn.Module, places: Sequence[Place]) -> List[nn.Module]:
+        """One fresh module per place (width ``place.hidden_size``; dtype and device of the module it
+        sits on) in the form ``save_adapter`` writes, for ``load_adapter`` to fill with the saved tensors."""
+
+    @abc.abstractmethod
+    def to_dict(self) -> dict:
+        """The config as JSON-serialisable fields, the inverse of :meth:`from_dict`."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_dict(cls, data: dict) -> "SlotConfig":
+        """The config from :meth:`to_dict`'s fields; ``ValueError`` / ``TypeError`` for bad ones."""
+
+
+def config_class(kind) -> Type[SlotConfig]:
+    """The config class of ``kind`` (the ``"kind"`` field of a saved adapter); ValueError if there is none."""
+    if not isinstance(kind, str) or kind not in CONFIG_KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(sorted(CONFIG_KINDS))}, got {kind!r}")
+    return CONFIG_KINDS[kind]
+
+
+class AdapterSlot(nn.ModuleDict):
+    """The adapters at one place of a model, by name.
+
+    ``mode``: how the place applies its active entry (SEQUENTIAL, PARALLEL, PARALLEL_SKIP or PREFIX).
+    ``hidden_size``: d of the (..., d) tensor transformed there. ``active``: None, the name of the
+    entry applied, or a composition (a callable ``(slot, x, residual) -> y``, e.g. per-token routing
+    over several adapters or a fusion; see :mod:`adapterkern.integrations.compose`). ``layer``: the
+    place's layer index (None if it has none); ``dropped``: True while AdapterDrop switches this place off.
+    """
+
+    def __init__(self, mode: str, hidden_size: int, layer: Optional[int] = None):
+        super().__init__()
+        self.mode = mode
+        self.hidden_size = hidden_size
+        self.layer = layer
+        self.active = None
+        self.dropped = False
+
+    def apply(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """The active adapter (or composition) on x: ``residual + adapter(x)`` (residual None: x)."""
+        if isinstance(self.active, str):
+            return self[self.active](x, residual=residual)
+        return self.active(self, x, residual)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, layer={self.layer}, active={self.active!r}"
+
+
+def slot_of(module: nn.Module) -> Optional[AdapterSlot]:
+    """``module``'s AdapterSlot, or None if it holds no adapters."""
+    slot = module.__dict__.get("_modules", {}).get(SLOT_ATTR)
+    return slot if isinstance(slot, AdapterSlot) else None
+
+
+def iter_slots(model: nn.Module) -> Iterator[Tuple[str, nn.Module, AdapterSlot]]:
+    """(qualified module name, module, its slot) of every place of ``model``, in model order."""
+    for name, module in model.named_modules():
+        slot = slot_of(module)
+        if slot is not None:
+            yield name, module, slot
+
+
+def _skip_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+    """PARALLEL_SKIP: replace the module's skip input (its 2nd argument) by ``skip + adapter(skip)``."""
+    slot = slot_of(module)
+    if slot.active is None or slot.dropped:
+        return None
+    if len(args) >= 2:
+        return args[:1] + (slot.apply(args[1]),) + args[2:], kwargs
+    if "input_tensor" in kwargs:
+        return args, {**kwargs, "input_tensor": slot.apply(kwargs["input_tensor"])}
+    raise TypeError(f"{type(module).__name__}: a parallel adapter expects the skip input as the 2nd argument")
+
+
+def _output_hook(module: nn.Module, args: tuple, kwargs: dict, output):
+    """SEQUENTIAL: ``adapter(output)``; PARALLEL: ``adapter(input, residual=output)``."""
+    slot = slot_of(module)
+    if slot.active is None or slot.dropped:
+        return None
+    rest = ()
+    if isinstance(output, tuple):
+        output, rest = output[0], output[1:]
+    if slot.mode == SEQUENTIAL:
+        output = slot.apply(output)
+    else:
+        x = args[0] if args else next(iter(kwargs.values()))
+        output = slot.apply(x, residual=output)
+    return (output,) + rest if rest else output
+
+
+def _remove_hooks(module: nn.Module) -> None:
+    # Found by identity rather than kept handles, so that a deep copy of the model cleans up its own hooks.
+    for hooks, fn in ((module._forward_pre_hooks, _skip_pre_hook), (module._forward_hooks, _output_hook)):
+        for key in [k for k, h in hooks.items() if h is fn]:
+            del hooks[key]
+            for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs"):
+                getattr(module, extra, {}).pop(key, None)
+
+
+def layer_index(module_name: str) -> Optional[int]:
+    """The layer index in a qualified module name (its last numeric part), None if it has none."""
+    numbers = [int(p) for p in module_name.split(".") if p.isdigit()]
+    return numbers[-1] if numbers else None
+
+
+def model_type(model: nn.Module) -> str:
+    """The model family for messages: ``config.model_type`` of a transformers model, else the class name."""
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None) or type(model).__name__
+
+
+def reference_param(module: nn.Module, model: nn.Module) -> Tensor:
+    """A parameter of ``module`` (else of ``model``): the dtype and device for adapters put there."""
+    for p in module.parameters():
+        return p
+    for p in model.parameters():
+        return p
+    raise ValueError("model: has no parameters to take a dtype and device from")
+
+
+def check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+
+
+def check_adapter_name(name) -> None:
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", name):
+        raise ValueError(f"name: expected an identifier-like string (letters, digits, _ and -), got {name!r}")
+
+
+def _record(model: nn.Module) -> Dict[str, SlotConfig]:
+    return model.__dict__.setdefault(_RECORD, {})
+
+
+def adapter_configs(model: nn.Module) -> Mapping[str, SlotConfig]:
+    """Read-only view of ``model``'s record: name -> config of every adapter and fusion, in the order
+    added. Only :func:`attach` and :func:`detach` change it."""
+    check_model(model)
+    return MappingProxyType(_record(model))
+
+
+def check_new_name(model: nn.Module, name) -> None:
+    """ValueError unless ``name`` is a valid adapter name that ``model`` does not use yet."""
+    check_model(model)
+    check_adapter_name(name)
+    if name in _record(model):
+        raise ValueError(f"name: this model already has an adapter or fusion {name!r}; delete_adapter() it first or pick another name")
+
+
+def require_adapter(model: nn.Module, name) -> None:
+    """ValueError unless ``model`` has an adapter (or fusion) ``name``."""
+    check_model(model)
+    if name not in _record(model):
+        have = list(_record(model))
+        raise ValueError(f"name: no adapter {name!r} in this model (it has {have if have else 'none'})")
+
+
+def check_places(places: Sequence[Place]) -> None:
+    """ValueError if a place already holds adapters of another mode."""
+    for place in places:
+        slot = slot_of(place.module)
+        if slot is not None and slot.mode != place.mode:
+            raise ValueError(f"{place.name}: already holds {slot.mode} adapters; cannot add a {place.mode} one there")
+
+
+def attach(model: nn.Module, name: str, config: SlotConfig, places: Sequence[Place], modules: Sequence[nn.Module]) -> None:
+    """Put ``modules[i]`` into the slot of ``places[i]`` under ``name`` (a slot and its hook are created
+    where a place has none) and record ``config`` for ``name``. Everything is checked before the model
+    changes; ``name`` must be new (:func:`check_new_name`). PREFIX slots need the prefix attention
+    switched on by the caller."""
+    check_new_name(model, name)
+    if len(places) != len(modules):
+        raise ValueError(f"modules: expected one per place ({len(places)}), got {len(modules)}")
+    check_places(places)
+    for place, module in zip(places, modules):
+        slot = slot_of(place.module)
+        if slot is None:
+            slot = AdapterSlot(place.mode, place.hidden_size, layer_index(place.name))
+            place.module.add_module(SLOT_ATTR, slot)
+            if place.mode == PARALLEL_SKIP:
+                place.module.register_forward_pre_hook(_skip_pre_hook, with_kwargs=True)
+            elif place.mode != PREFIX:
+                place.module.register_forward_hook(_output_hook, with_kwargs=True)
+        slot[name] = module
+    _record(model)[name] = config
+
+
+def detach(model: nn.Module, name: str) -> None:
+    """Take ``name`` out of every slot and out of the record; slots left empty go, with their hooks.
+    Slots whose active entry was ``name`` are left with none."""
+    require_adapter(model, name)
+    entry = _record(model)[name].composition(name)
+    for _, module, slot in list(iter_slots(model)):
+        if name in slot:
+            del slot[name]
+            if slot.active == entry:
+                slot.active = None
+            if len(slot) == 0:
+                _remove_hooks(module)
+                del module._modules[SLOT_ATTR]
+    del _record(model)[name]
