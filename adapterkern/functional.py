@@ -1,7 +1,7 @@
 """Functional ops: each checks its arguments once, picks the backend, and calls it."""
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -9,6 +9,7 @@ from torch import Tensor
 from . import library  # noqa: F401  (registers the torch.library ops)
 from .activations import get_activation
 from .backends import BATCHED, MULTI, SINGLE, reference, resolve_backend
+from .routing import TokenGroups, per_token_index, token_groups
 
 # float64 is accepted too (for gradcheck and references); the kernels then accumulate in float64.
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -78,6 +79,25 @@ def _check_residual(residual, x: Tensor, add_residual: bool = True) -> None:
         raise ValueError("residual: given with add_residual=False, where it would be ignored")
 
 
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast runs matmuls in on x's device type, or None where autocast is off.
+
+    Under autocast the ops behave as ``nn.Linear`` does there: x, the weights, the biases and the
+    residual (floating, not float64) are cast to that dtype, and the result is in it, on every
+    backend (the op then runs with autocast off). The scaling is not cast (the kernels read it in float32).
+    """
+    try:
+        enabled = torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta)
+        return None
+    return torch.get_autocast_dtype(x.device.type) if enabled else None
+
+
+def _autocast(tensors, dtype: torch.dtype):
+    """Autocast's cast of matmul inputs: floating tensors other than float64 to ``dtype``; None stays."""
+    return [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors]
+
+
 def _needs_preact(*tensors) -> bool:
     """Whether the forward must save the pre-activation: autograd is on and some input requires grad."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -123,6 +143,13 @@ def bottleneck_adapter(
         y with x's shape and dtype (contiguous). Accumulation is in float32 on every backend.
     """
     d = _check_x(x)
+    cast = _autocast_dtype(x)
+    if cast is not None:
+        x, w_down, b_down, w_up, b_up, residual = _autocast((x, w_down, b_down, w_up, b_up, residual), cast)
+        with torch.autocast(x.device.type, enabled=False):
+            return bottleneck_adapter(
+                x, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling, residual=residual, backend=backend
+            )
     if not isinstance(w_down, Tensor):
         raise TypeError(f"w_down: expected a torch.Tensor of shape (r, {d}), got {type(w_down).__name__}")
     if w_down.dim() != 2 or w_down.shape[0] < 1:
@@ -250,6 +277,14 @@ def multi_adapter(
         are a PyTorch reduction over the (N, ..., d) stack.
     """
     d = _check_x(x)
+    cast = _autocast_dtype(x)
+    if cast is not None:
+        x, w_down, b_down, w_up, b_up, residual = _autocast((x, w_down, b_down, w_up, b_up, residual), cast)
+        with torch.autocast(x.device.type, enabled=False):
+            return multi_adapter(
+                x, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling, residual=residual,
+                add_residual=add_residual, weights=weights, backend=backend,
+            )
     n = _check_stack(x, w_down, b_down, w_up, b_up, scaling)
     _check_residual(residual, x, add_residual)
     if weights is not None:
@@ -290,69 +325,6 @@ def multi_adapter(
     return mixed.view(x.shape)
 
 
-class TokenGroups(NamedTuple):
-    """Tokens grouped by adapter, for :func:`bottleneck_adapter_batched` (computed on the index's
-    device with no host synchronisation; sizes depend only on T and N, so a CUDA graph can replay them).
-
-    perm: (T,) int64, token ids sorted by adapter (stable); counts: (N + 1,) int32, tokens per group,
-    group 0 being the tokens with no adapter (index -1), group g the tokens of adapter g - 1;
-    starts: (N + 1,) int32, where each group begins in ``perm``.
-    """
-
-    perm: Tensor
-    counts: Tensor
-    starts: Tensor
-
-
-def token_groups(adapter_index: Tensor, num_adapters: int) -> TokenGroups:
-    """Group the tokens of ``adapter_index`` (any shape, integer, values in [-1, num_adapters)) by adapter.
-
-    Compute it once per batch and pass it to every layer's :func:`bottleneck_adapter_batched` call.
-    The values are range-checked here (one host sync per batch), except while a CUDA graph is being
-    captured or under torch.compile.
-    """
-    if not isinstance(adapter_index, Tensor) or adapter_index.is_floating_point() or adapter_index.is_complex() or adapter_index.dtype == torch.bool:
-        raise TypeError("adapter_index: expected an integer tensor")
-    if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 1:
-        raise ValueError(f"num_adapters: expected a positive int, got {num_adapters!r}")
-    _check_index_range(adapter_index, num_adapters)
-    group = adapter_index.reshape(-1).to(torch.int64) + 1  # 0: no adapter
-    counts = torch.zeros(num_adapters + 1, dtype=torch.int32, device=group.device)
-    counts.scatter_add_(0, group.clamp(0, num_adapters), torch.ones_like(group, dtype=torch.int32))
-    starts = torch.cumsum(counts, 0, dtype=torch.int32) - counts
-    perm = torch.sort(group, stable=True).indices
-    return TokenGroups(perm, counts, starts)
-
-
-def _token_index(adapter_index, x: Tensor, n: int) -> Tensor:
-    """adapter_index per token (x.shape[:-1]) or per sequence (x.shape[:1], for x of 3 or more dims), flattened."""
-    if not isinstance(adapter_index, Tensor):
-        raise TypeError(f"adapter_index: expected an integer tensor of shape {tuple(x.shape[:-1])} or {tuple(x.shape[:1])}")
-    if adapter_index.is_floating_point() or adapter_index.is_complex() or adapter_index.dtype == torch.bool:
-        raise TypeError(f"adapter_index: expected an integer dtype, got {adapter_index.dtype}")
-    if adapter_index.device != x.device:
-        raise ValueError(f"adapter_index: expected device {x.device} (x's device), got {adapter_index.device}")
-    if adapter_index.shape == x.shape[:-1]:
-        per_token = adapter_index
-    elif x.dim() >= 3 and adapter_index.shape == x.shape[:1]:
-        per_token = adapter_index.reshape((-1,) + (1,) * (x.dim() - 2)).expand(x.shape[:-1])
-    else:
-        raise ValueError(
-            f"adapter_index: expected shape {tuple(x.shape[:-1])} (per token) or {tuple(x.shape[:1])} (per sequence), "
-            f"got {tuple(adapter_index.shape)}"
-        )
-    return per_token.reshape(-1)
-
-
-def _check_index_range(index: Tensor, n: int) -> None:
-    """Values in [-1, n); skipped (it needs a host sync) while capturing a CUDA graph or compiling."""
-    capturing = index.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not capturing and not torch.compiler.is_compiling() and index.numel():
-        lo, hi = int(index.min()), int(index.max())
-        if lo < -1 or hi >= n:
-            raise ValueError(f"adapter_index: values must lie in [-1, {n - 1}] (-1: no adapter), got [{lo}, {hi}]")
-
-
 def bottleneck_adapter_batched(
     x: Tensor,
     adapter_index: Tensor,
@@ -380,22 +352,31 @@ def bottleneck_adapter_batched(
         residual: None (res = x) or a tensor of x's shape.
         add_residual: False gives each token's adapter contribution only (0 for tokens with no
             adapter), as :func:`multi_adapter`'s ``add_residual=False``.
-        groups: :func:`token_groups` of the same index, to compute once per batch and reuse in every layer
-            (the index's values are checked there, once; the op then reads only the groups).
+        groups: ``token_groups(adapter_index, N)`` of this same ``adapter_index`` tensor (per token), to
+            compute once per batch and reuse in every layer (the index's values are checked there, once);
+            groups of another index, or of one modified since, are a ValueError.
         backend: ``auto``, ``torch`` or ``triton``.
 
     Returns: x's shape and dtype. Weight gradients of an adapter sum over its tokens only.
     """
     d = _check_x(x)
+    cast = _autocast_dtype(x)
+    if cast is not None:
+        x, w_down, b_down, w_up, b_up, residual = _autocast((x, w_down, b_down, w_up, b_up, residual), cast)
+        with torch.autocast(x.device.type, enabled=False):
+            return bottleneck_adapter_batched(
+                x, adapter_index, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling,
+                residual=residual, add_residual=add_residual, groups=groups, backend=backend,
+            )
     n = _check_stack(x, w_down, b_down, w_up, b_up, scaling)
     _check_residual(residual, x, add_residual)
-    index = _token_index(adapter_index, x, n)
+    index = per_token_index(adapter_index, x)
     if groups is None:
         groups = token_groups(index, n)
     elif not isinstance(groups, TokenGroups):
         raise TypeError(f"groups: expected the TokenGroups of adapterkern.token_groups, got {type(groups).__name__}")
-    elif groups.perm.shape != index.shape or groups.counts.shape != (n + 1,):
-        raise ValueError(f"groups: made for {groups.perm.numel()} tokens and {groups.counts.numel() - 1} adapters, not {index.numel()} and {n}")
+    else:
+        groups.check_bound_to(adapter_index, index.numel(), n)
     act = get_activation(activation)
     name = resolve_backend(backend, x.device, BATCHED)
     x2d = x.reshape(-1, d)

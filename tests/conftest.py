@@ -103,16 +103,18 @@ def grads_of(y, case, dy):
     return {k: (torch.zeros_like(v) if g is None else g) for (k, v), g in zip(leaves, got)}
 
 
-def check_against_reference(y, ref, plain, case):
+def check_against_reference(y, ref, rounded, case):
     """y (the op) against ref (float64 maths) with the bound max(STACK_TOL[dtype], 2x the error of
-    ``plain``, the same maths in the op's dtype), then every gradient of ``case``'s tensors the same way
-    (a gradient that is exactly zero in the reference, e.g. an adapter no token uses, must be zero)."""
+    ``rounded``: float32 maths on the same inputs, its results rounded to the op's dtype, i.e. the
+    error the dtype's own rounding of the results makes), then every gradient of ``case``'s tensors the
+    same way (a gradient that is exactly zero in the reference, e.g. an adapter no token uses, must be zero)."""
     dtype = y.dtype
     assert y.shape == ref.shape
-    bound = max(STACK_TOL[dtype], 2 * rel_err(plain, ref))
+    bound = max(STACK_TOL[dtype], 2 * rel_err(rounded.to(dtype), ref))
     assert rel_err(y, ref) <= bound, ("y", rel_err(y, ref), bound)
     dy = torch.randn_like(ref)
-    g, g_ref, g_plain = grads_of(y, case, dy), grads_of(ref, case, dy), grads_of(plain, case, dy)
+    g, g_ref = grads_of(y, case, dy), grads_of(ref, case, dy)
+    g_plain = {k: v.to(g[k].dtype) for k, v in grads_of(rounded, case, dy).items()}
     assert set(g) == set(g_ref)
     for k in g_ref:
         if g_ref[k].abs().max() == 0:

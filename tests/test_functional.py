@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import adapterkern
-from adapterkern.backends import is_available
+from adapterkern.backends import implements, is_available
 from conftest import ACTIVATIONS, DEVICE, REF_ALIASES, reference_adapter, rel_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -108,13 +108,21 @@ def run_reference(inputs, activation, dy):
     return _with_grads(y, inputs, dy)
 
 
+def rounded_reference(case, activation, dy):
+    """The formula in float32 (float64 for float64) on the same inputs, y and grads rounded to their dtypes."""
+    math = torch.promote_types(case["x"].dtype, torch.float32)
+    wide = {k: (v.to(math) if isinstance(v, torch.Tensor) and v.dtype != math else v) for k, v in case.items()}
+    y, grads = run_reference(wide, activation, None if dy is None else dy.to(math))
+    return y.to(case["x"].dtype), {k: None if g is None else g.to(case[k].dtype) for k, g in grads.items()}
+
+
 def check(case, backend, activation="relu", dy=None):
     """Compare y and every gradient with the float64 reference.
 
-    Bound per tensor: max(TOL[dtype], 2 x the error of plain PyTorch in the same dtype), the
-    FlashAttention criterion; the second term covers reductions whose result cancels (a bias
-    gradient summed over T can be much smaller than its terms), where any low-precision
-    implementation loses relative accuracy.
+    Bound per tensor: max(TOL[dtype], 2 x the error of float32 maths on the same inputs with its
+    results rounded to the dtype), the dtype's own rounding; relative errors are taken against the
+    condition scale of reductions whose result cancels (a bias gradient summed over T can be much
+    smaller than its terms).
     """
     dtype = case["x"].dtype
     requires = any(isinstance(v, torch.Tensor) and v.requires_grad for v in case.values())
@@ -122,7 +130,7 @@ def check(case, backend, activation="relu", dy=None):
         dy = torch.randn(case["x"].shape, device=DEVICE).to(dtype)
     y, grads = run(case, backend, activation, dy)
     y_ref, grads_ref, scales = reference(case, activation, dy)
-    y_base, grads_base = run_reference(case, activation, dy)  # the formula in the inputs' dtype
+    y_base, grads_base = rounded_reference(case, activation, dy)
     assert y.shape == case["x"].shape and y.dtype == dtype
     assert torch.isfinite(y).all(), "output has non-finite values (unwritten elements?)"
     outs = {"y": (y, y_ref, y_base), **{n: (grads[n], grads_ref[n], grads_base[n]) for n in grads_ref}}
@@ -136,7 +144,7 @@ def check(case, backend, activation="relu", dy=None):
         assert torch.isfinite(out).all(), f"{name}: non-finite values"
         err, base_err = rel_err(out, ref, scales.get(name)), rel_err(base, ref, scales.get(name))
         bound = max(TOL[dtype], 2.0 * base_err)
-        assert err <= bound, f"{name}: relative error {err:.3g} > {bound:.3g} (plain PyTorch in {dtype}: {base_err:.3g})"
+        assert err <= bound, f"{name}: relative error {err:.3g} > {bound:.3g} (float32 maths rounded to {dtype}: {base_err:.3g})"
     return y, grads
 
 
@@ -331,4 +339,54 @@ def test_bad_input_raises_clear_error(case):
     with pytest.raises(exc, match=pattern):
         adapterkern.bottleneck_adapter(
             args.pop("x"), args.pop("w_down"), args.pop("b_down"), args.pop("w_up"), args.pop("b_up"), **args
+        )
+
+
+def _three_ops(x, w_down, b_down, w_up, b_up, backend):
+    """The ops ``backend`` implements on one adapter (stacks of one), as (name, output)."""
+    stack = [t.unsqueeze(0) if t is not None else None for t in (w_down, b_down, w_up, b_up)]
+    index = torch.zeros(x.shape[:-1], dtype=torch.long, device=x.device)
+    calls = {
+        "bottleneck_adapter": lambda: adapterkern.bottleneck_adapter(x, w_down, b_down, w_up, b_up, backend=backend),
+        "multi_adapter": lambda: adapterkern.multi_adapter(x, *stack, backend=backend)[0],
+        "bottleneck_adapter_batched": lambda: adapterkern.bottleneck_adapter_batched(x, index, *stack, backend=backend),
+    }
+    return [(name, call()) for name, call in calls.items() if implements(backend, name)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_casts_like_linear_on_every_backend(backend):
+    """Under autocast the ops run as nn.Linear does there: float32 inputs and parameters are cast to the
+    autocast dtype and the result is in it, the same on every backend, with the numbers of the op on the
+    cast inputs; bf16 activations with float32 adapter parameters (a mixed-precision model) are accepted."""
+    x = torch.randn(2, 5, 16, device=DEVICE)
+    w_down, b_down = torch.randn(4, 16, device=DEVICE) * 0.25, torch.randn(4, device=DEVICE)
+    w_up, b_up = torch.randn(16, 4, device=DEVICE) * 0.5, torch.randn(16, device=DEVICE)
+    low = torch.bfloat16
+    expected = reference_adapter(*(t.to(low).double() for t in (x, w_down, b_down, w_up, b_up)))
+    with torch.autocast(DEVICE.type, dtype=low):
+        for name, y in _three_ops(x, w_down, b_down, w_up, b_up, backend) + _three_ops(x.to(low), w_down, b_down, w_up, b_up, backend):
+            assert y.dtype == low, name
+            assert rel_err(y, expected) < TOL[low], name
+    for name, y in _three_ops(x, w_down, b_down, w_up, b_up, backend):  # autocast off: x's dtype
+        assert y.dtype == torch.float32, name
+    with pytest.raises(TypeError, match="w_down: expected dtype torch.bfloat16"):
+        adapterkern.bottleneck_adapter(x.to(low), w_down, b_down, w_up, b_up, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", ["b_down", "b_up"])
+def test_bias_of_another_dtype_is_a_type_error_naming_it(backend, bias):
+    x = torch.randn(5, 16, device=DEVICE)
+    params = {"w_down": torch.randn(4, 16, device=DEVICE), "b_down": torch.randn(4, device=DEVICE),
+              "w_up": torch.randn(16, 4, device=DEVICE), "b_up": torch.randn(16, device=DEVICE)}
+    params[bias] = params[bias].double()
+    with pytest.raises(TypeError, match=rf"{bias}: expected dtype torch.float32"):
+        adapterkern.bottleneck_adapter(x, *(params[k] for k in ("w_down", "b_down", "w_up", "b_up")), backend=backend)
+    stack = [params[k].unsqueeze(0) for k in ("w_down", "b_down", "w_up", "b_up")]
+    with pytest.raises(TypeError, match=rf"{bias}: expected dtype torch.float32"):
+        adapterkern.multi_adapter(x, *stack, backend="torch" if backend == "cuda" else backend)
+    with pytest.raises(TypeError, match=rf"{bias}: expected dtype torch.float32"):
+        adapterkern.bottleneck_adapter_batched(
+            x, torch.zeros(5, dtype=torch.long, device=DEVICE), *stack, backend="torch" if backend == "cuda" else backend
         )

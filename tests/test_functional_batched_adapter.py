@@ -79,9 +79,9 @@ def check(case, backend, activation="gelu", groups=None, add_residual=True):
         scaling=case["scaling"], residual=case["residual"], add_residual=add_residual, groups=groups, backend=backend,
     )
     ref = per_token_reference(case, activation, add_residual=add_residual)
-    plain = per_token_reference(case, activation, math_dtype=dtype, add_residual=add_residual)
+    rounded = per_token_reference(case, activation, math_dtype=torch.promote_types(dtype, torch.float32), add_residual=add_residual)
     assert y.dtype == dtype
-    check_against_reference(y, ref, plain, case)
+    check_against_reference(y, ref, rounded, case)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -166,9 +166,7 @@ def test_cuda_graph_replays_new_routing():
     with torch.cuda.graph(graph):
         out = fn()
     static_idx.copy_(torch.randint(-1, 4, idx.shape, device=DEVICE))
-    new = adapterkern.token_groups(static_idx, 4)
-    for buf, val in zip(groups, new):
-        buf.copy_(val)
+    groups.update_(static_idx)  # regrouped into the buffers the graph reads
     graph.replay()
     c2 = dict(c, index=static_idx)
     assert rel_err(out, per_token_reference(c2, "relu")) < 2e-3

@@ -118,3 +118,9 @@ def test_stack_weights_one_scaling_dtype_rule():
     *_, scaling = stack_weights(downs, ups, [channel, 3.0])
     assert scaling.dtype == torch.float64 and scaling.shape == (2, 8)
     assert scaling[0].tolist() == [0.25] * 8 and scaling[1].tolist() == [3.0] * 8
+
+
+@pytest.mark.parametrize("scaling", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_scaling_is_refused(scaling):
+    with pytest.raises(ValueError, match="scaling: expected a finite float"):
+        BottleneckAdapter(16, 4, scaling=scaling)

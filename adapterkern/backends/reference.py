@@ -115,10 +115,14 @@ def batched_adapter(
     (``perm``'s slice of length ``counts[g]``; group 0 = no adapter, group g = adapter g - 1) go through
     :func:`bottleneck_adapter` together, the others keep ``residual`` (x if None). Without
     ``add_residual`` the residual is 0 everywhere. ``scaling`` a float or (N, 1) / (N, d). Reads
-    ``counts`` on the host (one sync; this is the CPU fallback)."""
+    ``counts`` on the host (one sync; this is the CPU fallback); under torch.compile, where sizes must
+    not depend on values, every adapter runs on every token instead (N times the FLOPs) and each token
+    takes its own adapter's row."""
     res = x if residual is None else residual
     if not add_residual:
         res = residual = torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape)
+    if torch.compiler.is_compiling():
+        return _batched_adapter_static(x, perm, counts, w_down, b_down, w_up, b_up, scaling, res, activation)
     parts, start = [], 0
     for g, count in enumerate(counts.tolist()):
         rows = perm[start : start + count]
@@ -142,3 +146,14 @@ def batched_adapter(
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel(), device=perm.device)
     return torch.cat(parts).index_select(0, inverse)
+
+
+def _batched_adapter_static(x, perm, counts, w_down, b_down, w_up, b_up, scaling, res, activation):
+    """:func:`batched_adapter` with shapes that depend on T and N only: the (N, T, d) stack of every
+    adapter on every token, then each token's row of its own adapter (``res`` for group 0)."""
+    num_tokens, n = x.shape[0], w_down.shape[0]
+    labels = torch.repeat_interleave(torch.arange(n + 1, device=x.device), counts.to(torch.int64), output_size=num_tokens)
+    group = torch.empty_like(labels).scatter_(0, perm, labels)  # each token's group: 0 none, g adapter g - 1
+    stack = multi_adapter(x, w_down, b_down, w_up, b_up, scaling, res, True, activation)
+    chosen = stack[(group - 1).clamp_min(0), torch.arange(num_tokens, device=x.device)]
+    return torch.where((group > 0)[:, None], chosen, res)

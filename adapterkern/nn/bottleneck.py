@@ -87,6 +87,8 @@ class BottleneckAdapter(nn.Module):
             else:
                 raise ValueError(f"scaling: expected a float, 'learned' or 'channel', got {scaling!r}")
         elif isinstance(scaling, (int, float)) and not isinstance(scaling, bool):
+            if not math.isfinite(scaling):
+                raise ValueError(f"scaling: expected a finite float, got {scaling!r}")
             self.scaling = float(scaling)
         else:
             raise TypeError(f"scaling: expected a float, 'learned' or 'channel', got {type(scaling).__name__}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .language import act, act_grad, dot, group_tile, FWD_CONFIGS, BWD_CONFIGS, PRUNE
+from .language import BWD_CONFIGS, FWD_CONFIGS, PRUNE, act, act_grad, dot, group_bounds, group_tile
 
 # ----------------------------------------------------------------------------------------------
 # Forward
@@ -268,7 +268,7 @@ def bwd_main_kernel(
     # token row belongs to one group).
     if GATHER:
         n = g.to(tl.int64) - 1
-        count = tl.load(COUNTS + g).to(tl.int64)
+        _, count = group_bounds(g, COUNTS, STARTS, T)
     else:
         n = g.to(tl.int64)
         count = T

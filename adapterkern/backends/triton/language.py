@@ -205,12 +205,23 @@ def t_bucket(num_tokens: int) -> int:
 
 
 @triton.jit
+def group_bounds(g, COUNTS, STARTS, T):
+    """(start, count) of group g in PERM, clamped to [0, T]: TokenGroups are consistent by construction,
+    and with the clamps no value of COUNTS / STARTS makes a kernel reach outside PERM or loop past T."""
+    start = tl.minimum(tl.maximum(tl.load(STARTS + g).to(tl.int64), 0), T)
+    count = tl.minimum(tl.maximum(tl.load(COUNTS + g).to(tl.int64), 0), T - start)
+    return start, count
+
+
+@triton.jit
 def group_tile(local, g, PERM, COUNTS, STARTS, T, GATHER: tl.constexpr):
     """(rows (int64 token ids), mask, group size) for the group-local row numbers ``local`` of group g."""
     if GATHER:
-        count = tl.load(COUNTS + g).to(tl.int64)
+        start, count = group_bounds(g, COUNTS, STARTS, T)
         mask = local < count
-        rows = tl.load(PERM + tl.load(STARTS + g).to(tl.int64) + local, mask=mask, other=0).to(tl.int64)
+        rows = tl.load(PERM + start + local, mask=mask, other=0).to(tl.int64)
+        mask = mask & (rows >= 0) & (rows < T)  # no row outside the tensors, whatever PERM holds
+        rows = tl.where(mask, rows, 0)
     else:
         count = T  # an int argument: T == 1 arrives as a constexpr
         mask = local < count
