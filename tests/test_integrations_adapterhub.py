@@ -37,7 +37,7 @@ from adapters.composition import BatchSplit, Fuse, Stack  # noqa: E402
 import adapterkern  # noqa: E402
 from adapterkern.backends import is_available  # noqa: E402
 from adapterkern.integrations import adapterhub as ah  # noqa: E402
-from adapterkern.integrations import adapterhub_compose, adapterhub_plans  # noqa: E402
+from adapterkern.integrations import adapterhub_plans  # noqa: E402
 from conftest import assert_runs_close, assert_runs_equal, rel_err  # noqa: E402
 
 pytestmark = [
@@ -376,10 +376,11 @@ def test_runtime_library_path_under_autocast(fused_calls):
 # Compositions
 # ------------------------------------------------------------------------------------------------
 def test_compositions(fused_calls):
-    """Stack of sequential adapters runs fused adapter by adapter; BatchSplit and Fuse of adapters that
-    differ in activation keep the library's loop (warned once; each adapter of the BatchSplit still
-    fused on its own, Fuse reads each adapter's ``up``: the library's forward); a Stack of two parallel
-    adapters keeps the library's path. (Compatible blocks in one launch: test_integrations_adapterhub_compose.py.)"""
+    """Stack of sequential adapters runs fused adapter by adapter, and so does a Stack of two parallel
+    adapters (the library runs both: the second reads the sublayer input again); BatchSplit and Fuse of
+    adapters that differ in activation keep the library's loop (warned once; each adapter of the
+    BatchSplit still fused on its own, Fuse reads each adapter's ``up``: the library's forward).
+    (Compatible blocks in one launch: test_integrations_adapterhub_compose.py.)"""
     model = _model("bert")
     model.add_adapter("a", config=SeqBnConfig(reduction_factor=4))
     model.add_adapter("b", config=SeqBnConfig(reduction_factor=4, non_linearity="gelu", scaling="learned"))
@@ -393,7 +394,7 @@ def test_compositions(fused_calls):
         "stack": (Stack("a", "b"), 4),
         "batch_split": (BatchSplit("a", "b", batch_sizes=[1, 1]), 4),
         "fuse": (Fuse("a", "b"), 0),
-        "stack_parallel": (Stack("p", "q"), 0),
+        "stack_parallel": (Stack("p", "q"), 4),
         "single_parallel": (Stack("p"), 2),
     }
     refs = {}
@@ -425,7 +426,7 @@ def test_compositions(fused_calls):
 # ------------------------------------------------------------------------------------------------
 # Patch / unpatch mechanics
 # ------------------------------------------------------------------------------------------------
-PATCHED_ATTRS = ("forward", "bottleneck_layer_forward") + adapterhub_compose.COMPOSE_FUNCS
+PATCHED_ATTRS = ah.PATCHED_ATTRS  # forwards, composition functions, the add / delete hooks
 
 
 def _patched_modules(model):
@@ -456,7 +457,9 @@ def test_unpatch_restores_library_and_patch_is_idempotent(fused_calls):
     _assert_close(_run(model, inputs), ref, 1e-5, 1e-4)
     assert len(fused_calls) == 8  # double_seq_bn: self-attention and FFN of 2 encoder + 2 decoder blocks
     touched = patched | {name for name, m in model.named_modules() if any(k.startswith("_adapterkern") for k in vars(m))}
-    assert len(touched) == len(first.fused) + 8  # + the 8 layers holding a fused adapter (composition functions)
+    # + the 10 BottleneckLayers (add / delete hooks; the 8 holding a fused adapter: composition functions
+    # too) + the encoder holding the invertible adapters (its add / delete hooks).
+    assert len(touched) == len(first.fused) + 10 + 1
     assert adapterkern.unpatch_adapters(model) == len(touched)
     assert _patched_modules(model) == set()
     after = {name: dict(vars(m)) for name, m in model.named_modules()}
@@ -492,7 +495,9 @@ def test_model_without_adapters():
         report = adapterkern.patch_adapters(model)
     assert report.fused == {} and report.library == {} and "no bottleneck adapter" in str(report)
     with pytest.warns(ah.AdapterPatchWarning, match="no bottleneck adapter modules"):
-        adapterkern.patch_adapters(torch.nn.Linear(4, 4))
+        assert not adapterkern.patch_adapters(torch.nn.Linear(4, 4)).fused
+    # Nothing fused, but hooked for adapters added later: the 4 BottleneckLayers and the model (invertible adapters).
+    assert adapterkern.unpatch_adapters(model) == 4 + 1
     assert adapterkern.unpatch_adapters(model) == 0
 
 

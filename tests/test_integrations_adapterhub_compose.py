@@ -7,7 +7,8 @@ random-weight BERT, GPT-2 and Llama models with random (non-identity) adapter an
 patched model's output and the gradients of the input embeddings and of every parameter must equal
 the unpatched model's, in eval and train mode (adapter dropout 0; the base model's dropout draws the
 same masks under the same seed), and the calls into the fused ops are counted (a silent fallback to
-the library's loop fails). Blocks that cannot run in one launch keep the library's loop and say so.
+the library's loop fails). Blocks that cannot run in one launch keep the library's loop and say so
+(test_integrations_adapterhub_report.py).
 Run by ``make test-adapterhub`` (its own venv); elsewhere the module skips, unless
 ADAPTERKERN_REQUIRE_ADAPTERS=1.
 """
@@ -26,7 +27,7 @@ adapters = import_adapters()
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from adapters import AdapterFusionConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig  # noqa: E402
-from adapters.composition import Average, BatchSplit, Fuse, MultiTask, Parallel, Split, Stack  # noqa: E402
+from adapters.composition import Average, BatchSplit, Fuse, MultiTask, Parallel, Stack  # noqa: E402
 from adapters.methods.bottleneck import BottleneckLayer, BottleneckState  # noqa: E402
 from adapters.methods.modeling import BertFusion  # noqa: E402
 
@@ -434,82 +435,6 @@ def test_skip_layers(arch, calls):
 
 
 # ------------------------------------------------------------------------------------------------
-# What keeps the library's loop: said at patch time (active setup) or once at run time
-# ------------------------------------------------------------------------------------------------
-def test_incompatible_blocks_keep_library_loop(calls):
-    configs = {
-        **SEQ,
-        "r8": lambda: SeqBnConfig(reduction_factor=2),
-        "gelu": lambda: SeqBnConfig(reduction_factor=4, non_linearity="gelu"),
-        "lnb": lambda: SeqBnConfig(reduction_factor=4, ln_before=True),
-        "gated": lambda: SeqBnConfig(reduction_factor=4, use_gating=True),
-        **PAR,
-    }
-    model = _setup("bert", configs)
-    model.eval()
-    inputs = _inputs(batch=2)
-    cases = {  # setup: (reason, fused single-adapter calls per forward on the library's loop)
-        "size": (BatchSplit("a", "r8", batch_sizes=[1, 1]), r"differ in bottleneck size \(a: 8, r8: 16\)", 4),
-        "activation": (Parallel("a", "gelu"), r"differ in activation \(a: relu, gelu: gelu\)", 4),
-        "ln_before": (BatchSplit("a", "lnb", batch_sizes=[1, 1]), r"'lnb' has ln_before", 4),
-        "unfused": (BatchSplit("gated", "a", batch_sizes=[1, 1]), r"'gated' keeps the library's path \(gating", 2),
-        "kinds": (BatchSplit("a", "p", batch_sizes=[1, 1]), r"differ in kind", 2),
-        "nested": (BatchSplit(Stack("a", "b"), "c", batch_sizes=[1, 1]), r"nested Stack block", 6),
-        "average-nested": (Average(Stack("a", "b"), "c"), r"Average with a nested Stack block", 6),
-        "average-kinds": (Average("a", "p"), r"differ in kind", 2),
-        "split": (Split("a", "b", splits=[2, 3]), r"Split .* is not fused", 4),
-    }
-    refs = {}
-    for key, (setup, _, _) in cases.items():
-        model.set_active_adapters(setup)
-        refs[key] = _run(model, inputs)
-    # The active setup at patch time is in the report and the one warning.
-    model.set_active_adapters(cases["size"][0])
-    with pytest.warns(ah.AdapterPatchWarning) as record:
-        report = adapterkern.patch_adapters(model, backend="torch")
-    assert len(record) == 1
-    message = str(record[0].message)
-    assert "encoder.layer.0.output: BatchSplit[a, r8]" in message and "bottleneck size" in message
-    assert set(report.compositions_library) == {f"encoder.layer.{i}.output: BatchSplit[a, r8]" for i in (0, 1)}
-    assert not report.compositions
-    for key, (setup, reason, n) in cases.items():
-        model.set_active_adapters(setup)
-        calls.clear()
-        if key == "size":  # warned at patch time already
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", ah.AdapterPatchWarning)
-                got = _run(model, inputs)
-        else:  # warned once (per layer), at its first call
-            with pytest.warns(ah.AdapterPatchWarning, match=reason):
-                got = _run(model, inputs)
-        assert dict(calls) == {("bottleneck_adapter", "torch"): n}, (key, dict(calls))
-        _assert_close(got, refs[key])
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", ah.AdapterPatchWarning)
-            _run(model, inputs)
-
-
-def test_backend_without_the_blocks_op_keeps_library_loop(calls):
-    """The op a block needs (BatchSplit / Parallel: bottleneck_adapter_batched; Fuse / Average:
-    multi_adapter) decides: a backend without it (the CUDA extension has the single-adapter op only)
-    keeps the library's loop, and the report and the warning name the backend and the op; ``auto``
-    falls back per op, and what its report lists as fused runs fused."""
-    model = _setup("bert", SEQ, fusions=[(Fuse("a", "c"), "dynamic")])
-    cases = ((BatchSplit("a", "b", batch_sizes=[1, 2]), "bottleneck_adapter_batched"),
-             (Parallel("a", "b"), "bottleneck_adapter_batched"), (Fuse("a", "c"), "multi_adapter"),
-             (Average("a", "b"), "multi_adapter"))
-    for setup, op in cases:
-        model.set_active_adapters(setup)
-        why = f"backend='cuda' has no {op} kernel"
-        with pytest.warns(ah.AdapterPatchWarning, match=why):
-            report = adapterkern.patch_adapters(model, backend="cuda")  # no CUDA needed to patch
-        assert len(report.fused) == 8 and not report.compositions, str(report)
-        assert report.compositions_library == {f"encoder.layer.{i}.output: {setup!r}": why for i in (0, 1)}
-        adapterkern.unpatch_adapters(model)
-        _compare(model, setup, _expect(calls, **{op: 2}), backend="auto", modes=("eval",))
-
-
-# ------------------------------------------------------------------------------------------------
 # Average: the library's weighted mean, the N adapters folded into one launch
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
@@ -603,7 +528,9 @@ def test_unpatch_restores_composition_functions_and_deepcopy(calls):
     calls.clear()
     _assert_close(_run(clone, inputs), ref)
     assert dict(calls) == {("bottleneck_adapter_batched", "torch"): 2}
-    assert adapterkern.unpatch_adapters(model) == 2 + 8  # 2 layers, 8 adapter modules
+    # 8 adapter modules; 4 BottleneckLayers (add / delete hooks; the 2 holding the adapters: composition
+    # functions too); the model (the hooks of its invertible adapters).
+    assert adapterkern.unpatch_adapters(model) == 8 + 4 + 1
     assert {name: set(vars(m)) for name, m in model.named_modules()} == before
     calls.clear()
     model(**_inputs())

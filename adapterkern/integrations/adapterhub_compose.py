@@ -1,6 +1,7 @@
 """The ``adapters`` library's composition blocks on a patched ``BottleneckLayer``: which of them run in
 one launch, and the replacements of the layer's composition functions (:data:`COMPOSE_IMPLS`,
-installed on the instance: the library looks them up with ``getattr``, so nested blocks reach them too).
+installed on the instance, bound by :class:`.BoundPatch`: the library looks them up with ``getattr``,
+so nested blocks reach them too).
 
 ``BatchSplit`` / ``MultiTask`` / ``Parallel`` become one :func:`adapterkern.bottleneck_adapter_batched`
 call, ``Fuse`` and ``Average`` one :func:`adapterkern.multi_adapter` call, over the block's adapters
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from types import MethodType
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -21,22 +21,22 @@ from torch import Tensor
 from ..backends import BATCHED, MULTI, implements
 from ..functional import bottleneck_adapter_batched, multi_adapter, token_groups
 from ..nn.bottleneck import stack_weights
-from .adapterhub_plans import PLAN_ATTR, fits, training_randomness
-from .adapterhub_report import AdapterPatchReport, AdapterPatchWarning
+from .adapterhub_plans import PLAN_ATTR, fits, training_randomness, zero_residual
+from .adapterhub_report import AdapterPatchReport, AdapterPatchWarning, qualified
 
-__all__ = ["COMPOSE_ATTR", "COMPOSE_FUNCS", "COMPOSE_IMPLS", "LayerPlan", "is_compose_function", "report_compositions"]
+__all__ = ["COMPOSE_ATTR", "COMPOSE_FUNCS", "COMPOSE_IMPLS", "LayerPlan", "report_compositions"]
 
-COMPOSE_ATTR = "_adapterkern_compose"  # on each BottleneckLayer whose composition functions are replaced
+COMPOSE_ATTR = "_adapterkern_compose"  # on each patched BottleneckLayer
 # The library's composition functions replaced on the instance (the library looks them up with getattr).
 COMPOSE_FUNCS = ("compose_batch_split", "compose_parallel", "compose_fuse", "compose_split", "compose_average", "pad_and_concat")
 
 
 @dataclass
 class LayerPlan:
-    """Per BottleneckLayer with a fused adapter: what composition functions need (plain data)."""
+    """Per patched BottleneckLayer: what its composition functions need (plain data)."""
 
     backend: str
-    unfused: Dict[str, str]  # adapter name -> why it keeps the library's path
+    unfused: Dict[str, str] = field(default_factory=dict)  # adapter name -> why it keeps the library's path
     warned: set = field(default_factory=set)  # run-time warnings already given (one each)
 
 
@@ -55,8 +55,19 @@ _BLOCK_OPS = {"BatchSplit": BATCHED, "MultiTask": BATCHED, "Parallel": BATCHED, 
 _NOT_FUSED = {"Split": "Split (a split along the sequence) is not fused"}
 
 
+# What a Fuse block on the library's loop runs: the fusion layer reads each adapter's ``up``.
+_FUSE_LOOP = "the adapters' own forwards are the library's too (its fusion layer reads their up-projections)"
+
+
 def _analyse(layer, block) -> _Verdict:
     """Whether ``block`` (BatchSplit, Parallel, Fuse, Split, Average) can run in one launch in ``layer``."""
+    verdict = _analyse_block(layer, block)
+    if verdict.why is not None and type(block).__name__ == "Fuse":
+        return verdict._replace(why=f"{verdict.why}; {_FUSE_LOOP}")
+    return verdict
+
+
+def _analyse_block(layer, block) -> _Verdict:
     from adapters.composition import AdapterCompositionBlock
 
     kind = type(block).__name__
@@ -78,7 +89,7 @@ def _analyse(layer, block) -> _Verdict:
         adapter = layer.adapters[name]
         plan = getattr(adapter, PLAN_ATTR, None)
         if plan is None:
-            why = lp.unfused.get(name, "not patched: added after patch_adapters (call it again)")
+            why = lp.unfused.get(name, "not patched: put in the layer past its add_adapter (call patch_adapters again)")
             return _Verdict(why=f"adapter {name!r} keeps the library's path ({why})")
         if adapter.add_layer_norm_before:
             return _Verdict(why=f"adapter {name!r} has ln_before (a LayerNorm of its own before the down-projection)")
@@ -148,8 +159,9 @@ def _stack(layer, names: Tuple[str, ...], x: Tensor, residual: Optional[Tensor])
 
 
 def _row_groups(child_index: Tuple[int, ...], counts: List[int], n: int, x: Tensor):
-    """Per-sequence adapter index (B,) for rows given by ``counts`` per child, and its token groups;
-    made once per forward pass and shape (kept on the library's ForwardContext), used by every layer."""
+    """Adapter index per token (x.shape[:-1]) for rows given by ``counts`` per child, and its token
+    groups (bound to that index tensor); made once per forward pass and shape (kept on the library's
+    ForwardContext), used by every layer."""
     from adapters.context import ForwardContext
 
     key = ("adapterkern_groups", child_index, tuple(counts), n, tuple(x.shape[:-1]), x.device)
@@ -160,7 +172,7 @@ def _row_groups(child_index: Tuple[int, ...], counts: List[int], n: int, x: Tens
     index = torch.repeat_interleave(torch.tensor(child_index, dtype=torch.int64), torch.tensor(counts, dtype=torch.int64))
     index = index.to(x.device)
     per_token = index.reshape((-1,) + (1,) * (x.dim() - 2)).expand(x.shape[:-1])
-    value = (index, token_groups(per_token, n))
+    value = (per_token, token_groups(per_token, n))
     if cache is not None:
         cache[key] = value
     return value
@@ -180,17 +192,17 @@ def _batched_rows(layer, names, child_index, counts: List[int], state, stacked):
     x, residual = state.hidden_states, state.adapter_residual
     w_down, b_down, w_up, b_up, scaling, activation, backend = stacked
     parallel = getattr(layer.adapters[names[0]], PLAN_ATTR).parallel
-    index, groups = _row_groups(child_index, counts, len(names), x)
+    per_token, groups = _row_groups(child_index, counts, len(names), x)
     if parallel:
-        residual = x.new_zeros(()).expand(x.shape)  # ParallelAdapter.forward: no residual (post_forward adds it)
+        residual = zero_residual(x)
     elif residual is x:
         residual = None
     passed_on = any(i < 0 and k > 0 for i, k in zip(child_index, counts))
     if passed_on and residual is not None:
-        keep = (index < 0).reshape((-1,) + (1,) * (x.dim() - 1))
+        keep = (per_token < 0).unsqueeze(-1)
         residual = torch.where(keep, x, residual)  # index -1 gives the residual: make it x there
     return bottleneck_adapter_batched(
-        x, index, w_down, b_down, w_up, b_up,
+        x, per_token, w_down, b_down, w_up, b_up,
         activation=activation, scaling=scaling, residual=residual, groups=groups, backend=backend,
     )
 
@@ -289,16 +301,10 @@ def _compose_fuse(self, adapter_setup, state, lvl=0):
     return state._replace(hidden_states=hidden_states, last=last)
 
 
-def _library_block(name):
-    def compose(self, adapter_setup, state, lvl=0):
-        _verdict(self, adapter_setup)  # warns once: this block keeps the library's loop
-        return getattr(type(self), name)(self, adapter_setup, state, lvl)
-
-    compose.__name__ = f"_{name}"
-    return compose
-
-
-_compose_split = _library_block("compose_split")
+def _compose_split(self, adapter_setup, state, lvl=0):
+    """Replaced ``compose_split`` to warn once: a Split keeps the library's loop."""
+    _verdict(self, adapter_setup)
+    return type(self).compose_split(self, adapter_setup, state, lvl)
 
 
 def _compose_average(self, adapter_setup, state, lvl=0):
@@ -350,7 +356,8 @@ COMPOSE_IMPLS = {
 
 
 def report_compositions(report: AdapterPatchReport, layer_name: str, layer) -> None:
-    """Record, for the layer's active setup now, which composition blocks run in one launch."""
+    """Record, for the layer's active setup now, which composition blocks run in one launch (and
+    which of those take the library's loop while training), and which keep the library's loop."""
     from adapters.composition import AdapterCompositionBlock, BatchSplit, MultiTask, Stack
 
     setup = layer.get_active_setup()  # None in a skipped layer (skip_layers) or one without its adapters
@@ -368,14 +375,15 @@ def report_compositions(report: AdapterPatchReport, layer_name: str, layer) -> N
         verdict = _analyse(layer, probe)
         key = f"{layer_name}: {block!r}"
         if verdict.names:
-            report.compositions[key] = _describe_block(kind, verdict, layer)
+            what = _describe_block(kind, verdict, layer)
+            training = {n: report.library_in_training.get(qualified(layer_name, "adapters", n)) for n in verdict.names}
+            listed = "; ".join(f"{n!r}: {why}" for n, why in training.items() if why is not None)
+            if listed:  # _stack refuses the launch when one of them would draw random masks
+                what += f"; while training, the library's loop over its adapters ({listed})"
+                what += f"; {_FUSE_LOOP}" if kind == "Fuse" else ""
+            report.compositions[key] = what
         elif verdict.why is not None:
             report.compositions_library[key] = verdict.why
             lp.warned.add(f"patch_adapters: {probe!r} keeps the adapters library's loop over its adapters: {verdict.why}")
 
     visit(setup)
-
-
-def is_compose_function(f) -> bool:
-    """Whether ``f`` is one of :data:`COMPOSE_IMPLS` bound to a layer (what patching installed)."""
-    return isinstance(f, MethodType) and f.__func__ in COMPOSE_IMPLS.values()

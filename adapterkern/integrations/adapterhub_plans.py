@@ -1,14 +1,14 @@
 """Each adapter module of an ``adapters``-library model: whether its computation is the fused op's
 (:func:`classify`, giving a :class:`Plan` or the reason it keeps the library's path), and the patched
 forwards that run one adapter through :func:`adapterkern.bottleneck_adapter`
-(:func:`sequential_forward` on an ``Adapter``, :func:`parallel_layer_forward` on the
-``BottleneckLayer`` of a ``ParallelAdapter``). Every patched forward falls back to the library's own
-code for a call the fused op cannot compute exactly (random masks while training, gating scores,
-tensors of mixed dtypes or devices, autocast)."""
+(:func:`adapter_forward` on an ``Adapter`` / ``ParallelAdapter``, and :func:`parallel_layer_forward`
+on the ``BottleneckLayer`` of a lone active ``ParallelAdapter``, which fuses the add of the sublayer
+output too). Every patched forward falls back to the library's own code for a call the fused op
+cannot compute exactly (random masks while training, gating scores, tensors of mixed dtypes or
+devices, autocast). Patch functions are bound to their module by :class:`BoundPatch`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import MethodType
 from typing import Optional
 
 import torch
@@ -19,23 +19,48 @@ from ..activations import get_activation
 from ..functional import SUPPORTED_DTYPES, bottleneck_adapter
 
 __all__ = [
-    "CONFIG_ATTR", "PLAN_ATTR", "Plan", "classify", "fits", "is_patched_forward", "parallel_layer_forward",
-    "sequential_forward", "training_randomness",
+    "BoundPatch", "PLAN_ATTR", "Plan", "adapter_forward", "classify", "fits", "is_patch_function",
+    "parallel_layer_forward", "training_randomness", "zero_residual",
 ]
 
 PLAN_ATTR = "_adapterkern_plan"  # on each patched Adapter / ParallelAdapter module
-# On each patched sequential Adapter: the model-wide adapters config, whose active setup says at run
-# time whether the adapter sits in a Fuse block.
-CONFIG_ATTR = "_adapterkern_config"
+
+
+class BoundPatch:
+    """A patch function bound to one module instance, set as an attribute of that instance.
+
+    Like ``MethodType(func, instance)`` (``__func__``, ``__self__``), but picklable: a bound method
+    pickles as ``getattr(instance, func.__name__)``, which the instance does not have. Its state is
+    plain attributes and ``func`` a module-level function, so ``pickle`` stores the function by name
+    and ``copy.deepcopy`` rebinds the copy to the copied module. ``args`` are passed after the module.
+    """
+
+    def __init__(self, func, instance, *args):
+        self.__func__ = func
+        self.__self__ = instance
+        self.args = args
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *self.args, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<adapterkern patch {self.__func__.__name__} of {type(self.__self__).__name__}>"
+
+
+def is_patch_function(f) -> bool:
+    """Whether ``f`` (a module instance's attribute) is a patch function :func:`patch_adapters` installed."""
+    return isinstance(f, BoundPatch)
 
 
 @dataclass
 class Plan:
-    """How one adapter module is computed on the fused path (plain data: survives deepcopy)."""
+    """How one adapter module is computed on the fused path (plain data and the model-wide adapters
+    config, shared with the layers: deepcopy and pickle keep them together)."""
 
     parallel: bool
     activation: str  # adapterkern activation name
     backend: str
+    config: object = None  # the model-wide adapters config: its active setup says whether a Fuse block reads ``up``
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,7 +136,7 @@ def classify(adapter: nn.Module, lib, layer: nn.Module, backend: str):
         return None, f"{type(adapter).__name__} is not the library's Adapter / ParallelAdapter", None
     if "forward" in vars(adapter):
         return None, "its forward is already replaced on the instance (e.g. by an accelerate hook)", None
-    if parallel and "bottleneck_layer_forward" in vars(layer) and not is_patched_forward(vars(layer)["bottleneck_layer_forward"]):
+    if parallel and "bottleneck_layer_forward" in vars(layer) and not is_patch_function(vars(layer)["bottleneck_layer_forward"]):
         return None, "its layer's bottleneck_layer_forward is already replaced on the instance", None
     down = list(adapter.adapter_down) if isinstance(adapter.adapter_down, nn.Sequential) else []
     if any(type(m) is lib.PHMLayer for m in down) or type(adapter.adapter_up) is lib.PHMLayer:
@@ -143,7 +168,7 @@ def classify(adapter: nn.Module, lib, layer: nn.Module, backend: str):
     if drop_path is not None and not parallel and drop_path.p > 0:
         train_reasons.append(f"stochastic depth p={drop_path.p}")
     parts = [
-        "parallel (output = h + s * up(act(down(x))), when the only active bottleneck adapter of its layer)"
+        "parallel (output = h + s * up(act(down(x))); the add of h fused too when the only active adapter of its layer)"
         if parallel
         else "sequential (output = residual + s * up(act(down(x))))",
         f"activation={activation}",
@@ -156,7 +181,8 @@ def classify(adapter: nn.Module, lib, layer: nn.Module, backend: str):
     train_reason = None
     if train_reasons:
         train_reason = " and ".join(train_reasons) + " (random masks: the library's path while training)"
-    return Plan(parallel=parallel, activation=activation, backend=backend), ", ".join(parts), train_reason
+    plan = Plan(parallel=parallel, activation=activation, backend=backend, config=getattr(layer, "adapters_config", None))
+    return plan, ", ".join(parts), train_reason
 
 
 def _is_stochastic_depth(module: nn.Module) -> bool:
@@ -227,22 +253,32 @@ def _in_active_fuse(config, name: str) -> bool:
     return visit(setup)
 
 
-def sequential_forward(self, x, residual_input, output_gating=False):
-    """Patched ``Adapter.forward``: the library's result, through the fused op; returns (output, None, None)."""
+def zero_residual(x: Tensor) -> Tensor:
+    """A residual of zeros like ``x`` that costs no memory (stride 0): a parallel adapter's forward
+    adds none (the library's ``post_forward`` adds the sublayer output)."""
+    return x.new_zeros(()).expand(x.shape)
+
+
+def adapter_forward(self, x, residual_input, output_gating=False):
+    """Patched ``Adapter.forward`` / ``ParallelAdapter.forward``: the library's output through the
+    fused op (sequential: ``[ln_after](residual + s * up(...))``; parallel: ``s * up(...)``); returns
+    (output, None, None): the library's ``down`` and ``up`` are not computed, so a call whose caller
+    reads them (an active Fuse block, gating scores) takes the library's forward."""
     plan = getattr(self, PLAN_ATTR, None)
     original = type(self).forward
     if (
         plan is None
         or output_gating
-        or training_randomness(self, parallel=False)
-        or _in_active_fuse(getattr(self, CONFIG_ATTR, None), self.name)
+        or training_randomness(self, plan.parallel)
+        or _in_active_fuse(plan.config, self.name)
     ):
         return original(self, x, residual_input, output_gating)
     h = self.adapter_norm_before(x) if self.add_layer_norm_before else x
-    if not fits(h, residual_input, self):
+    residual = zero_residual(h) if plan.parallel else residual_input
+    if not fits(h, residual, self):
         return original(self, x, residual_input, output_gating)
-    output = _fused_branch(self, plan, h, None if residual_input is h else residual_input)
-    if self.add_layer_norm_after:  # classified: only with adapter_residual_before_ln=True
+    output = _fused_branch(self, plan, h, None if residual is h else residual)
+    if self.add_layer_norm_after:  # classified: sequential, with adapter_residual_before_ln=True
         output = self.adapter_norm_after(output)
     return output, None, None
 
@@ -290,8 +326,3 @@ def parallel_layer_forward(self, hidden_states, residual_input, layer_norm):
     output = _fused_branch(adapter, plan, x, hid)
     # ParallelAdapter.post_forward = (output + h), then Adapter.post_forward's original_ln_after step.
     return Adapter.post_forward(adapter, output, hid, res, layer_norm)
-
-
-def is_patched_forward(f) -> bool:
-    """Whether ``f`` is one of this module's forwards bound to a module (what patching installed)."""
-    return isinstance(f, MethodType) and f.__func__ in (sequential_forward, parallel_layer_forward)
