@@ -76,7 +76,8 @@ class TokenGroups:
     def _current_versions(self) -> Tuple[int, ...]:
         if torch.compiler.is_compiling():  # versions are not traced; a compiled graph cannot check them
             return ()
-        return tuple(t._version for t in self._tensors())
+        # Inference tensors (made under torch.inference_mode) keep no version counter: unchecked.
+        return tuple(-1 if t.is_inference() else t._version for t in self._tensors())
 
     def __iter__(self):
         """(perm, counts, starts), the groups as the kernels take them."""

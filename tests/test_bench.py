@@ -4,19 +4,85 @@ Only the harness's plumbing is checked here; no speed is asserted (timings depen
 """
 import csv
 import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
+import torch
 
-from adapterkern.bench import cli, report
+from adapterkern.bench import cli, common, report
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--device", "cpu", "--tokens", "4", "--hidden", "32", "--bottleneck", "8", "--mode", "fwd",
+        "--dtype", "float32", "--impl", "adapterkern-torch", "--no-progress", "--min-run-time", "0.005",
+        "--copy-mib", "1"]
+KINDS = ("grid", "layer", "tradeoffs", "adapterdrop", "multi")  # every command that writes a CSV
 
 
 def _run(tmp_path, *extra):
     path = tmp_path / "grid.csv"
-    argv = ["--device", "cpu", "--tokens", "4", "--hidden", "32", "--bottleneck", "8", "--mode", "fwd",
-            "--dtype", "float32", "--impl", "adapterkern-torch", "--csv", str(path), "--no-plot",
-            "--no-progress", "--min-run-time", "0.005", "--copy-mib", "1", *extra]
-    assert cli.main(argv) == 0
+    assert cli.main([*TINY, "--csv", str(path), "--no-plot", *extra]) == 0
     return path
+
+
+def _git(cwd, *args):
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_default_outputs_are_git_ignored():
+    """Every command's default CSV (and the PNG beside it) is git-ignored and untracked in this checkout, so
+    ``make bench`` leaves ``git status`` clean; ``--reference`` names the tracked reference results."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    cpu = torch.device("cpu")
+    paths = [p for kind in KINDS for p in (common.default_csv(kind, cpu), common.png_path(common.default_csv(kind, cpu)))]
+    assert all(not os.path.isabs(p) for p in paths)
+    # check-ignore (without --no-index) does not report a tracked file as ignored: each path must be both
+    ignored = _git(ROOT, "check-ignore", *paths)
+    assert ignored.returncode == 0 and set(ignored.stdout.split()) == set(paths), (ignored.stdout, ignored.stderr)
+    assert common.default_csv("grid", cpu, reference=True) == os.path.join("benchmarks", "results", "grid-cpu.csv")
+    assert not common.default_csv("grid", cpu).startswith(common.REFERENCE_DIR)
+
+
+def test_grid_with_default_paths_writes_nothing_tracked(tmp_path, monkeypatch):
+    """A grid run without --csv, in a repository with this project's .gitignore and tracked reference
+    results, leaves ``git status --porcelain`` empty; ``--reference`` appends to the tracked file."""
+    if shutil.which("git") is None:
+        pytest.skip("git not installed")
+    repo = tmp_path / "repo"
+    (repo / "benchmarks" / "results").mkdir(parents=True)
+    shutil.copy(ROOT / ".gitignore", repo / ".gitignore")
+    reference = repo / common.default_csv("grid", torch.device("cpu"), reference=True)
+    reference.write_text(",".join(report.COLUMNS) + "\n")
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
+    for args in (["init", "-q"], ["add", "-A"],
+                 ["-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", "commit", "-qm", "x"]):
+        assert _git(repo, *args).returncode == 0
+    monkeypatch.chdir(repo)
+    plot = ["--plot"] if _have_matplotlib() else ["--no-plot"]
+    assert cli.main([*TINY, *plot]) == 0
+    assert _git(repo, "status", "--porcelain", "--untracked-files=all").stdout == ""
+    written = report.read_csv(common.default_csv("grid", torch.device("cpu")))
+    assert sorted(r["impl"] for r in written) == ["adapterkern-torch", "eager"]
+    if plot == ["--plot"]:
+        assert Path(common.png_path(common.default_csv("grid", torch.device("cpu")))).is_file()
+
+    assert cli.main([*TINY, "--no-plot", "--reference"]) == 0  # the deliberate act: the tracked file changes
+    assert _git(repo, "status", "--porcelain").stdout.split() == ["M", str(reference.relative_to(repo))]
+    assert len(report.read_csv(str(reference))) == 2
+    with pytest.raises(SystemExit):  # one or the other
+        cli.main([*TINY, "--reference", "--csv", str(tmp_path / "x.csv")])
+
+
+def _have_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def test_one_point_grid_writes_wellformed_csv(tmp_path, capsys):

@@ -134,3 +134,14 @@ def test_out_of_range_index_under_compile_goes_to_no_adapter_and_is_counted(back
     valid = index.clamp(-1, N - 1)
     y_compiled, zero = torch.compile(routed, fullgraph=True, backend="aot_eager")(x, valid)
     assert int(zero) == 0 and rel_err(y_compiled, routed(x, valid)[0]) < 1e-6
+
+
+def test_groups_made_under_inference_mode_work():
+    """Inference tensors keep no version counter: groups made and used under inference_mode still run."""
+    x = torch.randn(6, D, device=DEVICE)
+    index = torch.tensor([0, 0, 1, 1, 2, -1], device=DEVICE)
+    stack = _stack()
+    with torch.inference_mode():
+        groups = adapterkern.token_groups(index, N)
+        y = adapterkern.bottleneck_adapter_batched(x, index, *stack, groups=groups, backend="torch")
+    assert rel_err(y, _expected(x, index, *stack)) < 1e-5

@@ -30,7 +30,11 @@ PROVENANCE = ["run_id", "date", "device", "device_type", "threads", "torch", "tr
               "git_commit"]
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-RESULTS_DIR = os.path.join("benchmarks", "results")
+# Where runs write by default: git-ignored (``build/``), so ``make bench`` leaves the checkout clean.
+RESULTS_DIR = os.path.join("build", "bench")
+# The tracked reference results: written only when asked (``--reference``, ``make bench-reference``),
+# to be committed as a deliberate act.
+REFERENCE_DIR = os.path.join("benchmarks", "results")
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -43,7 +47,8 @@ def add_size_args(p: argparse.ArgumentParser, quick: str, full: str) -> None:
 
 
 def add_device_args(p: argparse.ArgumentParser, kind: str) -> None:
-    """The options every command has: ``--dtype --device --threads --malloc --csv`` (read by :func:`start`)."""
+    """The options every command has: ``--dtype --device --threads --malloc --csv | --reference`` (read by
+    :func:`start`)."""
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--threads", default="auto",
@@ -51,7 +56,11 @@ def add_device_args(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                    help="CPU: raise glibc's mmap/trim thresholds so tensors are not page-faulted in on every "
                         "call (default tuned; see adapterkern.bench.timing.tune_cpu_malloc)")
-    p.add_argument("--csv", help=f"append results here (default {RESULTS_DIR}/{kind}-<device>.csv)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--csv", help=f"append results here (default {RESULTS_DIR}/{kind}-<device>.csv, git-ignored)")
+    out.add_argument("--reference", action="store_true",
+                     help=f"append to the tracked reference results, {REFERENCE_DIR}/{kind}-<device>.csv "
+                          "(then commit them)")
 
 
 def add_subcommand_args(p: argparse.ArgumentParser, kind: str, *, rounds: Optional[int],
@@ -235,9 +244,15 @@ def provenance(env: Mapping[str, object], run_id: object, **versions: str) -> st
 
 # -------------------------------------------------------------------------------------- output files
 
-def default_csv(kind: str, device: torch.device) -> str:
-    """``benchmarks/results/<kind>-<device slug>.csv`` (relative to the working directory)."""
-    return os.path.join(RESULTS_DIR, f"{kind}-{device_slug(device)}.csv")
+def default_csv(kind: str, device: torch.device, reference: bool = False) -> str:
+    """``build/bench/<kind>-<device slug>.csv`` (git-ignored), or with ``reference`` the tracked
+    ``benchmarks/results/<kind>-<device slug>.csv`` (both relative to the working directory)."""
+    return os.path.join(REFERENCE_DIR if reference else RESULTS_DIR, f"{kind}-{device_slug(device)}.csv")
+
+
+def csv_path(args: argparse.Namespace, kind: str, device: torch.device) -> str:
+    """Where a command's rows go: ``--csv``, else :func:`default_csv` (``--reference``: the tracked file)."""
+    return args.csv or default_csv(kind, device, reference=bool(getattr(args, "reference", False)))
 
 
 def png_path(csv_path: str, given: Optional[str] = None) -> str:
@@ -306,7 +321,7 @@ def start(args: argparse.Namespace, kind: str,
     device = pick_device(args.device)
     notes = prepare_cpu(device, args.threads, args.malloc)
     dtype = parse_dtype(args.dtype, device)
-    return Run(kind, device, dtype, notes, environment(device), new_run_id(), args.csv or default_csv(kind, device))
+    return Run(kind, device, dtype, notes, environment(device), new_run_id(), csv_path(args, kind, device))
 
 
 # -------------------------------------------------------------------------------------------- tables

@@ -367,7 +367,7 @@ def main(argv: Optional[List[str]] = None, subcommands: Sequence[str] = ()) -> i
     )
     print(f"[bench] {len(cfg.points())} points: modes {cfg.modes}, T {cfg.tokens}, d {cfg.hidden}, "
           f"r {cfg.bottleneck}, {common.dtype_name(dtype)} on {device}", flush=True)
-    written = {"path": args.csv or common.default_csv("grid", device)}
+    written = {"path": common.csv_path(args, "grid", device)}
 
     def append(point_rows):  # point by point: a run that is killed keeps every finished point
         written["path"] = report.append_csv(written["path"], point_rows)
