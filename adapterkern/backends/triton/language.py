@@ -160,26 +160,39 @@ def _configs(block_t, block_d, warps, stages):
 # for its test stage only, the benchmarks autotune fully). Two, so the choice logic still runs.
 _FEW_CONFIGS = os.environ.get("ADAPTERKERN_TRITON_CONFIGS", "") == "few"
 
+# The backward of a wide bottleneck (R_PAD >= 256) in fp32 / fp64 stages tiles of 4- and 8-byte
+# operands: every multi-stage config needs more shared memory than an A100 (163 KiB) or an H100 /
+# H200 (227 KiB) has (332 KiB at R_PAD 512), so those launches also get single-stage 16-row configs,
+# which fit (tests/test_backends_triton_compile.py compiles them and checks). Only they keep them.
+_WIDE_BWD_R_PAD = 256
+
 if INTERPRET:
     FWD_CONFIGS = _configs([32], [32], [4], [1])
     BWD_CONFIGS = _configs([32], [32], [4], [1])
+    _WIDE_BWD_CONFIGS = []
 elif _FEW_CONFIGS:
     FWD_CONFIGS = _configs([16, 64], [32], [4], [2])
-    BWD_CONFIGS = _configs([32, 64], [32], [4], [2])
+    _WIDE_BWD_CONFIGS = _configs([16], [32], [4], [1])
+    BWD_CONFIGS = _configs([32, 64], [32], [4], [2]) + _WIDE_BWD_CONFIGS
 else:
     FWD_CONFIGS = _configs([16, 32, 64, 128], [32, 64, 128], [4, 8], [2, 3])
-    BWD_CONFIGS = _configs([32, 64], [32, 64, 128], [4, 8], [2, 3])
+    _WIDE_BWD_CONFIGS = _configs([16], [32], [4, 8], [1])
+    BWD_CONFIGS = _configs([32, 64], [32, 64, 128], [4, 8], [2, 3]) + _WIDE_BWD_CONFIGS
+_WIDE_BWD_IDS = {id(c) for c in _WIDE_BWD_CONFIGS}
 
 
 def _prune(configs, named_args, **kwargs):
     r_pad = named_args["R_PAD"] if "R_PAD" in named_args else kwargs["R_PAD"]
     t_bucket = named_args["T_BUCKET"]
+    dy = named_args.get("DY")  # the backward kernels' first tensor; its element size sets the tile bytes
+    wide = dy is not None and dy.element_size() >= 4 and r_pad >= _WIDE_BWD_R_PAD
     kept = [
         c
         for c in configs
         if c.kwargs["BLOCK_T"] * r_pad <= 128 * 128  # accumulator registers
         and c.kwargs["BLOCK_D"] * r_pad <= 128 * 128
         and (c.kwargs["BLOCK_T"] <= max(16, t_bucket))  # no 128-row tiles for decode-size T
+        and (wide or id(c) not in _WIDE_BWD_IDS)
     ]
     return kept or configs[:1]
 
