@@ -276,7 +276,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     print(f"held-out accuracy: {acc:.4f} on {len(test_set)} reviews (chance {base:.4f})")
 
     out = Path(args.output)
-    adapter_dir = save_adapter(model, ADAPTER_NAME, out / "adapter")
+    adapter_dir = save_adapter(model, ADAPTER_NAME, out / "adapter", overwrite=True)
     head_path = save_head(model, out / HEAD_FILE)
     print(f"saved adapter: {adapter_dir}/ {_size(adapter_dir)}  "
           f"(adapter_model.safetensors {_size(adapter_dir / 'adapter_model.safetensors')}); head: {head_path} {_size(head_path)}")

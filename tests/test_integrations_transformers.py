@@ -2,7 +2,9 @@
 
 The reference for every placement is the backbone copied to float64 with the adapted modules
 replaced by explicit wrappers around tests/conftest.py's float64 ``reference_adapter``: no hooks,
-no adapterkern code, the same weights.
+no adapterkern code, the same weights. Which modules are adapted, and how (sequential, parallel,
+parallel with the skip input), is written out here per model family (:data:`EXPECTED_PLACES`), not
+read from the model under test.
 """
 import copy
 import json
@@ -40,6 +42,38 @@ def tiny_model(family: str, dropout: float = 0.0) -> nn.Module:
     return model.eval()
 
 
+# The places of each placement in layer N of each family, and their modes: the role table of
+# adapterkern/integrations/placement.py's docstring written out (in model order within a layer).
+_ATTN_OUT = {"bert": "bert.encoder.layer.{}.attention.output.dense", "roberta": "encoder.layer.{}.attention.output.dense",
+             "gpt2": "h.{}.attn.c_proj", "llama": "layers.{}.self_attn.o_proj"}
+_FFN_OUT = {"bert": "bert.encoder.layer.{}.output.dense", "roberta": "encoder.layer.{}.output.dense",
+            "gpt2": "h.{}.mlp.c_proj", "llama": "layers.{}.mlp.down_proj"}
+_FFN = {"bert": ("bert.encoder.layer.{}.output", "parallel_skip"), "roberta": ("encoder.layer.{}.output", "parallel_skip"),
+        "gpt2": ("h.{}.mlp", "parallel"), "llama": ("layers.{}.mlp", "parallel")}
+_ATTENTION = {"bert": "bert.encoder.layer.{}.attention.self", "roberta": "encoder.layer.{}.attention.self",
+              "gpt2": "h.{}.attn", "llama": "layers.{}.self_attn"}
+EXPECTED_PLACES = {
+    family: {
+        "pfeiffer": [(_FFN_OUT[family], "sequential")],
+        "houlsby": [(_ATTN_OUT[family], "sequential"), (_FFN_OUT[family], "sequential")],
+        "parallel": [_FFN[family]],
+        "mam": [(_ATTENTION[family], "prefix"), _FFN[family]],
+    }
+    for family in ("bert", "roberta", "gpt2", "llama")
+}
+
+
+def expected_places(family, placement, leave_out=(), layers=3):
+    """[(qualified module name, mode)] of an adapter of this placement, in model order."""
+    return [(name.format(i), mode) for i in range(layers) if i not in leave_out for name, mode in EXPECTED_PLACES[family][placement]]
+
+
+def places_and_modes(model, name):
+    from adapterkern.integrations.slots import iter_slots
+
+    return [(place, slot.mode) for place, _, slot in iter_slots(model) if name in slot]
+
+
 def run(model, ids):
     out = model(input_ids=ids)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
@@ -72,13 +106,14 @@ class _SkipRef(_SeqRef):
         return self.base(hidden, reference_adapter(skip, *self.w, activation=self.act, scaling=self.s))
 
 
-def reference_model(base, model, name):
+def reference_model(base, model, name, modes):
     """float64 copy of ``base`` (the model before add_adapter) with adapter ``name``'s places wrapped
-    explicitly; returns (ref_model, {place: [float64 leaf weights]})."""
+    explicitly, each as ``modes[place]`` says (the test's expectation, not the model's own record);
+    returns (ref_model, {place: [float64 leaf weights]})."""
     ref = copy.deepcopy(base).double()
     leaves = {}
     for place, adapter in adapter_modules(model, name).items():
-        mode = getattr(model.get_submodule(place), "bottleneck_adapters").mode
+        mode = modes[place]
         w = [
             None if t is None else t.detach().double().requires_grad_()
             for t in (adapter.adapter_down.weight, adapter.adapter_down.bias, adapter.adapter_up.weight, adapter.adapter_up.bias)
@@ -93,15 +128,18 @@ def reference_model(base, model, name):
     return ref, leaves
 
 
-def assert_matches_reference(family, config, backend="torch", train=False):
+def assert_matches_reference(family, config, backend="torch", train=False, expected=None):
     base = tiny_model(family)
     model = copy.deepcopy(base)
     ak.add_adapter(model, "task", config)
+    if expected is None:
+        expected = expected_places(family, config.placement, config.leave_out)
+    assert places_and_modes(model, "task") == expected
     randomize(model, "task")
     model.train(train)
     ids = torch.randint(0, 97, (2, 9))
     out = run(model, ids)
-    ref_model, leaves = reference_model(base, model, "task")
+    ref_model, leaves = reference_model(base, model, "task", dict(expected))
     ref_model.train(train)
     ref = run(ref_model, ids)
     assert rel_err(out, ref) < 1e-5, rel_err(out, ref)
@@ -128,6 +166,39 @@ def test_matches_reference(family, placement):
     config = getattr(ak.AdapterConfig, placement)(bottleneck_size=5, activation="gelu")
     model = assert_matches_reference(family, config)
     assert len(adapter_modules(model, "task")) == 3 * PLACES_PER_LAYER[placement]
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "gpt2", "llama"])
+@pytest.mark.parametrize("placement", ["pfeiffer", "houlsby", "parallel", "mam"])
+def test_places_and_modes_follow_the_role_table(family, placement):
+    model = tiny_model(family)
+    config = getattr(ak.AdapterConfig, placement)(bottleneck_size=4, **({"prefix_length": 2, "prefix_bottleneck": 8} if placement == "mam" else {}))
+    ak.add_adapter(model, "a", config)
+    assert places_and_modes(model, "a") == expected_places(family, placement)
+
+
+def test_parallel_adapter_on_target_modules_matches_reference():
+    config = ak.AdapterConfig.parallel(bottleneck_size=4, target_modules=["o_proj"])
+    assert_matches_reference("llama", config, expected=[(f"layers.{i}.self_attn.o_proj", "parallel") for i in range(3)])
+
+
+@pytest.mark.parametrize(
+    "family, placement, target, match",
+    [
+        ("gpt2", "pfeiffer", "mlp.act", "not a linear layer"),  # an activation: the adapter would not fit its width
+        ("llama", "pfeiffer", "layers", "not a linear layer"),  # a ModuleList: never called, the adapter would do nothing
+        ("llama", "houlsby", "mlp", "not a linear layer"),
+        ("bert", "parallel", "intermediate.dense", "keeps the width"),  # 32 -> 64
+        ("llama", "parallel", "mlp.up_proj", "keeps the width"),
+    ],
+)
+def test_target_modules_must_name_linear_layers(family, placement, target, match):
+    model = tiny_model(family)
+    keys = list(model.state_dict())
+    with pytest.raises(ValueError, match="target_modules: .*" + match):
+        ak.add_adapter(model, "a", ak.AdapterConfig(placement=placement, target_modules=[target]))
+    assert ak.list_adapters(model) == [] and list(model.state_dict()) == keys
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
 @pytest.mark.parametrize("scaling", ["learned", "channel", 0.5])
@@ -353,6 +424,13 @@ def test_target_modules_on_a_custom_model():
         (dict(leave_out=(1.5,)), TypeError, "leave_out"),
         (dict(target_modules=[]), ValueError, "target_modules"),
         (dict(backend="jax"), ValueError, "backend"),
+        (dict(scaling=float("nan")), ValueError, "scaling"),
+        (dict(scaling=float("inf")), ValueError, "scaling"),
+        (dict(scaling=float("-inf")), ValueError, "scaling"),
+        (dict(target_modules=["fc("]), ValueError, "target_modules: 'fc\\(' is not a valid regular expression"),
+        (dict(target_modules=["o_proj", "[a-"]), ValueError, "target_modules"),
+        (dict(bias="yes"), TypeError, "bias"),
+        (dict(leave_out=3), TypeError, "leave_out"),
     ],
 )
 def test_bad_config(kwargs, exc, match):
@@ -409,7 +487,7 @@ def test_mam_is_the_parallel_adapter_plus_prefixes(family, tmp_path):
     ak.add_adapter(mam, "m", ak.AdapterConfig.mam(prefix_length=4, prefix_bottleneck=16, leave_out=[2]))
     randomize(mam, "m", scale=0.2)
     places = adapter_modules(mam, "m")
-    assert [p for p in places if p.endswith(("mlp", "output"))] and len(places) == 4  # 2 FFNs + 2 attentions
+    assert places_and_modes(mam, "m") == expected_places(family, "mam", leave_out=[2])  # 2 attentions (prefix) + 2 FFNs
     ids = torch.randint(0, 97, (2, 7))
     out = run(mam, ids)
 

@@ -14,10 +14,17 @@ stochastic, and the N-task form that runs the lower layers once), in one launch 
 
 A composition is a callable stored in each place's ``AdapterSlot.active``; it receives
 ``(slot, x, residual)`` and returns ``residual + adapter(x)`` for its tokens.
+
+Routing belongs to the call: :func:`route_adapters` and :func:`multi_task_forward` do not write
+to the model; they override what its slots apply for the running thread and block only
+(:func:`~adapterkern.integrations.slots.overriding_slots`). Two threads may route one model at once,
+and a block nested in another gives the outer one's routing back exactly when it ends.
+AdapterDrop (:func:`set_adapter_drop`) is a setting of the model, kept for places added later.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import random
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -30,10 +37,10 @@ from ..nn.bottleneck import BottleneckAdapter, layout, stack_adapters
 from ..nn.fusion import AdapterFusion, fuse_adapters, resolve_fusion_config
 from .placement import AdapterConfig
 from .slots import (
-    PREFIX, SEQUENTIAL, AdapterSlot, Place, SlotConfig, adapter_configs, attach, check_new_name, iter_slots, reference_param,
-    require_adapter,
+    PREFIX, SEQUENTIAL, AdapterSlot, Place, SlotConfig, SlotOverride, adapter_configs, attach, check_model, check_new_name,
+    iter_slots, overriding_slots, reference_param, require_adapter, set_drop_layers,
 )
-from .transformers import get_active_adapter, set_active_adapter
+from .transformers import set_active_adapter
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,13 +81,25 @@ class FusionConfig(SlotConfig, kind="fusion"):
     def composition(self, name: str) -> Fuse:
         return Fuse(name, self.adapters)
 
-    def build_for_load(self, model: nn.Module, places: Sequence[Place]) -> List[AdapterFusion]:
+    def places_in(self, model: nn.Module) -> List[Place]:
+        """Every sequential (Pfeiffer / Houlsby) place of ``model`` that holds all the adapters mixed."""
+        places = [
+            Place(n, m, slot.mode, slot.hidden_size)
+            for n, m, slot in iter_slots(model)
+            if slot.mode == SEQUENTIAL and all(a in slot for a in self.adapters)
+        ]
+        if not places:
+            raise ValueError(f"adapters: no sequential (pfeiffer/houlsby) place holds all of {list(self.adapters)}; fusion needs them")
+        return places
+
+    def build_for_load(self, model: nn.Module, places: Sequence[Place], *, device=None) -> List[AdapterFusion]:
         """One fresh AdapterFusion of width ``place.hidden_size`` per place, with the dtype and device of
-        the module it sits on (a fresh fusion and a loaded one have the same form)."""
+        the module it sits on, or ``device`` (a fresh fusion and a loaded one have the same form)."""
         layers = []
         for place in places:
             ref = reference_param(place.module, model)
-            layers.append(AdapterFusion(place.hidden_size, len(self.adapters), dict(self.fusion), device=ref.device, dtype=ref.dtype))
+            layers.append(AdapterFusion(place.hidden_size, len(self.adapters), dict(self.fusion),
+                                        device=ref.device if device is None else device, dtype=ref.dtype))
         return layers
 
     def to_dict(self) -> dict:
@@ -89,8 +108,14 @@ class FusionConfig(SlotConfig, kind="fusion"):
     @classmethod
     def from_dict(cls, data: dict) -> "FusionConfig":
         if not isinstance(data, dict) or set(data) != {"adapters", "fusion"}:
-            raise ValueError(f"config: expected a fusion config with fields adapters, fusion; got {data!r}")
-        return cls(tuple(data["adapters"]), resolve_fusion_config(data["fusion"]))
+            got = sorted(data) if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"config: expected a fusion config with fields adapters, fusion; got {got}")
+        adapters, fusion = data["adapters"], data["fusion"]
+        if not isinstance(adapters, (list, tuple)) or not adapters or not all(isinstance(a, str) for a in adapters):
+            raise ValueError(f"config: adapters: expected a non-empty list of adapter names, got {type(adapters).__name__}")
+        if not isinstance(fusion, (str, dict)):
+            raise ValueError(f"config: fusion: expected a fusion config name or dict, got {type(fusion).__name__}")
+        return cls(tuple(adapters), resolve_fusion_config(fusion))
 
 
 def add_fusion(model: nn.Module, name: str, adapters: Sequence[str], config="dynamic", *, set_active: bool = True) -> None:
@@ -108,13 +133,7 @@ def add_fusion(model: nn.Module, name: str, adapters: Sequence[str], config="dyn
         if not isinstance(adapter_configs(model)[a], AdapterConfig):
             raise ValueError(f"adapters: {a!r} is a {adapter_configs(model)[a].kind}; a fusion mixes adapters")
     spec = FusionConfig(tuple(adapters), resolve_fusion_config(config))
-    places = [
-        Place(n, m, slot.mode, slot.hidden_size)
-        for n, m, slot in iter_slots(model)
-        if slot.mode == SEQUENTIAL and all(a in slot for a in adapters)
-    ]
-    if not places:
-        raise ValueError(f"adapters: no sequential (pfeiffer/houlsby) place holds all of {list(adapters)}; fusion needs them")
+    places = spec.places_in(model)
     attach(model, name, spec, places, spec.build_for_load(model, places))
     if set_active:
         set_active_adapter(model, name)
@@ -149,12 +168,18 @@ class Route:
     def _place_routing(self, present: List[str], x: Tensor):
         key = (tuple(present), tuple(x.shape[:-1]))
         if key not in self._routing:
-            lut = torch.tensor([-1] + [present.index(n) if n in present else -1 for n in self.names], device=x.device)
             index = self.index
-            if index.dim() == 1 and x.dim() >= 3:  # per sequence
+            # checked here, at the first place: the batch is known only once the model runs
+            if index.dim() == 1 and (x.dim() < 2 or x.shape[0] != index.shape[0]):
+                raise ValueError(
+                    f"adapter_index: has {index.shape[0]} entries (one per sequence), but the batch has "
+                    f"{x.shape[0] if x.dim() >= 2 else 'no'} sequences (this place's input is {tuple(x.shape)})"
+                )
+            if index.dim() == 1:
                 index = index.reshape((-1,) + (1,) * (x.dim() - 2)).expand(x.shape[:-1])
             if index.shape != x.shape[:-1]:
-                raise ValueError(f"route_adapters: adapter_index has shape {tuple(self.index.shape)}; this place's input is {tuple(x.shape)}")
+                raise ValueError(f"adapter_index: has shape {tuple(self.index.shape)}; this place's input is {tuple(x.shape)}")
+            lut = torch.tensor([-1] + [present.index(n) if n in present else -1 for n in self.names], device=x.device)
             local = lut[index.to(device=x.device, dtype=torch.long) + 1]
             self._routing[key] = (local, token_groups(local, len(present)))
         return self._routing[key]
@@ -175,6 +200,7 @@ class Route:
 
 
 def _check_names(model: nn.Module, names: Sequence[Optional[str]]) -> List[Optional[str]]:
+    check_model(model)
     if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
         raise TypeError(f"names: expected a non-empty list of adapter names (None for no adapter), got {names!r}")
     for name in names:
@@ -186,25 +212,33 @@ def _check_names(model: nn.Module, names: Sequence[Optional[str]]) -> List[Optio
     return list(names)
 
 
+_INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _check_index(adapter_index, count: int) -> None:
+    if not isinstance(adapter_index, Tensor) or adapter_index.dtype not in _INDEX_DTYPES or adapter_index.dim() not in (1, 2):
+        got = f"a {adapter_index.dtype} tensor of shape {tuple(adapter_index.shape)}" if isinstance(adapter_index, Tensor) else type(adapter_index).__name__
+        raise TypeError(f"adapter_index: expected an integer tensor (not bool, float or complex) of shape (B,) or (B, L), got {got}")
+    if adapter_index.numel() and (int(adapter_index.min()) < -1 or int(adapter_index.max()) >= count):
+        raise ValueError(f"adapter_index: values must lie in [-1, {count - 1}]")
+
+
 @contextlib.contextmanager
 def route_adapters(model: nn.Module, names: Sequence[Optional[str]], adapter_index: Tensor):
     """Within the block, sequence b (or token (b, l)) of every forward goes through adapter
     ``names[adapter_index[b]]`` (index -1, or a None name: no adapter), all adapters of a place in one
     launch (:func:`adapterkern.bottleneck_adapter_batched`). Differentiable: a mixed batch trains
-    every routed adapter at once. The previously active adapter is restored on exit."""
+    every routed adapter at once.
+
+    The routing holds for this thread and this block only: the model is not changed (its active
+    adapter and AdapterDrop setting stay as they are), other threads run it as they would without the
+    block, and a nested block's routing ends with it. A (B,) index whose length is not the batch
+    size is a ValueError at the first adapter place of the forward."""
     names = _check_names(model, names)
-    if not isinstance(adapter_index, Tensor) or adapter_index.is_floating_point() or adapter_index.dim() not in (1, 2):
-        raise TypeError("adapter_index: expected an integer tensor of shape (B,) or (B, L)")
-    if adapter_index.numel() and (int(adapter_index.min()) < -1 or int(adapter_index.max()) >= len(names)):
-        raise ValueError(f"adapter_index: values must lie in [-1, {len(names) - 1}]")
-    previous = get_active_adapter(model)
+    _check_index(adapter_index, len(names))
     route = Route(names, adapter_index)
-    try:
-        for _, _, slot in iter_slots(model):
-            slot.active = route
+    with overriding_slots({slot: SlotOverride(route) for _, _, slot in iter_slots(model)}):
         yield route
-    finally:
-        set_active_adapter(model, previous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,11 +249,12 @@ def route_adapters(model: nn.Module, names: Sequence[Optional[str]], adapter_ind
 def set_adapter_drop(model: nn.Module, num_layers: int) -> None:
     """Switch off every adapter place in layers ``0 .. num_layers - 1`` (0: none dropped). Places
     without a layer index are never dropped. Unlike ``AdapterConfig(leave_out=...)`` this keeps the
-    adapters' weights and can change between forwards."""
+    adapters' weights and can change between forwards. It is a setting of the model: places added
+    later (``add_adapter``, ``load_adapter``, ``add_fusion``) follow it too."""
+    check_model(model)
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
         raise ValueError(f"num_layers: expected an int >= 0, got {num_layers!r}")
-    for _, _, slot in iter_slots(model):
-        slot.dropped = slot.layer is not None and slot.layer < num_layers
+    set_drop_layers(model, num_layers)
 
 
 class StochasticAdapterDrop:
@@ -232,6 +267,7 @@ class StochasticAdapterDrop:
     """
 
     def __init__(self, model: nn.Module, max_layers: Optional[int] = None, seed: int = 0):
+        check_model(model)
         layers = sorted({slot.layer for _, _, slot in iter_slots(model) if slot.layer is not None})
         if not layers:
             raise ValueError("model: has no adapter places with a layer index")
@@ -274,13 +310,19 @@ def _expand_batch(value, batch: int, tasks: int):
     return value
 
 
+# The multi_task_forward calls running in this thread / task: their tiling hooks act for these only.
+_TILING_CALLS: contextvars.ContextVar[frozenset] = contextvars.ContextVar("adapterkern_tiling_calls", default=frozenset())
+
+
 def multi_task_forward(model: nn.Module, names: Sequence[Optional[str]], drop_layers: int = 0, **inputs):
     """Run ``model(**inputs)`` for N task adapters at once with AdapterDrop's sharing: the layers below
     ``drop_layers`` (which get no adapters) run once on the batch of B; from layer ``drop_layers`` on the
     batch is tiled to N * B (task-major: rows ``i*B .. (i+1)*B - 1`` are task ``names[i]``) and every
     place serves the N adapters in one launch. Returns the model's output for the N * B batch.
 
-    ``drop_layers=0`` is plain multi-task inference (the embeddings still run once).
+    ``drop_layers=0`` is plain multi-task inference (the embeddings still run once). The routing and
+    the drop hold for this call only (the model's own AdapterDrop setting is not used or changed):
+    other threads running the model meanwhile are not affected.
     """
     names = _check_names(model, names)
     layers = _layer_modules(model)
@@ -288,29 +330,34 @@ def multi_task_forward(model: nn.Module, names: Sequence[Optional[str]], drop_la
         raise ValueError("model: has no adapter places with a layer index")
     if isinstance(drop_layers, bool) or not isinstance(drop_layers, int) or not 0 <= drop_layers <= max(layers):
         raise ValueError(f"drop_layers: expected an int in [0, {max(layers)}], got {drop_layers!r}")
+    call = object()  # this call, as its tiling hooks know it
+    route = Route(names, torch.empty(0, dtype=torch.long))
     state = {}
 
-    def expand(module, args, kwargs):
+    def expand(module, args, kwargs=None):
+        # Hooks are shared by every thread running the model: another thread's forward (or one that
+        # snapshotted the hooks as this call removed them, so without kwargs) passes through untouched.
+        if kwargs is None or call not in _TILING_CALLS.get():
+            return None
         batch = state.get("batch")
         if batch is None:
-            batch = state["batch"] = args[0].shape[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor)).shape[0]
-            state["index"] = torch.arange(len(names), device=(args[0] if args else kwargs["hidden_states"]).device).repeat_interleave(batch)
-            route.index = state["index"]
+            first = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
+            batch = state["batch"] = first.shape[0]
+            route.index = torch.arange(len(names), device=first.device).repeat_interleave(batch)
         return tuple(_expand_batch(a, batch, len(names)) for a in args), {k: _expand_batch(v, batch, len(names)) for k, v in kwargs.items()}
 
+    overrides = {
+        slot: SlotOverride(route, dropped=slot.layer is not None and slot.layer < drop_layers) for _, _, slot in iter_slots(model)
+    }
     later = [m for i, m in layers.items() if i >= drop_layers]
-    route = Route(names, torch.empty(0, dtype=torch.long))
-    previous = get_active_adapter(model)
-    dropped = {id(slot): slot.dropped for _, _, slot in iter_slots(model)}
-    handles = [m.register_forward_pre_hook(expand, with_kwargs=True) for m in later]
+    handles = []
+    token = _TILING_CALLS.set(_TILING_CALLS.get() | {call})
     try:
-        set_adapter_drop(model, drop_layers)
-        for _, _, slot in iter_slots(model):
-            slot.active = route
-        return model(**inputs)
+        with overriding_slots(overrides):
+            for m in later:
+                handles.append(m.register_forward_pre_hook(expand, with_kwargs=True))
+            return model(**inputs)
     finally:
         for h in handles:
             h.remove()
-        set_active_adapter(model, previous)
-        for _, _, slot in iter_slots(model):
-            slot.dropped = dropped.get(id(slot), False)
+        _TILING_CALLS.reset(token)

@@ -35,7 +35,9 @@ from ..backends import check_backend_name
 from ..nn.bottleneck import INIT_SCHEMES, BottleneckAdapter
 from ..nn.prefix import PrefixTuning
 from .prefix_attention import attention_places
-from .slots import PARALLEL, PARALLEL_SKIP, PREFIX, SEQUENTIAL, Place, SlotConfig, layer_index, model_type, reference_param
+from .slots import (
+    PARALLEL, PARALLEL_SKIP, PREFIX, SEQUENTIAL, Place, SlotConfig, check_places, layer_index, model_type, reference_param,
+)
 
 PLACEMENTS = ("pfeiffer", "houlsby", "parallel", "mam")
 
@@ -75,8 +77,9 @@ class AdapterConfig(SlotConfig, kind="adapter"):
         bias: whether the projections have biases.
         leave_out: layer indices that get no adapter (AdapterDrop's static form).
         target_modules: module names (regexes matched against the end of the qualified name) to use
-            instead of the role table; the adapter is applied sequentially on their outputs, or, for
-            ``parallel``, as ``module(x) + s * up(act(down(x)))`` (the module must map (..., d) to (..., d)).
+            instead of the role table. They must name linear layers (``nn.Linear``, or transformers'
+            ``Conv1D``); the adapter is applied sequentially on their outputs, or, for ``parallel``, as
+            ``module(x) + s * up(act(down(x)))`` (the layer must map (..., d) to (..., d)).
         backend: ``auto``, ``torch``, ``triton`` or ``cuda``.
         prefix_length: ``mam`` only: key/value prefix length l per attention layer.
         prefix_bottleneck: ``mam`` only: the reparametrisation MLP's width (one MLP shared by all
@@ -117,19 +120,32 @@ class AdapterConfig(SlotConfig, kind="adapter"):
                 raise ValueError(f"scaling: expected a float, 'learned' or 'channel', got {self.scaling!r}")
         elif isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)):
             raise TypeError(f"scaling: expected a float, 'learned' or 'channel', got {type(self.scaling).__name__}")
+        elif not math.isfinite(self.scaling):
+            raise ValueError(f"scaling: expected a finite float, 'learned' or 'channel', got {self.scaling!r}")
         else:
             self.scaling = float(self.scaling)
+        if not isinstance(self.bias, bool):
+            raise TypeError(f"bias: expected a bool, got {type(self.bias).__name__}")
         if self.init not in INIT_SCHEMES:
             raise ValueError(f"init: expected one of {', '.join(INIT_SCHEMES)}, got {self.init!r}")
+        if isinstance(self.leave_out, (str, bytes)) or not isinstance(self.leave_out, (list, tuple, set, frozenset, range)):
+            raise TypeError(f"leave_out: expected a list of layer indices, got {self.leave_out!r}")
         if any(isinstance(i, bool) or not isinstance(i, int) for i in self.leave_out):
             raise TypeError(f"leave_out: expected layer indices (ints), got {self.leave_out!r}")
         self.leave_out = tuple(sorted(set(self.leave_out)))
         if self.target_modules is not None:
             if isinstance(self.target_modules, str):
                 self.target_modules = (self.target_modules,)
-            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            if not isinstance(self.target_modules, (list, tuple)) or not self.target_modules or not all(
+                isinstance(t, str) and t for t in self.target_modules
+            ):
                 raise ValueError(f"target_modules: expected a non-empty list of module names, got {self.target_modules!r}")
             self.target_modules = tuple(self.target_modules)
+            for pattern in self.target_modules:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ValueError(f"target_modules: {pattern!r} is not a valid regular expression ({exc})") from None
         self.backend = check_backend_name(self.backend, "backend")
         for name in ("prefix_length", "prefix_bottleneck"):
             value = getattr(self, name)
@@ -176,14 +192,17 @@ class AdapterConfig(SlotConfig, kind="adapter"):
         if unknown:
             raise ValueError(f"config: unknown fields {unknown}; expected a subset of {sorted(known)}")
         data = dict(data)
-        data["leave_out"] = tuple(data.get("leave_out", ()))
-        if data.get("target_modules") is not None:
-            data["target_modules"] = tuple(data["target_modules"])
+        for key in ("leave_out", "target_modules"):  # JSON lists; __post_init__ checks what they hold
+            if isinstance(data.get(key), list):
+                data[key] = tuple(data[key])
         return cls(**data)
 
-    def build_for_load(self, model: nn.Module, places: Sequence[Place]) -> list:
+    def places_in(self, model: nn.Module) -> List[Place]:
+        return find_places(model, self)
+
+    def build_for_load(self, model: nn.Module, places: Sequence[Place], *, device=None) -> list:
         """BottleneckAdapters, and plain-tensor PrefixTunings at PREFIX places (saved prefixes are collapsed)."""
-        return build_adapters(model, self, places, collapsed_prefixes=True)
+        return build_adapters(model, self, places, collapsed_prefixes=True, device=device)
 
 
 def module_width(module: nn.Module, model: nn.Module, mode: str) -> int:
@@ -201,8 +220,36 @@ def module_width(module: nn.Module, model: nn.Module, mode: str) -> int:
     raise ValueError(f"cannot tell the hidden size at this place of a {model_type(model)} model; give target_modules of nn.Linear layers")
 
 
+def _linear_features(module: nn.Module) -> Optional[Tuple[int, int]]:
+    """(in, out) features of a linear layer: ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2); else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    nx, nf = getattr(module, "nx", None), getattr(module, "nf", None)
+    if isinstance(nx, int) and isinstance(nf, int) and isinstance(getattr(module, "weight", None), nn.Parameter):
+        return nx, nf
+    return None
+
+
+def _check_target(place: Place, model: nn.Module) -> None:
+    """ValueError unless a target_modules place is a linear layer the adapter fits on (a parallel
+    adapter reads the layer's input and adds to its output: they need the same width)."""
+    features = _linear_features(place.module)
+    if features is None:
+        raise ValueError(
+            f"target_modules: {place.name!r} of this {model_type(model)} model is a {type(place.module).__name__}, "
+            f"not a linear layer (nn.Linear or Conv1D); adapters on target_modules go on linear layers"
+        )
+    if place.mode == PARALLEL and features[0] != features[1]:
+        raise ValueError(
+            f"target_modules: {place.name!r} maps {features[0]} to {features[1]} features; a parallel adapter "
+            f"needs a layer that keeps the width (it reads the layer's input and adds to its output)"
+        )
+
+
 def find_places(model: nn.Module, config: AdapterConfig) -> List[Place]:
-    """The modules an adapter with this config goes on, in model order (leave_out applied)."""
+    """The modules an adapter with this config goes on, in model order (leave_out applied), each
+    checked: a mode that differs from the adapters already there, or a target_modules layer that is
+    not linear (or, parallel, does not keep the width), is a ValueError."""
     modules = [(n, m) for n, m in model.named_modules() if n]
     places: List[Place] = []
     if config.target_modules is not None:
@@ -238,20 +285,24 @@ def find_places(model: nn.Module, config: AdapterConfig) -> List[Place]:
     for place in sorted(places, key=lambda p: order[p.name]):
         if place.name not in seen and layer_index(place.name) not in config.leave_out:
             seen.add(place.name)
-            place.hidden_size = module_width(place.module, model, place.mode)
             unique.append(place)
     if not unique:
         raise ValueError(f"leave_out: {list(config.leave_out)} leaves no place for the adapter")
+    check_places(unique)  # before the layer checks: a place of another mode is the clearer message
+    for place in unique:
+        if config.target_modules is not None:
+            _check_target(place, model)
+        place.hidden_size = module_width(place.module, model, place.mode)
     return unique
 
 
-def _build_prefixes(model: nn.Module, config: AdapterConfig, places: Sequence[Place], collapsed: bool) -> list:
+def _build_prefixes(model: nn.Module, config: AdapterConfig, places: Sequence[Place], collapsed: bool, device=None) -> list:
     """One PrefixTuning per attention place: sharing one reparametrisation MLP (fresh), or plain
     tensors (``collapsed``, what a saved adapter holds)."""
     info = {p.name: p for p in attention_places(model)}
     first = info[places[0].name]
     ref = reference_param(places[0].module, model)
-    factory = {"device": ref.device, "dtype": ref.dtype}
+    factory = {"device": ref.device if device is None else device, "dtype": ref.dtype}
     if collapsed:
         return [
             PrefixTuning(info[p.name].num_kv_heads, info[p.name].head_dim, config.prefix_length, reparametrize=False,
@@ -262,12 +313,13 @@ def _build_prefixes(model: nn.Module, config: AdapterConfig, places: Sequence[Pl
                                hidden_size=first.hidden_size, **factory)
 
 
-def build_adapters(model: nn.Module, config: AdapterConfig, places: Sequence[Place], collapsed_prefixes: bool = False) -> list:
-    """One fresh module per place, with the dtype and device of the module it sits on: a
-    BottleneckAdapter of width d = ``place.hidden_size``, or at PREFIX places a PrefixTuning (all sharing
-    one reparametrisation MLP; with ``collapsed_prefixes``, plain (H_kv, l, hd) key and value tensors)."""
+def build_adapters(model: nn.Module, config: AdapterConfig, places: Sequence[Place], collapsed_prefixes: bool = False,
+                   device=None) -> list:
+    """One fresh module per place, with the dtype and device of the module it sits on (or ``device``):
+    a BottleneckAdapter of width d = ``place.hidden_size``, or at PREFIX places a PrefixTuning (all
+    sharing one reparametrisation MLP; with ``collapsed_prefixes``, plain (H_kv, l, hd) key and value tensors)."""
     prefix_places = [p for p in places if p.mode == PREFIX]
-    prefixes = iter(_build_prefixes(model, config, prefix_places, collapsed_prefixes) if prefix_places else [])
+    prefixes = iter(_build_prefixes(model, config, prefix_places, collapsed_prefixes, device) if prefix_places else [])
     adapters = []
     for place in places:
         if place.mode == PREFIX:
@@ -279,7 +331,7 @@ def build_adapters(model: nn.Module, config: AdapterConfig, places: Sequence[Pla
         adapters.append(
             BottleneckAdapter(
                 d, r, activation=config.activation, scaling=config.scaling, bias=config.bias, init=config.init,
-                backend=config.backend, device=ref.device, dtype=ref.dtype,
+                backend=config.backend, device=ref.device if device is None else device, dtype=ref.dtype,
             )
         )
     return adapters

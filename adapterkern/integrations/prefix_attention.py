@@ -62,11 +62,15 @@ __all__ = [
 
 def active_prefix(module: nn.Module) -> Optional[PrefixTuning]:
     """The :class:`PrefixTuning` applied in ``module``'s attention: the active entry of its
-    ``bottleneck_adapters`` slot if that is a PrefixTuning (and the slot is not dropped), else None."""
+    ``bottleneck_adapters`` slot for the running call (:meth:`AdapterSlot.current`: a routing block's
+    override, else the slot's own) if that is a PrefixTuning and the slot is not dropped, else None."""
     slot = slot_of(module)
-    if slot is None or slot.dropped or not isinstance(slot.active, str) or slot.active not in slot:
+    if slot is None:
         return None
-    entry = slot[slot.active]
+    active, dropped = slot.current()
+    if dropped or not isinstance(active, str) or active not in slot:
+        return None
+    entry = slot[active]
     return entry if isinstance(entry, PrefixTuning) else None
 
 

@@ -18,10 +18,19 @@ Every name in a model has a config of one *kind*: a subclass of :class:`SlotConf
 both modules). Saving, loading, activating and deleting go through the methods the base class
 declares, whatever the kind. The record (name -> config, in the order added) is kept in
 ``model.__dict__``: not a submodule, not in the state dict, copied with the model.
+
+Per-call state. What a slot applies is its own ``active`` / ``dropped``, unless the running call
+overrides them (:func:`overriding_slots`: routing, multi-task forwards). Overrides live in a context
+variable, so they belong to the thread (or asyncio task) that set them and to the block that set
+them: two threads routing one model do not see each other's routing, and leaving a nested block
+gives back exactly the overrides the outer block had. Threads started *inside* a forward (e.g.
+``nn.DataParallel``'s replicas) do not inherit them.
 """
 from __future__ import annotations
 
 import abc
+import contextlib
+import contextvars
 import re
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -35,8 +44,10 @@ SEQUENTIAL = "sequential"
 PARALLEL = "parallel"
 PARALLEL_SKIP = "parallel_skip"
 PREFIX = "prefix"
+MODES = (SEQUENTIAL, PARALLEL, PARALLEL_SKIP, PREFIX)
 
 _RECORD = "_adapterkern_configs"  # model.__dict__ key: {name: SlotConfig}
+_DROP = "_adapterkern_drop_layers"  # model.__dict__ key: AdapterDrop's number of dropped layers
 
 # kind name -> config class; filled by SlotConfig subclasses as they are defined
 CONFIG_KINDS: Dict[str, Type["SlotConfig"]] = {}
@@ -84,9 +95,16 @@ class SlotConfig(abc.ABC):
         return name
 
     @abc.abstractmethod
-    def build_for_load(self, model: nn.Module, places: Sequence[Place]) -> List[nn.Module]:
+    def places_in(self, model: nn.Module) -> List[Place]:
+        """The places an entry of this config goes on in ``model``, in model order, with their modes
+        and widths; ``ValueError`` if it cannot go there. ``load_adapter`` accepts a saved place only
+        if it is one of these, with the same mode and width."""
+
+    @abc.abstractmethod
+    def build_for_load(self, model: nn.Module, places: Sequence[Place], *, device=None) -> List[nn.Module]:
         """One fresh module per place (width ``place.hidden_size``; dtype and device of the module it
-        sits on) in the form ``save_adapter`` writes, for ``load_adapter`` to fill with the saved tensors."""
+        sits on, or ``device`` if given) in the form ``save_adapter`` writes, for ``load_adapter`` to
+        fill with the saved tensors. ``device="meta"`` builds the shapes without allocating them."""
 
     @abc.abstractmethod
     def to_dict(self) -> dict:
@@ -105,6 +123,32 @@ def config_class(kind) -> Type[SlotConfig]:
     return CONFIG_KINDS[kind]
 
 
+@dataclass(frozen=True)
+class SlotOverride:
+    """What a slot applies during one call instead of its own ``active`` / ``dropped``.
+    ``dropped`` None: the slot's own (AdapterDrop as set on the model)."""
+
+    active: Union[None, str, Callable]
+    dropped: Optional[bool] = None
+
+
+# slot -> its override in the running call; replaced, never mutated (a block restores the mapping it found)
+_OVERRIDES: contextvars.ContextVar[Mapping["AdapterSlot", SlotOverride]] = contextvars.ContextVar(
+    "adapterkern_slot_overrides", default=MappingProxyType({})
+)
+
+
+@contextlib.contextmanager
+def overriding_slots(overrides: Mapping["AdapterSlot", SlotOverride]):
+    """Within the block, and in this thread / task only, each slot of ``overrides`` applies its
+    override. Nested blocks stack; leaving one restores exactly the overrides in force before it."""
+    token = _OVERRIDES.set(MappingProxyType({**_OVERRIDES.get(), **overrides}))
+    try:
+        yield
+    finally:
+        _OVERRIDES.reset(token)
+
+
 class AdapterSlot(nn.ModuleDict):
     """The adapters at one place of a model, by name.
 
@@ -113,6 +157,7 @@ class AdapterSlot(nn.ModuleDict):
     entry applied, or a composition (a callable ``(slot, x, residual) -> y``, e.g. per-token routing
     over several adapters or a fusion; see :mod:`adapterkern.integrations.compose`). ``layer``: the
     place's layer index (None if it has none); ``dropped``: True while AdapterDrop switches this place off.
+    A running call may override ``active`` and ``dropped`` (:meth:`current`).
     """
 
     def __init__(self, mode: str, hidden_size: int, layer: Optional[int] = None):
@@ -123,14 +168,26 @@ class AdapterSlot(nn.ModuleDict):
         self.active = None
         self.dropped = False
 
+    def current(self) -> Tuple[Union[None, str, Callable], bool]:
+        """``(active, dropped)`` for the running call: its override where it has one, else the slot's own."""
+        override = _OVERRIDES.get().get(self)
+        if override is None:
+            return self.active, self.dropped
+        return override.active, self.dropped if override.dropped is None else override.dropped
+
     def apply(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        """The active adapter (or composition) on x: ``residual + adapter(x)`` (residual None: x)."""
-        if isinstance(self.active, str):
-            return self[self.active](x, residual=residual)
-        return self.active(self, x, residual)
+        """The active adapter (or composition) of the running call on x: ``residual + adapter(x)`` (residual None: x)."""
+        active, _ = self.current()
+        if isinstance(active, str):
+            return self[active](x, residual=residual)
+        return active(self, x, residual)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, layer={self.layer}, active={self.active!r}"
+
+
+# Names an entry cannot have: AdapterSlot's own attributes (ModuleDict refuses them, after the slot exists).
+_SLOT_PROTOTYPE = AdapterSlot(SEQUENTIAL, 1)
 
 
 def slot_of(module: nn.Module) -> Optional[AdapterSlot]:
@@ -150,7 +207,8 @@ def iter_slots(model: nn.Module) -> Iterator[Tuple[str, nn.Module, AdapterSlot]]
 def _skip_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     """PARALLEL_SKIP: replace the module's skip input (its 2nd argument) by ``skip + adapter(skip)``."""
     slot = slot_of(module)
-    if slot.active is None or slot.dropped:
+    active, dropped = slot.current()
+    if active is None or dropped:
         return None
     if len(args) >= 2:
         return args[:1] + (slot.apply(args[1]),) + args[2:], kwargs
@@ -162,7 +220,8 @@ def _skip_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
 def _output_hook(module: nn.Module, args: tuple, kwargs: dict, output):
     """SEQUENTIAL: ``adapter(output)``; PARALLEL: ``adapter(input, residual=output)``."""
     slot = slot_of(module)
-    if slot.active is None or slot.dropped:
+    active, dropped = slot.current()
+    if active is None or dropped:
         return None
     rest = ()
     if isinstance(output, tuple):
@@ -211,12 +270,18 @@ def check_model(model) -> None:
 
 
 def check_adapter_name(name) -> None:
+    """ValueError unless ``name`` can name an entry of a slot: ASCII letters, digits, ``_`` and ``-``,
+    not starting with a digit or ``-``, and not an attribute of :class:`AdapterSlot` (``keys``,
+    ``training``, ``forward``, ``mode``, ...), which ``nn.ModuleDict`` cannot hold as a key."""
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", name):
         raise ValueError(f"name: expected an identifier-like string (letters, digits, _ and -), got {name!r}")
+    if hasattr(_SLOT_PROTOTYPE, name):
+        raise ValueError(f"name: {name!r} is an attribute of the adapter slots (nn.ModuleDict / AdapterSlot); pick another name")
 
 
 def _record(model: nn.Module) -> Dict[str, SlotConfig]:
-    return model.__dict__.setdefault(_RECORD, {})
+    """The record, for reading: an empty one is not stored (a refused call leaves ``model.__dict__`` as it was)."""
+    return model.__dict__.get(_RECORD, {})
 
 
 def adapter_configs(model: nn.Module) -> Mapping[str, SlotConfig]:
@@ -237,39 +302,82 @@ def check_new_name(model: nn.Module, name) -> None:
 def require_adapter(model: nn.Module, name) -> None:
     """ValueError unless ``model`` has an adapter (or fusion) ``name``."""
     check_model(model)
-    if name not in _record(model):
+    if not isinstance(name, str) or name not in _record(model):
         have = list(_record(model))
         raise ValueError(f"name: no adapter {name!r} in this model (it has {have if have else 'none'})")
 
 
+def drop_layers(model: nn.Module) -> int:
+    """AdapterDrop's setting of ``model``: places in layers below it apply no adapter (0: none dropped)."""
+    check_model(model)
+    return model.__dict__.get(_DROP, 0)
+
+
+def _is_dropped(layer: Optional[int], num_layers: int) -> bool:
+    return layer is not None and layer < num_layers
+
+
+def set_drop_layers(model: nn.Module, num_layers: int) -> None:
+    """Record AdapterDrop's setting on ``model`` and apply it to every slot; :func:`attach` applies it
+    to slots created later. ``num_layers`` is checked by the caller."""
+    check_model(model)
+    model.__dict__[_DROP] = num_layers
+    for _, _, slot in iter_slots(model):
+        slot.dropped = _is_dropped(slot.layer, num_layers)
+
+
 def check_places(places: Sequence[Place]) -> None:
-    """ValueError if a place already holds adapters of another mode."""
+    """ValueError if a place already holds adapters of another mode, or holds a non-slot child
+    called ``bottleneck_adapters``."""
     for place in places:
         slot = slot_of(place.module)
         if slot is not None and slot.mode != place.mode:
             raise ValueError(f"{place.name}: already holds {slot.mode} adapters; cannot add a {place.mode} one there")
+        if slot is None and hasattr(place.module, SLOT_ATTR):
+            raise ValueError(f"{place.name}: has an attribute {SLOT_ATTR!r} that is not an adapterkern AdapterSlot")
 
 
 def attach(model: nn.Module, name: str, config: SlotConfig, places: Sequence[Place], modules: Sequence[nn.Module]) -> None:
     """Put ``modules[i]`` into the slot of ``places[i]`` under ``name`` (a slot and its hook are created
-    where a place has none) and record ``config`` for ``name``. Everything is checked before the model
-    changes; ``name`` must be new (:func:`check_new_name`). PREFIX slots need the prefix attention
-    switched on by the caller."""
+    where a place has none; new slots take the model's AdapterDrop setting) and record ``config`` for
+    ``name``. All or nothing: everything is checked before the model changes (``name`` must be new,
+    :func:`check_new_name`), and if a step fails anyway every change made so far is undone. PREFIX
+    slots need the prefix attention switched on by the caller."""
     check_new_name(model, name)
+    if not isinstance(config, SlotConfig):
+        raise TypeError(f"config: expected a SlotConfig, got {type(config).__name__}")
     if len(places) != len(modules):
         raise ValueError(f"modules: expected one per place ({len(places)}), got {len(modules)}")
+    if not all(isinstance(m, nn.Module) for m in modules):
+        raise TypeError(f"modules: expected nn.Modules, got {[type(m).__name__ for m in modules]}")
+    if len({id(p.module) for p in places}) != len(places):
+        raise ValueError(f"places: a module appears twice in {[p.name for p in places]}")
     check_places(places)
-    for place, module in zip(places, modules):
-        slot = slot_of(place.module)
-        if slot is None:
-            slot = AdapterSlot(place.mode, place.hidden_size, layer_index(place.name))
-            place.module.add_module(SLOT_ATTR, slot)
-            if place.mode == PARALLEL_SKIP:
-                place.module.register_forward_pre_hook(_skip_pre_hook, with_kwargs=True)
-            elif place.mode != PREFIX:
-                place.module.register_forward_hook(_output_hook, with_kwargs=True)
-        slot[name] = module
-    _record(model)[name] = config
+    created: List[nn.Module] = []  # place modules given a new slot (and hook)
+    filled: List[AdapterSlot] = []
+    try:
+        for place, module in zip(places, modules):
+            slot = slot_of(place.module)
+            if slot is None:
+                slot = AdapterSlot(place.mode, place.hidden_size, layer_index(place.name))
+                slot.dropped = _is_dropped(slot.layer, drop_layers(model))
+                place.module.add_module(SLOT_ATTR, slot)
+                created.append(place.module)
+                if place.mode == PARALLEL_SKIP:
+                    place.module.register_forward_pre_hook(_skip_pre_hook, with_kwargs=True)
+                elif place.mode != PREFIX:
+                    place.module.register_forward_hook(_output_hook, with_kwargs=True)
+            slot[name] = module
+            filled.append(slot)
+        model.__dict__.setdefault(_RECORD, {})[name] = config
+    except BaseException:
+        for slot in filled:
+            if name in slot._modules:
+                del slot[name]
+        for module in created:
+            _remove_hooks(module)
+            module._modules.pop(SLOT_ATTR, None)
+        raise
 
 
 def detach(model: nn.Module, name: str) -> None:
