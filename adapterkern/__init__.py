@@ -2,7 +2,7 @@
 from . import nn
 from .activations import ACTIVATION_NAMES, get_activation
 from .backends import available_backends
-from .functional import TokenGroups, bottleneck_adapter, bottleneck_adapter_batched, multi_adapter, token_groups
+from .functional import TokenGroups, adapter_add_norm, bottleneck_adapter, bottleneck_adapter_batched, multi_adapter, token_groups
 from .integrations.transformers import (
     AdapterConfig,
     AdapterSummary,
@@ -26,6 +26,7 @@ __all__ = [
     "AdapterConfig",
     "AdapterSummary",
     "__version__",
+    "adapter_add_norm",
     "adapter_summary",
     "add_adapter",
     "add_fusion",

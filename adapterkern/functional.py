@@ -1,6 +1,7 @@
 """Functional ops: each checks its arguments once, picks the backend, and calls it."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -8,7 +9,7 @@ from torch import Tensor
 
 from . import library  # noqa: F401  (registers the torch.library ops)
 from .activations import get_activation
-from .backends import BATCHED, MULTI, SINGLE, reference, resolve_backend
+from .backends import ADD_NORM, BATCHED, MULTI, SINGLE, reference, resolve_backend
 from .routing import TokenGroups, per_token_index, token_groups
 
 # float64 is accepted too (for gradcheck and references); the kernels then accumulate in float64.
@@ -19,8 +20,9 @@ def _describe(t: Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
-def _check_param(t: Optional[Tensor], name: str, shape: tuple, x: Tensor, optional: bool) -> None:
-    """A weight or bias: a tensor of exactly ``shape`` with x's dtype and device (or None if optional)."""
+def _check_param(t: Optional[Tensor], name: str, shape: tuple, x: Tensor, optional: bool, x_name: str = "x") -> None:
+    """A weight or bias: a tensor of exactly ``shape`` with x's dtype and device (or None if optional);
+    ``x_name``: what the messages call x."""
     if t is None:
         if optional:
             return
@@ -30,11 +32,11 @@ def _check_param(t: Optional[Tensor], name: str, shape: tuple, x: Tensor, option
     if t.dim() != len(shape):
         raise ValueError(f"{name}: expected a {len(shape)}-D tensor of shape {shape}, got {_describe(t)}")
     if tuple(t.shape) != shape:
-        raise ValueError(f"{name}: expected shape {shape} (from x's last dim and w_down's rows), got {tuple(t.shape)}")
+        raise ValueError(f"{name}: expected shape {shape} (from {x_name}'s last dim and w_down's rows), got {tuple(t.shape)}")
     if t.dtype != x.dtype:
-        raise TypeError(f"{name}: expected dtype {x.dtype} (x's dtype), got {t.dtype}")
+        raise TypeError(f"{name}: expected dtype {x.dtype} ({x_name}'s dtype), got {t.dtype}")
     if t.device != x.device:
-        raise ValueError(f"{name}: expected device {x.device} (x's device), got {t.device}")
+        raise ValueError(f"{name}: expected device {x.device} ({x_name}'s device), got {t.device}")
 
 
 def _check_scaling(scaling, d: int, x: Tensor) -> None:
@@ -49,14 +51,14 @@ def _check_scaling(scaling, d: int, x: Tensor) -> None:
             raise ValueError(f"scaling: expected device {x.device} (x's device), got {scaling.device}")
 
 
-def _check_x(x) -> int:
-    """x: a floating tensor (..., d) of a supported dtype; returns d."""
+def _check_x(x, name: str = "x") -> int:
+    """x (called ``name`` in messages): a floating tensor (..., d) of a supported dtype; returns d."""
     if not isinstance(x, Tensor):
-        raise TypeError(f"x: expected a torch.Tensor of shape (..., d), got {type(x).__name__}")
+        raise TypeError(f"{name}: expected a torch.Tensor of shape (..., d), got {type(x).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x: expected dtype float32, float16, bfloat16 or float64, got {x.dtype}")
+        raise TypeError(f"{name}: expected dtype float32, float16, bfloat16 or float64, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] < 1:
-        raise ValueError(f"x: expected shape (..., d) with d >= 1, got {tuple(x.shape)}")
+        raise ValueError(f"{name}: expected shape (..., d) with d >= 1, got {tuple(x.shape)}")
     return x.shape[-1]
 
 
@@ -394,3 +396,106 @@ def bottleneck_adapter_batched(
             act.kernel_id, save_preact, name,
         )
     return y.view(x.shape)
+
+
+NORMS = ("layernorm", "rmsnorm")
+
+
+def adapter_add_norm(
+    z: Tensor,
+    residual: Tensor,
+    w_down: Tensor,
+    b_down: Optional[Tensor],
+    w_up: Tensor,
+    b_up: Optional[Tensor],
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    *,
+    activation: Optional[str] = "relu",
+    scaling: Union[float, Tensor] = 1.0,
+    eps: float = 1e-12,
+    norm: str = "layernorm",
+    backend: str = "auto",
+) -> Tensor:
+    """Inference: a sequential adapter, the residual add and the norm after it, in one kernel::
+
+        y   = z + scaling * (act(z @ w_down.T + b_down) @ w_up.T + b_up) + residual
+        out = F.layer_norm(y, (d,), norm_weight, norm_bias, eps)             norm="layernorm"
+        out = y * rsqrt(mean(y**2, -1) + eps) * norm_weight                   norm="rmsnorm" (Llama)
+
+    BERT / RoBERTa's ``BertSelfOutput`` / ``BertOutput`` with a Pfeiffer / Houlsby adapter compute
+    ``LayerNorm(adapter(dense(h)) + input_tensor)``: ``z`` is ``dense(h)``, ``residual`` the block's
+    ``input_tensor``, ``eps`` the LayerNorm's (BERT: 1e-12). The Triton kernel reads z and residual
+    once from memory and writes ``out`` once (see benchmarks/NOTES.md, "adapter_add_norm").
+
+    Args:
+        z: (..., d) float32, float16, bfloat16 (or float64); any leading shape and strides.
+        residual: a tensor of z's shape, dtype and device; any strides.
+        w_down, b_down, w_up, b_up: the adapter, as in :func:`bottleneck_adapter` (``nn.Linear`` layout).
+        norm_weight: (d,) or None (ones). norm_bias: (d,) or None (zeros); must be None for rmsnorm.
+        activation, scaling: as in :func:`bottleneck_adapter` (scaling a float or a tensor of shape (1,) or (d,)).
+        eps: a float > 0, added to the variance (layernorm) or to mean(y**2) (rmsnorm).
+        norm: ``"layernorm"`` or ``"rmsnorm"``.
+        backend: ``auto``, ``torch`` or ``triton`` (no CUDA C++ kernel).
+
+    Returns:
+        z's shape and dtype (contiguous). Statistics in float32 (float64 for float64 inputs). Under
+        autocast, every floating input but the scaling is cast to autocast's dtype, as in the other ops.
+
+    Gradients: an inference op. The ``torch`` backend is plain PyTorch and differentiable; the Triton
+    kernel has no backward: its forward runs whatever the grad mode (forgetting ``torch.no_grad()``
+    costs nothing), and a backward through it raises RuntimeError. Train with :func:`bottleneck_adapter`.
+    """
+    d = _check_x(z, "z")
+    cast = _autocast_dtype(z)
+    if cast is not None:
+        z, residual, w_down, b_down, w_up, b_up, norm_weight, norm_bias = _autocast(
+            (z, residual, w_down, b_down, w_up, b_up, norm_weight, norm_bias), cast
+        )
+        with torch.autocast(z.device.type, enabled=False):
+            return adapter_add_norm(
+                z, residual, w_down, b_down, w_up, b_up, norm_weight, norm_bias, activation=activation,
+                scaling=scaling, eps=eps, norm=norm, backend=backend,
+            )
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"residual: expected a torch.Tensor of z's shape {tuple(z.shape)}, got {type(residual).__name__}")
+    if residual.shape != z.shape:
+        raise ValueError(f"residual: expected z's shape {tuple(z.shape)}, got {tuple(residual.shape)}")
+    _check_param(residual, "residual", tuple(z.shape), z, optional=False, x_name="z")
+    if not isinstance(w_down, Tensor):
+        raise TypeError(f"w_down: expected a torch.Tensor of shape (r, {d}), got {type(w_down).__name__}")
+    if w_down.dim() != 2 or w_down.shape[0] < 1:
+        raise ValueError(f"w_down: expected a 2-D tensor of shape (r, {d}) with r >= 1, got {_describe(w_down)}")
+    r = w_down.shape[0]
+    for t, name, shape, optional in (
+        (w_down, "w_down", (r, d), False), (b_down, "b_down", (r,), True), (w_up, "w_up", (d, r), False),
+        (b_up, "b_up", (d,), True), (norm_weight, "norm_weight", (d,), True), (norm_bias, "norm_bias", (d,), True),
+    ):
+        _check_param(t, name, shape, z, optional, x_name="z")
+    if not isinstance(norm, str):
+        raise TypeError(f"norm: expected a str (one of {', '.join(NORMS)}), got {type(norm).__name__}")
+    if norm not in NORMS:
+        raise ValueError(f"norm: unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
+    if norm == "rmsnorm" and norm_bias is not None:
+        raise ValueError("norm_bias: rmsnorm has no bias; pass norm_bias=None")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps: expected a float > 0, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps: expected a finite float > 0, got {eps!r}")
+    _check_scaling(scaling, d, z)
+    act = get_activation(activation)
+    name = resolve_backend(backend, z.device, ADD_NORM)
+
+    flat = z.dim() != 2  # 2-D inputs skip the reshapes (a few us each: much of a T = 1 call on the CPU)
+    z2d, res2d = (z.reshape(-1, d), residual.reshape(-1, d)) if flat else (z, residual)
+    if name == "torch":
+        out = reference.adapter_add_norm(
+            z2d, res2d, w_down, b_down, w_up, b_up, norm_weight, norm_bias, scaling, act.name, float(eps), norm == "rmsnorm"
+        )
+    else:
+        scale, scale_value = _kernel_scaling(scaling.reshape(-1) if isinstance(scaling, Tensor) else scaling)
+        out = torch.ops.adapterkern.adapter_add_norm_fwd(
+            z2d, res2d, w_down, b_down, w_up, b_up, scale, scale_value, norm_weight, norm_bias, act.kernel_id,
+            float(eps), norm == "rmsnorm", name,
+        )
+    return out.view(z.shape) if flat else out

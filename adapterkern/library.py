@@ -11,6 +11,12 @@ picks the kernel-backend module), all made by :func:`_register` from one paramet
   input (``w_down`` (N, r, d), ...; ``y`` (N, T, d)), with ``add_residual`` after ``residual``.
 * ``adapterkern::batched_adapter_fwd`` / ``batched_adapter_bwd``: the stack with each token routed to
   one adapter; the token groups ``perm, counts, starts`` follow ``x`` in both ops.
+* ``adapterkern::adapter_add_norm_fwd(z, residual, w_down, b_down, w_up, b_up, scale, scale_value,
+  norm_weight, norm_bias, activation_id, eps, rms_norm, backend) -> out``: the inference op (a
+  sequential adapter, the residual add and the norm in one kernel; :func:`_register_add_norm`). No
+  backward kernel: its autograd formula is ``adapterkern::adapter_add_norm_no_backward``, an op that
+  raises when run (so a backward through it is a clear error) and whose fake gives the gradients'
+  shapes (so torch.compile can still trace a graph whose inputs require grad).
 
 Shapes and semantics are the kernel-backend interface documented in :mod:`adapterkern.backends`.
 The forward saves only the pre-activation for backward, never the (T, d) output (see
@@ -27,7 +33,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .backends import BATCHED, MULTI, SINGLE, kernel_functions
+from .backends import ADD_NORM, BATCHED, MULTI, SINGLE, kernel_functions
 
 # (name, schema type) of the adapter's weights, as every op takes them.
 _WEIGHTS = (
@@ -175,3 +181,56 @@ _register(_OpSpec("multi_adapter", MULTI, add_residual=True, groups=False,
                   output_shapes=lambda t, d, w: ((w[0], t, d), (w[0], t, w[1]))))
 _register(_OpSpec("batched_adapter", BATCHED, add_residual=True, groups=True,
                   output_shapes=lambda t, d, w: ((t, d), (t, w[1]))))
+
+
+# The inference op (forward only): adapter_add_norm.
+_ADD_NORM_PARAMS = (
+    ("z", "Tensor"), ("residual", "Tensor"), *_WEIGHTS, ("norm_weight", "Tensor?"), ("norm_bias", "Tensor?"),
+    ("activation_id", "int"), ("eps", "float"), ("rms_norm", "bool"), ("backend", "str"),
+)
+ADD_NORM_NO_BACKWARD = (
+    "adapter_add_norm: the {backend} kernel is inference-only (it has no backward); run it under torch.no_grad() "
+    "/ torch.inference_mode(), or train with adapterkern.bottleneck_adapter followed by the norm (or "
+    "adapter_add_norm(..., backend='torch'), which is differentiable)"
+)
+
+
+def _register_add_norm() -> None:
+    def forward(*args):
+        a = _named(_ADD_NORM_PARAMS, args)
+        kernel_forward, _ = kernel_functions(a["backend"], ADD_NORM)
+        return kernel_forward(*(a[n] for n, _ in _ADD_NORM_PARAMS[:-1]))
+
+    def forward_fake(z, *_):
+        return z.new_empty(z.shape)
+
+    fwd = torch.library.custom_op(
+        "adapterkern::adapter_add_norm_fwd", forward, mutates_args=(), schema=_schema(_ADD_NORM_PARAMS, "Tensor")
+    )
+    fwd.register_fake(forward_fake)
+
+    def no_backward(grad, shape, dtype, backend):
+        raise RuntimeError(ADD_NORM_NO_BACKWARD.format(backend=backend))
+
+    nobwd = torch.library.custom_op(
+        "adapterkern::adapter_add_norm_no_backward", no_backward, mutates_args=(),
+        schema="(Tensor grad, SymInt[] shape, ScalarType dtype, str backend) -> Tensor",
+    )
+    nobwd.register_fake(lambda grad, shape, dtype, backend: grad.new_empty(shape, dtype=dtype))
+    names = [n for n, _ in _ADD_NORM_PARAMS]
+
+    def setup_context(ctx, inputs, output):
+        ctx.like = [(t.shape, t.dtype) if isinstance(t, Tensor) else None for t in inputs]
+        ctx.backend = inputs[names.index("backend")]
+
+    def backward(ctx, grad):
+        # Every gradient asked for comes from the raising op (none is silently None or zero).
+        return tuple(
+            nobwd(grad, list(like[0]), like[1], ctx.backend) if need and like is not None else None
+            for need, like in zip(ctx.needs_input_grad, ctx.like)
+        )
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+
+
+_register_add_norm()

@@ -99,11 +99,11 @@ def test_both_kernel_backends_pass_that_decision(restore_precision, monkeypatch,
     """What each backend hands its kernels for float32 (Triton: input_precision; CUDA: allow_tf32),
     and that low-precision dtypes are unaffected."""
     pytest.importorskip("triton")
-    from adapterkern.backends.triton import bottleneck
+    from adapterkern.backends.triton import language
 
     apply()
-    assert bottleneck._precision(torch.float32) == ("tf32" if tf32 else "ieee")
-    assert bottleneck._precision(torch.bfloat16) is None
+    assert language.dot_precision(torch.float32) == ("tf32" if tf32 else "ieee")
+    assert language.dot_precision(torch.bfloat16) is None
 
     seen = []
 

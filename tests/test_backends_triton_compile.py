@@ -47,6 +47,7 @@ ARCHS = (80, 90)
 FLAVOURS = {"bf16": ("bf16", None), "fp16": ("fp16", None), "fp32": ("fp32", "ieee"), "tf32": ("fp32", "tf32"),
             "fp64": ("fp64", None)}
 KERNELS = ("fwd_kernel", "bwd_dh_kernel", "bwd_main_kernel")
+ADD_NORM = "add_norm_kernel"  # adapterkern.backends.triton.add_norm: the inference op
 # Shared memory per block, opt-in maximum (what Triton's launcher checks): A100 163 KiB, H100/H200 227 KiB.
 SMEM_LIMIT = {80: 166912, 90: 232448}
 HANG_GUARD_S = 3600  # not a budget: only a hung worker gets near it
@@ -64,10 +65,11 @@ class Job:
     act: int = 2  # GELU_TANH: the most code
     has_s: bool = True
     wgmma: bool = False  # sm_90: a config with 64-row tiles (Hopper's wgmma), else the cheapest
+    rms: bool = False  # add_norm_kernel: RMSNorm, else LayerNorm
 
     def __str__(self):
         return (f"sm_{self.arch} {self.kernel} {self.flavour} R_PAD={self.r_pad} GATHER={int(self.gather)} "
-                f"ACT={self.act} HAS_S={int(self.has_s)}" + (" wgmma-tile" if self.wgmma else ""))
+                f"ACT={self.act} HAS_S={int(self.has_s)}" + (" RMS" if self.rms else "") + (" wgmma-tile" if self.wgmma else ""))
 
 
 def jobs() -> List[Job]:
@@ -81,6 +83,10 @@ def jobs() -> List[Job]:
     for arch, flavour in ((80, "bf16"), (90, "bf16"), (90, "fp32")):
         out += [Job(arch, flavour, kernel, 512) for kernel in KERNELS]
     out += [Job(80, "fp32", "bwd_main_kernel", 256), Job(90, "tf32", "bwd_main_kernel", 512)]
+    # The inference kernel: LayerNorm and RMSNorm, every flavour but fp64 at R_PAD=16, bf16 at 512.
+    out += [Job(arch, flavour, ADD_NORM, 16, act=k, has_s=k % 2 == 0, rms=k % 2 == 1)
+            for k, (arch, flavour) in enumerate((a, f) for a in ARCHS for f in ("bf16", "fp16", "fp32", "tf32"))]
+    out += [Job(arch, "bf16", ADD_NORM, 512) for arch in ARCHS] + [Job(90, "bf16", ADD_NORM, 16, wgmma=True)]
     return sorted(out, key=lambda j: (-j.r_pad, j.kernel != "bwd_main_kernel", j.flavour == "bf16"))
 
 
@@ -103,9 +109,9 @@ def pick_config(kernel_name: str, r_pad: int, wgmma: bool = False, element_size:
     bwd_main_kernel (whose weight-gradient dots have D rows)."""
     from adapterkern.backends.triton import language
 
-    configs = language.FWD_CONFIGS if kernel_name == "fwd_kernel" else language.BWD_CONFIGS
+    configs = language.FWD_CONFIGS if kernel_name in ("fwd_kernel", ADD_NORM) else language.BWD_CONFIGS
     named = {"R_PAD": r_pad, "T_BUCKET": 16384}
-    if kernel_name != "fwd_kernel":
+    if kernel_name not in ("fwd_kernel", ADD_NORM):
         named["DY"] = _Operand(element_size)  # the backward kernels' tile bytes depend on it
     pickable = language.PRUNE["early_config_prune"](configs, named)
     if wgmma:
@@ -122,7 +128,7 @@ def _signature(jit, dtype: str) -> Dict[str, str]:
         name = p.name
         if p.is_constexpr:
             signature[name] = "constexpr"
-        elif name == "scale_value":
+        elif name in ("scale_value", "eps"):
             signature[name] = "fp32"
         elif name.startswith("stride") or name in _INT_ARGS:
             signature[name] = "i32"
@@ -144,19 +150,23 @@ def compile_job(job: Job) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from adapterkern.backends.triton import kernels, language
+    from adapterkern.backends.triton import add_norm, kernels, language
 
     assert not language.INTERPRET, "the compile worker must run without TRITON_INTERPRET"
     dtype, precision = FLAVOURS[job.flavour]
     config = pick_config(job.kernel, job.r_pad, job.wgmma, {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}[dtype])
     constexprs = dict(ACT=job.act, PRECISION=precision, ACC=tl.float64 if dtype == "fp64" else tl.float32,
-                      R_PAD=job.r_pad, HAS_S=job.has_s, GATHER=job.gather, **config.kwargs)
+                      R_PAD=job.r_pad, HAS_S=job.has_s, **config.kwargs)
+    if job.kernel == ADD_NORM:
+        constexprs.update(HAS_BD=True, HAS_BU=True, HAS_NW=True, HAS_NB=not job.rms, RMS=job.rms)
+    else:
+        constexprs["GATHER"] = job.gather
     if job.kernel == "fwd_kernel":  # the batched form without the residual: zero rows for unrouted tokens
         constexprs.update(HAS_BD=True, HAS_BU=True, ADD_RES=not job.gather, SAVE_H=True)
     elif job.kernel == "bwd_main_kernel":
         constexprs.update(HAS_BU=True, RES_IS_X=not job.gather, NEED_DX=True, NEED_DWD=True, NEED_DBD=True,
                           NEED_DWU=True, NEED_DBU=True, NEED_DS=True)
-    jit = getattr(kernels, job.kernel).fn
+    jit = (add_norm if job.kernel == ADD_NORM else kernels).__dict__[job.kernel].fn
     result = dict(job=asdict(job), what=str(job), ok=False, error="", shared=None, wgmma=False,
                   config=f"BLOCK_T={config.kwargs['BLOCK_T']} BLOCK_D={config.kwargs['BLOCK_D']} "
                          f"warps={config.num_warps} stages={config.num_stages}")

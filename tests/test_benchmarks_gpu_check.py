@@ -201,10 +201,13 @@ def test_dry_run(tmp_path):
     _, summary, files, stages = _dry_run(tmp_path, DRY_TOTAL_S)
     assert stages["install"]["status"] == "skipped" and "dry run" in stages["install"]["note"]
     assert stages["tradeoffs"]["status"] == "skipped" and stages["tradeoffs"]["note"].startswith("not started: needs 999")
-    # A busy machine may leave no time for the later stages, never for the first ones (a third of the budget).
-    for name in ("env", "smoke-triton", "smoke-cuda", "bench-priority", "tests"):
+    # The first stages always start; a busy machine may leave no time for the later ones, and a stage
+    # not started then says so (slow stages make a later one miss the deadline, never fail it).
+    for name in ("env", "smoke-triton"):
         assert stages[name]["status"] != "skipped", (name, summary)
-    assert stages["smoke-cuda"]["status"] == "unavailable"
+    for name in ("smoke-cuda", "bench-priority", "tests"):
+        assert stages[name]["status"] != "skipped" or stages[name]["note"].startswith("not started: needs"), (name, summary)
+    assert stages["smoke-cuda"]["status"] in ("unavailable", "skipped")
     assert stages["bench-grid"]["status"] in ("cut", "skipped")  # far more work than its limit
     if stages["memcheck"]["status"] != "skipped":
         assert stages["memcheck"]["status"] == "unavailable"

@@ -390,3 +390,22 @@ def test_bias_of_another_dtype_is_a_type_error_naming_it(backend, bias):
         adapterkern.bottleneck_adapter_batched(
             x, torch.zeros(5, dtype=torch.long, device=DEVICE), *stack, backend="torch" if backend == "cuda" else backend
         )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_biases(backend):
+    """Biases that are strided views (every other element of a longer vector) give the maths of their values."""
+    x = torch.randn(7, 16, device=DEVICE, requires_grad=True)
+    w_down, w_up = torch.randn(4, 16, device=DEVICE) * 0.25, torch.randn(16, 4, device=DEVICE) * 0.5
+    b_down_full, b_up_full = torch.randn(8, device=DEVICE), torch.randn(32, device=DEVICE)
+    b_down, b_up = b_down_full[::2], b_up_full[::2]
+    y = adapterkern.bottleneck_adapter(x, w_down, b_down, w_up, b_up, activation="gelu", backend=backend)
+    ref = reference_adapter(x.double(), w_down.double(), b_down.double(), w_up.double(), b_up.double(), "gelu")
+    assert rel_err(y, ref) < TOL[torch.float32]
+    stack = [t.unsqueeze(0) for t in (w_down, b_down, w_up, b_up)]
+    multi_backend = "torch" if not implements(backend, "multi_adapter") else backend
+    y_stack = adapterkern.multi_adapter(x, *stack, activation="gelu", backend=multi_backend)[0]
+    assert rel_err(y_stack, ref) < TOL[torch.float32]
+    (g,) = torch.autograd.grad(y.sum(), [x])
+    (g_ref,) = torch.autograd.grad(ref.sum(), [x])
+    assert rel_err(g, g_ref) < TOL[torch.float32]

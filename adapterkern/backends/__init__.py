@@ -10,8 +10,9 @@ Backends:
   implements the single-adapter op only.
 
 Ops (the functional entry points): ``bottleneck_adapter`` (one adapter), ``multi_adapter`` (a stack of
-N adapters on one input) and ``bottleneck_adapter_batched`` (each token through its own adapter of a
-stack). :data:`IMPLEMENTS` says which backend has which.
+N adapters on one input), ``bottleneck_adapter_batched`` (each token through its own adapter of a
+stack) and ``adapter_add_norm`` (inference: a sequential adapter fused with the residual add and the
+LayerNorm / RMSNorm after it). :data:`IMPLEMENTS` says which backend has which.
 
 ``auto`` picks, for the op and the tensors' device, the first backend of :data:`AUTO_PREFERENCE` that
 implements the op and is available; ``torch`` implements every op, so ``auto`` always finds one. The
@@ -38,6 +39,16 @@ The stack ops take the same arguments for a stack (``w_down`` (N, r, d), ``w_up`
 (N, r) / (N, d), ``scale`` (N, 1) / (N, d)) plus ``add_residual`` after ``residual``; the batched pair
 takes the token groups ``(perm, counts, starts)`` (see :class:`adapterkern.TokenGroups`) as one
 argument right after ``x``.
+
+``adapter_add_norm`` is forward-only: its :data:`KERNEL_FUNCTIONS` entry names no backward (None), and
+the forward is::
+
+    adapter_add_norm_forward(z, residual, w_down, b_down, w_up, b_up, scale, scale_value, norm_weight,
+                             norm_bias, activation_id, eps, rms_norm) -> out
+
+with ``z``, ``residual`` (T, d) any strides, the adapter's weights as above, ``norm_weight`` /
+``norm_bias`` (d,) or None, ``rms_norm`` a bool (False: LayerNorm); ``out`` a new contiguous (T, d)
+tensor of z's dtype, ``norm(z + s * (act(z @ w_down.T + b_down) @ w_up.T + b_up) + residual)``.
 """
 from __future__ import annotations
 
@@ -55,20 +66,23 @@ ENV_VAR = "ADAPTERKERN_BACKEND"
 SINGLE = "bottleneck_adapter"
 MULTI = "multi_adapter"
 BATCHED = "bottleneck_adapter_batched"
-OPS = (SINGLE, MULTI, BATCHED)
+ADD_NORM = "adapter_add_norm"
+OPS = (SINGLE, MULTI, BATCHED, ADD_NORM)
 
 # Which backend implements which op.
 IMPLEMENTS = {
     "torch": frozenset(OPS),
-    "triton": frozenset(OPS),
+    "triton": frozenset(OPS),  # adapter_add_norm: forward only
     "cuda": frozenset({SINGLE}),
 }
 
-# The (forward, backward) function names of each op in a kernel-backend module.
+# The (forward, backward) function names of each op in a kernel-backend module; None: no backward
+# (an inference op).
 KERNEL_FUNCTIONS = {
     SINGLE: ("adapter_forward", "adapter_backward"),
     MULTI: ("multi_adapter_forward", "multi_adapter_backward"),
     BATCHED: ("batched_adapter_forward", "batched_adapter_backward"),
+    ADD_NORM: ("adapter_add_norm_forward", None),
 }
 
 # The order ``auto`` tries backends in, per device type; ``torch`` ends every list. On CPU the Triton
@@ -103,12 +117,12 @@ def kernel_backend(name: str) -> ModuleType:
 
 
 def kernel_functions(name: str, op: str):
-    """(forward, backward) of kernel backend ``name`` for ``op``."""
+    """(forward, backward) of kernel backend ``name`` for ``op``; backward None for a forward-only op."""
     if _check_op(op) not in IMPLEMENTS[name]:
         raise ValueError(f"backend: {name!r} has no {op} kernel")
     module = kernel_backend(name)
     forward, backward = KERNEL_FUNCTIONS[op]
-    return getattr(module, forward), getattr(module, backward)
+    return getattr(module, forward), (None if backward is None else getattr(module, backward))
 
 
 def is_available(name: str, device: torch.device) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 
 from ..activations import get_activation
 
@@ -157,3 +158,34 @@ def _batched_adapter_static(x, perm, counts, w_down, b_down, w_up, b_up, scaling
     stack = multi_adapter(x, w_down, b_down, w_up, b_up, scaling, res, True, activation)
     chosen = stack[(group - 1).clamp_min(0), torch.arange(num_tokens, device=x.device)]
     return torch.where((group > 0)[:, None], chosen, res)
+
+
+def adapter_add_norm(
+    z: torch.Tensor,
+    residual: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: Optional[torch.Tensor],
+    w_up: torch.Tensor,
+    b_up: Optional[torch.Tensor],
+    norm_weight: Optional[torch.Tensor],
+    norm_bias: Optional[torch.Tensor],
+    scaling: Union[float, torch.Tensor],
+    activation: str,
+    eps: float,
+    rms_norm: bool,
+) -> torch.Tensor:
+    """``norm(z + scaling * (act(z @ w_down.T + b_down) @ w_up.T + b_up) + residual)`` on 2-D (T, d).
+
+    A sequential adapter on the sublayer output ``z``, the block's residual add, then LayerNorm (or
+    RMSNorm when ``rms_norm``: ``y * rsqrt(mean(y**2) + eps) * norm_weight``, torch's ``F.rms_norm``).
+    In the fewest eager ops: one add (``z + residual``) that becomes the ``beta`` term of the
+    adapter's up-projection ``addmm`` (:func:`bottleneck_adapter`, scaling folded into the (d, r)
+    weight for T > r), then the norm. The un-normalised sum is rounded once to z's dtype (the
+    norms' statistics are float32 for float16 / bfloat16, as torch's kernels compute them).
+    Differentiable by ordinary autograd. Arguments are assumed checked.
+    """
+    y = bottleneck_adapter(z, w_down, b_down, w_up, b_up, scaling, torch.add(z, residual), activation)
+    d = (z.shape[-1],)
+    if rms_norm:
+        return F.rms_norm(y, d, norm_weight, eps)
+    return F.layer_norm(y, d, norm_weight, norm_bias, eps)

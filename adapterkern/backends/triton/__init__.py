@@ -42,3 +42,4 @@ if _IMPORT_ERROR is None:
         multi_adapter_backward,
         multi_adapter_forward,
     )
+    from .add_norm import adapter_add_norm_forward  # noqa: F401,E402

@@ -26,11 +26,9 @@ from typing import Optional, Sequence
 
 import torch
 import triton
-import triton.language as tl
 
-from ..precision import fp32_matmul_allows_tf32
 from .kernels import bwd_dh_kernel, bwd_main_kernel, fwd_kernel
-from .language import t_bucket
+from .language import acc_dtype, dot_precision, padded_rank, t_bucket
 
 
 # ----------------------------------------------------------------------------------------------
@@ -38,28 +36,16 @@ from .language import t_bucket
 # ----------------------------------------------------------------------------------------------
 
 
-def _precision(dtype: torch.dtype):
-    """fp32 matches torch's matmul (IEEE unless TF32 is allowed, see adapterkern.backends.precision).
-    Other dtypes take Triton's default (the setting only applies to fp32 operands)."""
-    if dtype == torch.float32:
-        return "tf32" if fp32_matmul_allows_tf32() else "ieee"
-    return None
-
-
-def _acc_dtype(dtype: torch.dtype):
-    """Accumulate in fp32; float64 inputs (gradcheck) accumulate in fp64."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _r_pad(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
-
-
 def _scale_args(scale: Optional[torch.Tensor], scale_value: float, like: torch.Tensor):
     """(pointer, stride over d, stride over adapters, value, HAS_S) for a (N, 1) / (N, D) scale or None."""
     if scale is None:
         return like, 0, 0, float(scale_value), False
     return scale, (0 if scale.shape[1] == 1 else scale.stride(1)), scale.stride(0), 1.0, True
+
+
+def _unit_stride(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A bias with unit stride along its last dim (the kernels index it so; a copy of r or d elements)."""
+    return bias if bias is None or bias.stride(-1) == 1 else bias.contiguous()
 
 
 def _num_splits(num_tokens: int, d: int, device: torch.device) -> int:
@@ -101,6 +87,7 @@ def multi_adapter_forward(
     """
     num_tokens, d = x.shape
     n_adapters, r = w_down.shape[0], w_down.shape[1]
+    b_down, b_up = _unit_stride(b_down), _unit_stride(b_up)
     stack = () if groups is not None else (n_adapters,)
     y = torch.empty(stack + (num_tokens, d), dtype=x.dtype, device=x.device)
     preact = torch.empty(stack + (num_tokens, r) if save_preact else (0,), dtype=x.dtype, device=x.device)
@@ -131,9 +118,9 @@ def multi_adapter_forward(
         ADD_RES=add_residual,
         SAVE_H=save_preact,
         GATHER=groups is not None,
-        PRECISION=_precision(x.dtype),
-        ACC=_acc_dtype(x.dtype),
-        R_PAD=_r_pad(r),
+        PRECISION=dot_precision(x.dtype),
+        ACC=acc_dtype(x.dtype),
+        R_PAD=padded_rank(r),
     )
     return y, preact
 
@@ -158,6 +145,7 @@ def multi_adapter_backward(
     (dx (T, d), dw_down (N, r, d), db_down, dw_up, db_up, dscale (scale's shape)), None where not needed.
     ``dx`` includes ``sum_n dy[n]`` when ``residual_is_x`` (x was added to every output)."""
     need_dx, need_dwd, need_dbd, need_dwu, need_dbu, need_ds = (bool(n) for n in needs)
+    b_up = _unit_stride(b_up)
     num_tokens, d = x.shape
     n_adapters, r = w_down.shape[0], w_down.shape[1]
     dev, dtype = x.device, x.dtype
@@ -173,9 +161,9 @@ def multi_adapter_backward(
             zeros(scale) if need_ds else None,
         )
     s, stride_s, stride_s_n, s_val, has_s = _scale_args(scale, scale_value, w_up)
-    precision = _precision(dtype)
-    acc = _acc_dtype(dtype)
-    r_pad = _r_pad(r)
+    precision = dot_precision(dtype)
+    acc = acc_dtype(dtype)
+    r_pad = padded_rank(r)
     tokens_key = t_bucket(num_tokens)
 
     gather = groups is not None

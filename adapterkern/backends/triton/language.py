@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
+
+from ..precision import fp32_matmul_allows_tf32
 
 from ...activations import (
     GELU,
@@ -240,3 +243,26 @@ def group_tile(local, g, PERM, COUNTS, STARTS, T, GATHER: tl.constexpr):
         mask = local < count
         rows = local
     return rows, mask, count
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side: the constexprs every launcher derives from its tensors
+# ----------------------------------------------------------------------------------------------
+
+
+def dot_precision(dtype: torch.dtype):
+    """fp32 matches torch's matmul (IEEE unless TF32 is allowed, see adapterkern.backends.precision).
+    Other dtypes take Triton's default (the setting only applies to fp32 operands)."""
+    if dtype == torch.float32:
+        return "tf32" if fp32_matmul_allows_tf32() else "ieee"
+    return None
+
+
+def acc_dtype(dtype: torch.dtype):
+    """Accumulate in fp32; float64 inputs (gradcheck) accumulate in fp64."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def padded_rank(r: int) -> int:
+    """R_PAD: the bottleneck padded to a power of two of at least 16 (every tl.dot dim >= 16)."""
+    return max(16, triton.next_power_of_2(r))
