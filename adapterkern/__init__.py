@@ -18,6 +18,7 @@ from .integrations.transformers import (
 )
 from .integrations.compose import StochasticAdapterDrop, add_fusion, multi_task_forward, route_adapters, set_adapter_drop
 from .integrations.adapterhub import AdapterPatchReport, patch_adapters, unpatch_adapters
+from .integrations.inference import InferenceReport, optimize_for_inference, undo_inference_optimization
 
 __version__ = "0.1.0"
 
@@ -52,4 +53,7 @@ __all__ = [
     "AdapterPatchReport",
     "patch_adapters",
     "unpatch_adapters",
+    "InferenceReport",
+    "optimize_for_inference",
+    "undo_inference_optimization",
 ]

@@ -38,7 +38,7 @@ from ..nn.fusion import AdapterFusion, fuse_adapters, resolve_fusion_config
 from .placement import AdapterConfig
 from .slots import (
     PREFIX, SEQUENTIAL, AdapterSlot, Place, SlotConfig, SlotOverride, adapter_configs, attach, check_model, check_new_name,
-    iter_slots, overriding_slots, reference_param, require_adapter, set_drop_layers,
+    check_not_optimized, iter_slots, overriding_slots, reference_param, require_adapter, set_drop_layers,
 )
 from .transformers import set_active_adapter
 
@@ -125,6 +125,7 @@ def add_fusion(model: nn.Module, name: str, adapters: Sequence[str], config="dyn
     Stage 2 of the paper's training: ``train_adapter(model, name)`` trains the fusion layers only.
     ``config``: ``"dynamic"``, ``"static"`` or a dict of the ``adapters`` library's fusion fields.
     Save and load it like an adapter (the named adapters must be in the model first)."""
+    check_not_optimized(model, "add_fusion")
     check_new_name(model, name)
     if isinstance(adapters, str) or not isinstance(adapters, (list, tuple)) or not adapters:
         raise TypeError(f"adapters: expected a non-empty list of adapter names, got {adapters!r}")
@@ -234,6 +235,7 @@ def route_adapters(model: nn.Module, names: Sequence[Optional[str]], adapter_ind
     adapter and AdapterDrop setting stay as they are), other threads run it as they would without the
     block, and a nested block's routing ends with it. A (B,) index whose length is not the batch
     size is a ValueError at the first adapter place of the forward."""
+    check_not_optimized(model, "route_adapters")
     names = _check_names(model, names)
     _check_index(adapter_index, len(names))
     route = Route(names, adapter_index)
@@ -251,7 +253,7 @@ def set_adapter_drop(model: nn.Module, num_layers: int) -> None:
     without a layer index are never dropped. Unlike ``AdapterConfig(leave_out=...)`` this keeps the
     adapters' weights and can change between forwards. It is a setting of the model: places added
     later (``add_adapter``, ``load_adapter``, ``add_fusion``) follow it too."""
-    check_model(model)
+    check_not_optimized(model, "set_adapter_drop")
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
         raise ValueError(f"num_layers: expected an int >= 0, got {num_layers!r}")
     set_drop_layers(model, num_layers)
@@ -324,6 +326,7 @@ def multi_task_forward(model: nn.Module, names: Sequence[Optional[str]], drop_la
     the drop hold for this call only (the model's own AdapterDrop setting is not used or changed):
     other threads running the model meanwhile are not affected.
     """
+    check_not_optimized(model, "multi_task_forward")
     names = _check_names(model, names)
     layers = _layer_modules(model)
     if not layers:

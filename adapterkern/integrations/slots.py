@@ -48,6 +48,9 @@ MODES = (SEQUENTIAL, PARALLEL, PARALLEL_SKIP, PREFIX)
 
 _RECORD = "_adapterkern_configs"  # model.__dict__ key: {name: SlotConfig}
 _DROP = "_adapterkern_drop_layers"  # model.__dict__ key: AdapterDrop's number of dropped layers
+# model.__dict__ key: optimize_for_inference's record (adapterkern.integrations.inference), while the
+# model is optimised; every slot of such a model has the same key in its __dict__ (value True)
+_OPTIMIZED = "_adapterkern_inference"
 
 # kind name -> config class; filled by SlotConfig subclasses as they are defined
 CONFIG_KINDS: Dict[str, Type["SlotConfig"]] = {}
@@ -267,6 +270,17 @@ def reference_param(module: nn.Module, model: nn.Module) -> Tensor:
 def check_model(model) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+
+
+def check_not_optimized(model: nn.Module, what: str) -> None:
+    """RuntimeError if ``model`` (or a module with adapter slots of one) is optimised for inference:
+    its merged layers would go on serving the adapter set-up they were built from."""
+    check_model(model)
+    if _OPTIMIZED in model.__dict__ or any(_OPTIMIZED in slot.__dict__ for _, _, slot in iter_slots(model)):
+        raise RuntimeError(
+            f"{what}: this model is optimised for inference (adapterkern.optimize_for_inference); "
+            f"call adapterkern.undo_inference_optimization(model) first"
+        )
 
 
 def check_adapter_name(name) -> None:

@@ -34,7 +34,7 @@ from .placement import AdapterConfig, build_adapters, find_places
 from .prefix_attention import disable_prefix_attention, enable_prefix_attention, prefix_attention_enabled
 from .slots import (
     MODES, PREFIX, AdapterSlot, Place, SlotConfig, adapter_configs, attach, check_adapter_name, check_model, check_new_name,
-    check_places, config_class, detach, iter_slots, model_type, require_adapter, slot_of,
+    check_not_optimized, check_places, config_class, detach, iter_slots, model_type, require_adapter, slot_of,
 )
 
 __all__ = [
@@ -95,6 +95,7 @@ def add_adapter(model: nn.Module, name: str, config: Optional[AdapterConfig] = N
     The adapters take the dtype and device of the module they sit on. With ``set_active`` (default)
     the new adapter becomes the active one. Several adapters may be added; one is active at a time.
     """
+    check_not_optimized(model, "add_adapter")
     check_new_name(model, name)
     if config is None:
         config = AdapterConfig.pfeiffer()
@@ -108,6 +109,7 @@ def add_adapter(model: nn.Module, name: str, config: Optional[AdapterConfig] = N
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter (or fusion) ``name``; places left with no adapter get their hooks removed."""
+    check_not_optimized(model, "delete_adapter")
     require_adapter(model, name)
     configs = adapter_configs(model)
     users = [f"{configs[other].kind} {other!r}" for other, config in configs.items() if name in config.requires]
@@ -122,7 +124,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 def set_active_adapter(model: nn.Module, name: Optional[str]) -> None:
     """Make ``name`` the adapter (or fusion) applied in every forward (None: no adapter, the plain backbone)."""
-    check_model(model)
+    check_not_optimized(model, "set_active_adapter")
     if name is not None:
         require_adapter(model, name)
     active = None if name is None else adapter_configs(model)[name].composition(name)
@@ -194,6 +196,7 @@ def train_adapter(model: nn.Module, name: str, train_modules: Sequence[str] = ()
     """Freeze every parameter of ``model`` but adapter ``name``'s (and those of ``train_modules``,
     module names such as ``"classifier"`` matched against the end of qualified names, e.g. a task
     head), make ``name`` active, and return the :class:`AdapterSummary`."""
+    check_not_optimized(model, "train_adapter")
     require_adapter(model, name)
     if isinstance(train_modules, str):
         train_modules = (train_modules,)
@@ -554,7 +557,7 @@ def load_adapter(model: nn.Module, directory: Union[str, Path], name: Optional[s
     from safetensors import SafetensorError
     from safetensors.torch import load as load_safetensors
 
-    check_model(model)
+    check_not_optimized(model, "load_adapter")
     if name is not None:
         check_adapter_name(name)
     if not isinstance(directory, (str, os.PathLike)):
