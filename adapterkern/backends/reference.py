@@ -35,17 +35,13 @@ def bottleneck_adapter(
     Returns a new (T, d) tensor of ``x``'s dtype.
     """
     act = get_activation(activation).fn
-    if b_down is None:
-        hidden = x @ w_down.t()
-    else:
-        hidden = torch.addmm(b_down, x, w_down.t())
-    hidden = act(hidden)
+    hidden = act(torch.nn.functional.linear(x, w_down, b_down))
 
     res = x if residual is None else residual
     if x.shape[0] <= w_up.shape[1]:
         # Few tokens (T <= r, decode): refolding the (d, r) weight costs more than two small passes over
-        # the (T, d) output, so apply the bias in addmm and the scaling and residual in one more op.
-        up = hidden @ w_up.t() if b_up is None else torch.addmm(b_up, hidden, w_up.t())
+        # the (T, d) output, so apply the bias in the matmul and the scaling and residual in one more op.
+        up = torch.nn.functional.linear(hidden, w_up, b_up)
         if isinstance(scaling, torch.Tensor):
             return torch.addcmul(res, up, scaling.to(x.dtype))
         return torch.add(res, up, alpha=scaling)
