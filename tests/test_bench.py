@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--device", "cpu", "--tokens", "4", "--hidden", "32", "--bottleneck", "8", "--mode", "fwd",
         "--dtype", "float32", "--impl", "adapterkern-torch", "--no-progress", "--min-run-time", "0.005",
         "--copy-mib", "1"]
-KINDS = ("grid", "layer", "tradeoffs", "adapterdrop", "multi")  # every command that writes a CSV
+KINDS = ("grid", "layer", "inference", "tradeoffs", "adapterdrop", "multi")  # every command that writes a CSV
 
 
 def _run(tmp_path, *extra):
@@ -140,7 +140,7 @@ def test_plot_from_csv(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("sub", ["layer", "tradeoffs", "adapterdrop"])
+@pytest.mark.parametrize("sub", ["layer", "inference", "tradeoffs", "adapterdrop"])
 def test_subcommands_skip_cleanly_without_transformers(monkeypatch, capsys, tmp_path, sub):
     from adapterkern.bench import models
 
@@ -180,3 +180,90 @@ def test_multi_runs_and_checks_its_outputs(tmp_path):
         ("fusion", "eager fusion"), ("fusion", "adapterkern fusion"), ("fusion", "one adapter"),
     ]
     assert all(float(r["max_rel_diff"]) < 1e-5 for r in rows)
+
+
+INFERENCE_TINY = ["inference", "--tiny", "--rounds", "1", "--generation-rounds", "1", "--block-ms", "1", "--threads", "1",
+                  "--backend", "torch", "--dtype", "float32"]
+
+
+def _inference_rows(path):
+    rows = report.read_csv(str(path))
+    points = {}
+    for r in rows:
+        points.setdefault((r["model"], r["placement"], r["part"], r["batch"], r["seq"], r["new_tokens"]), []).append(r)
+    return rows, points
+
+
+def test_inference_runs_every_variant_on_tiny_models(tmp_path, capsys):
+    """``inference --tiny``: every model x placement x point has the four variants, finite overheads
+    and FLOP ratios, and outputs that match the adapterkern model's (the optimised model's within
+    float32 rounding; the no-adapter model's do not: the adapters are not the identity)."""
+    pytest.importorskip("transformers")
+    path = tmp_path / "inference.csv"
+    assert cli.main([*INFERENCE_TINY, "--csv", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "optimize_for_inference report" in out
+    rows, points = _inference_rows(path)
+    from adapterkern.bench import inference
+
+    assert list(rows[0]) == inference.COLUMNS and len({r["run_id"] for r in rows}) == 1
+    assert {(m, pl, part) for m, pl, part, *_ in points} == {
+        (m, pl, part) for m in ("bert-tiny", "llama-tiny") for pl in ("parallel", "pfeiffer")
+        for part in (("latency", "generation") if m == "llama-tiny" else ("latency",))
+    }
+    assert len(points) == 2 * 2 * 2 + 2 * 2  # 2 latency points per model and placement, 2 generation points for llama
+    for key, group in points.items():
+        assert [r["variant"] for r in group] == ["no adapter", "eager adapter", "adapterkern adapter", "optimised"], key
+        for r in group:
+            assert float(r["median_ms"]) > 0 and float(r["iqr_ms"]) >= 0
+            for column in ("overhead_pct", "flop_ratio_pct", "ffn_flop_ratio_pct"):
+                assert math.isfinite(float(r[column])), (key, column, r[column])
+            adapted = r["variant"] != "no adapter"
+            assert (float(r["flop_ratio_pct"]) > 0) == adapted and int(r["bottleneck"]) == 4
+            if adapted:  # one place (4·d·r) over one FFN: BERT 2 linears d x i, Llama 3 (gate, up, down)
+                d, i, linears = 64, int(r["intermediate"]), 3 if key[0] == "llama-tiny" else 2
+                assert float(r["ffn_flop_ratio_pct"]) == pytest.approx(100 * 4 * d * 4 / (linears * 2 * d * i))
+            if r["part"] == "latency":
+                diff = float(r["max_rel_diff"])  # against the adapterkern model's output
+                if adapted:
+                    assert diff < 1e-4, (key, r["variant"], diff)
+                else:
+                    assert diff > 1e-4, (key, diff)  # the adapters change the output
+                assert r["tokens_per_s"] == ""
+            else:
+                assert float(r["tokens_per_s"]) > 0 and 0 <= float(r["same_tokens_pct"]) <= 100
+                assert int(r["new_tokens"]) == 3 and int(r["seq"]) == 4
+
+
+def test_inference_without_the_optimiser_skips_that_variant_with_a_note(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    import adapterkern
+
+    monkeypatch.delattr(adapterkern, "optimize_for_inference", raising=False)
+    path = tmp_path / "inference.csv"
+    argv = [*INFERENCE_TINY, "--models", "bert", "--placements", "parallel", "--batches", "1x4", "--csv", str(path)]
+    assert cli.main(argv) == 0
+    assert "optimize_for_inference is not in this checkout" in capsys.readouterr().out
+    rows, _ = _inference_rows(path)
+    assert [r["variant"] for r in rows] == ["no adapter", "eager adapter", "adapterkern adapter"]
+
+
+def test_inference_flop_model_counts_the_shapes():
+    """The FLOP model of BERT-tiny (d = 64, FFN 4d, r = 4): a parallel adapter beside the FFN is r/(4d)
+    of its FLOPs; against the whole forward, 4·d·r per token over 24·d² per token plus 4·S²·d of attention."""
+    pytest.importorskip("transformers")
+    from adapterkern.bench import inference_models as im
+
+    base = im.build_backbone(im.BERT_TINY, torch.device("cpu"), torch.float32)
+    fused = im.with_adapterkern(base, "parallel", 16, "relu", "torch")
+    flops = im.flop_model(im.BERT_TINY, base, fused)
+    d, r, s = 64, 4, 8
+    assert flops.ffn_ratio_pct() == pytest.approx(100 * r / (4 * d))
+    assert flops.forward(1, s) == s * 24 * d * d + 4 * s * s * d
+    assert flops.forward_ratio_pct(1, s) == pytest.approx(100 * s * 4 * d * r / (s * 24 * d * d + 4 * s * s * d))
+    eager = im.eager_twin(fused)
+    ids = torch.randint(3, 128, (2, s))
+    forward = im.hidden_states(im.BERT_TINY)
+    with torch.no_grad():
+        assert im.relative_difference(forward(eager, ids), forward(fused, ids)) < 1e-5
+        assert im.relative_difference(forward(base, ids), forward(fused, ids)) > 1e-4

@@ -7,10 +7,11 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-from . import adapterdrop, grid, layer, multi, plot, report, tradeoffs
+from . import adapterdrop, grid, inference, layer, multi, plot, report, tradeoffs
 
 COMMANDS = {
     "layer": layer.main,
+    "inference": inference.main,
     "tradeoffs": tradeoffs.main,
     "adapterdrop": adapterdrop.main,
     "multi": multi.main,
