@@ -84,3 +84,14 @@ def test_no_import_circle():
 def test_no_module_over_the_line_limit():
     long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_no_private_name_imported_from_another_module():
+    """A name another module needs is public in the module that owns it: no ``from .x import _name``."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("adapterkern")):
+                found += [f"{path.relative_to(PACKAGE.parent)}: {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not found, found

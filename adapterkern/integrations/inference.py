@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from .adapterhub_plans import BoundPatch
 from .inference_modules import TRAINING_MESSAGE
 from .inference_plans import Plan, Unchanged, carry_slots, check_replaced, plan_place
-from .slots import _OPTIMIZED, _OVERRIDES, check_model, check_not_optimized, iter_slots
+from .slots import OPTIMIZED_KEY, check_model, check_not_optimized, iter_slots, routed_slots
 from .transformers import get_active_adapter
 
 __all__ = ["InferenceReport", "optimize_for_inference", "undo_inference_optimization"]
@@ -69,7 +69,7 @@ class InferenceReport:
 
 
 # ------------------------------------------------------------------------------------------------
-# The record of an optimised model (model.__dict__[_OPTIMIZED]): what undo puts back
+# The record of an optimised model (model.__dict__[OPTIMIZED_KEY]): what undo puts back
 # ------------------------------------------------------------------------------------------------
 
 
@@ -120,7 +120,7 @@ def _refusing_train(model: nn.Module, mode: bool = True):
     """``model.train`` while optimised: ``train(False)`` / ``eval()`` as usual, ``train(True)`` refused."""
     if mode:
         raise RuntimeError(f"model.train(): the model is {TRAINING_MESSAGE}")
-    state = model.__dict__[_OPTIMIZED]
+    state = model.__dict__[OPTIMIZED_KEY]
     if state.had_train:
         return state.previous_train(False)
     return type(model).train(model, False)
@@ -213,7 +213,7 @@ def optimize_for_inference(model: nn.Module) -> InferenceReport:
             "(the merged layers compute eval-mode maths: no dropout)"
         )
     slots = list(iter_slots(model))
-    routed = [name for name, _, slot in slots if slot in _OVERRIDES.get()]
+    routed = [name for name, _, slot in slots if slot in routed_slots()]
     if routed:
         raise RuntimeError("optimize_for_inference: called inside route_adapters / multi_task_forward (routing this call "
                            f"at {routed[0]!r}); optimise outside the block")
@@ -249,10 +249,10 @@ def optimize_for_inference(model: nn.Module) -> InferenceReport:
     try:
         for plan in plans:
             _commit(state, plan)
-        model.__dict__[_OPTIMIZED] = state
+        model.__dict__[OPTIMIZED_KEY] = state
         model.__dict__["train"] = BoundPatch(_refusing_train, model)
         for _, _, slot in iter_slots(model):
-            slot.__dict__[_OPTIMIZED] = True
+            slot.__dict__[OPTIMIZED_KEY] = True
     except BaseException:
         _restore(state)
         _unmark(model, state)
@@ -266,9 +266,9 @@ def _unmark(model: nn.Module, state: _State) -> None:
         model.__dict__["train"] = state.previous_train
     else:
         model.__dict__.pop("train", None)
-    model.__dict__.pop(_OPTIMIZED, None)
+    model.__dict__.pop(OPTIMIZED_KEY, None)
     for _, _, slot in iter_slots(model):
-        slot.__dict__.pop(_OPTIMIZED, None)
+        slot.__dict__.pop(OPTIMIZED_KEY, None)
 
 
 def undo_inference_optimization(model: nn.Module) -> InferenceReport:
@@ -280,7 +280,7 @@ def undo_inference_optimization(model: nn.Module) -> InferenceReport:
     If the optimised model was moved or cast (``.to``, ``.half()``), the restored weights follow it:
     they are taken from the merged weights, which hold their values."""
     check_model(model)
-    state = model.__dict__.get(_OPTIMIZED)
+    state = model.__dict__.get(OPTIMIZED_KEY)
     if not isinstance(state, _State):
         raise ValueError("undo_inference_optimization: this model is not optimised for inference (optimize_for_inference)")
     _restore(state)

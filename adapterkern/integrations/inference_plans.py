@@ -17,7 +17,7 @@ from ..activations import get_activation
 from ..backends import IMPLEMENTS
 from ..nn.bottleneck import BottleneckAdapter
 from .inference_modules import FusedAddNormOutput, MergedGatedMLP, MergedIntermediate, MergedLinear, MergedMLP, MergedPostLNOutput
-from .slots import PARALLEL, PARALLEL_SKIP, PREFIX, SEQUENTIAL, SLOT_ATTR, AdapterSlot, _output_hook, _skip_pre_hook, slot_of
+from .slots import PARALLEL, PARALLEL_SKIP, PREFIX, SEQUENTIAL, SLOT_ATTR, AdapterSlot, is_slot_hook, slot_of
 
 __all__ = ["Built", "Plan", "Unchanged", "carry_slots", "check_replaced", "plan_place"]
 
@@ -56,8 +56,8 @@ def _children(module: nn.Module) -> Dict[str, nn.Module]:
 
 def _foreign_hooks(module: nn.Module) -> Optional[str]:
     """What, other than adapterkern's own slot hooks, changes how ``module`` runs; None if nothing."""
-    ours = (_output_hook, _skip_pre_hook)
-    if any(h not in ours for h in module._forward_hooks.values()) or any(h not in ours for h in module._forward_pre_hooks.values()):
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+    if not all(is_slot_hook(h) for h in hooks):
         return "forward hooks"
     if module._backward_hooks or getattr(module, "_backward_pre_hooks", None):
         return "backward hooks"

@@ -50,7 +50,7 @@ _RECORD = "_adapterkern_configs"  # model.__dict__ key: {name: SlotConfig}
 _DROP = "_adapterkern_drop_layers"  # model.__dict__ key: AdapterDrop's number of dropped layers
 # model.__dict__ key: optimize_for_inference's record (adapterkern.integrations.inference), while the
 # model is optimised; every slot of such a model has the same key in its __dict__ (value True)
-_OPTIMIZED = "_adapterkern_inference"
+OPTIMIZED_KEY = "_adapterkern_inference"
 
 # kind name -> config class; filled by SlotConfig subclasses as they are defined
 CONFIG_KINDS: Dict[str, Type["SlotConfig"]] = {}
@@ -237,6 +237,11 @@ def _output_hook(module: nn.Module, args: tuple, kwargs: dict, output):
     return (output,) + rest if rest else output
 
 
+def is_slot_hook(hook) -> bool:
+    """Whether ``hook`` (an entry of a module's forward (pre-)hook dict) is one a slot put there."""
+    return hook is _skip_pre_hook or hook is _output_hook
+
+
 def _remove_hooks(module: nn.Module) -> None:
     # Found by identity rather than kept handles, so that a deep copy of the model cleans up its own hooks.
     for hooks, fn in ((module._forward_pre_hooks, _skip_pre_hook), (module._forward_hooks, _output_hook)):
@@ -272,11 +277,16 @@ def check_model(model) -> None:
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
 
 
+def routed_slots() -> Mapping["AdapterSlot", "SlotOverride"]:
+    """The slots a routing block of this call / thread overrides (read-only)."""
+    return _OVERRIDES.get()
+
+
 def check_not_optimized(model: nn.Module, what: str) -> None:
     """RuntimeError if ``model`` (or a module with adapter slots of one) is optimised for inference:
     its merged layers would go on serving the adapter set-up they were built from."""
     check_model(model)
-    if _OPTIMIZED in model.__dict__ or any(_OPTIMIZED in slot.__dict__ for _, _, slot in iter_slots(model)):
+    if OPTIMIZED_KEY in model.__dict__ or any(OPTIMIZED_KEY in slot.__dict__ for _, _, slot in iter_slots(model)):
         raise RuntimeError(
             f"{what}: this model is optimised for inference (adapterkern.optimize_for_inference); "
             f"call adapterkern.undo_inference_optimization(model) first"
