@@ -267,7 +267,7 @@ def test_weight_gradients_are_deterministic(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64(backend):
-    case = make_case((2, 3, 16), 3, torch.float64, scaling="channel", residual=True)
+    case = make_case((1, 4, 8), 3, torch.float64, scaling="channel", residual=True)  # every Jacobian entry: keep it small
     def fn(*tensors):
         kw = dict(zip(NAMES, tensors))
         return adapterkern.bottleneck_adapter(
