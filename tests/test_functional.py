@@ -409,3 +409,11 @@ def test_strided_biases(backend):
     (g,) = torch.autograd.grad(y.sum(), [x])
     (g_ref,) = torch.autograd.grad(ref.sum(), [x])
     assert rel_err(g, g_ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("r", [300, 512])
+def test_wide_bottleneck_float32_backward(backend, r):
+    """r in (256, 512]: R_PAD 512, where the fp32 backward's multi-stage Triton configs need more shared
+    memory than a GPU has (only the single-stage ones launch there); forward and every gradient."""
+    check(make_case((20, 32), r, torch.float32, scaling="channel"), backend, activation="gelu")
