@@ -72,6 +72,10 @@ bench-layer: $(VENV)/.installed-bench
 bench-tradeoffs: $(VENV)/.installed-bench
 	$(PY) -m adapterkern.bench tradeoffs
 
+# Whole small models: no adapter, eager, the fused-op hook and optimize_for_inference; generation tokens/s.
+bench-inference: $(VENV)/.installed-bench
+	$(PY) -m adapterkern.bench inference
+
 bench-suite: $(VENV)/.installed-test
 	$(PY) -m pytest benchmarks/test_bench_adapter.py
 
