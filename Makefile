@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 ADAPTERHUB_VENV ?= .venv-adapterhub
 AH_PY := $(ADAPTERHUB_VENV)/bin/python
 
-.PHONY: test test-main test-adapterhub example bench bench-reference bench-full bench-layer bench-tradeoffs bench-suite gpu-check gpu-check-commit check-cuda check-cuda-emu check-cuda-emu-mutants check-image
+.PHONY: test test-main test-adapterhub example bench bench-reference bench-full bench-layer bench-tradeoffs bench-inference bench-suite gpu-check gpu-check-commit check-cuda check-cuda-emu check-cuda-emu-mutants check-image
 
 # The lent GPU machine's image (benchmarks/NOTES.md, "Versions"): Python 3.12, torch 2.11 (a CUDA
 # build, ~3 GB from PyPI), Triton 3.6, transformers 5.17. `make check-image` rebuilds that stack here
