@@ -33,7 +33,8 @@
 #   tests 150/45: the suite without the CPU-only checks CI runs (Triton/nvcc compiles, the kernels'
 #     host emulation, this script's dry run), two Triton configs per kernel
 #   memcheck 60/25, racecheck 25/10: compute-sanitizer ("unavailable" on gVisor machines)
-#   layer 45/20, bench-grid 90/30, multi 30/15, adapterdrop 30/15, bench-max-autotune 70/40,
+#   layer 45/20, inference 60/25 (whole models: the fused-op hook against optimize_for_inference,
+#     generation tokens/s), bench-grid 90/30, multi 30/15, adapterdrop 30/15, bench-max-autotune 70/40,
 #     tradeoffs 45/25
 # Triton's autotuning results are shared by every stage (TRITON_CACHE_AUTOTUNING=1, one
 # TRITON_CACHE_DIR for the run): each shape key is tuned once, not once per process.
@@ -90,7 +91,7 @@ else
     plan env 20 5; plan install 110 30; plan smoke-triton 60 20; plan smoke-cuda 40 15
     plan bench-priority 130 40; plan bench-compile 70 30; plan tests 150 45; plan memcheck 60 25
     plan racecheck 25 10
-    plan layer 45 20; plan bench-grid 90 30; plan multi 30 15; plan adapterdrop 30 15
+    plan layer 45 20; plan inference 60 25; plan bench-grid 90 30; plan multi 30 15; plan adapterdrop 30 15
     plan bench-max-autotune 70 40; plan tradeoffs 45 25
 fi
 DEADLINE=$((START + TOTAL))
@@ -485,6 +486,7 @@ fi
 # ---------------------------------------------------------------------------------------------- the rest
 if [ "$DRY" = 1 ]; then
     skip_stage layer "dry run: GPU only"
+    skip_stage inference "dry run: GPU only"
     # Far more than its limit, with no soft limit: the cut-by-its-limit path.
     bench_stage bench-grid grid-rest.csv --tokens 1,2,3,4,5,6,7,8,9,10,11,12 --hidden 32,48 --bottleneck 8 \
         --min-run-time 0.3 --impl eager --time-limit 999
@@ -495,6 +497,7 @@ if [ "$DRY" = 1 ]; then
     sub_stage tradeoffs tradeoffs --device cpu --backend torch
 else
     sub_stage layer layer --backend "$BENCH_BACKEND"
+    sub_stage inference inference --backend "$BENCH_BACKEND"
     # The grid's other T at every d and r, (4096, 768, 64) first (T=16384/64/1 at d=4096 r=64: above).
     bench_stage bench-grid grid-rest.csv --tokens 4096,512,8 --hidden 4096,768,1024 --bottleneck 64,16,256 \
         --mode fwd,fwd_bwd --impl "$IMPLS"

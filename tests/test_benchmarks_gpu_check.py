@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 DRY_TOTAL_S = 80
 STAGES = ["env", "install", "smoke-triton", "smoke-cuda", "bench-priority", "bench-compile", "tests", "memcheck", "racecheck",
-          "layer", "bench-grid", "multi", "adapterdrop", "bench-max-autotune", "tradeoffs", "finished"]
+          "layer", "inference", "bench-grid", "multi", "adapterdrop", "bench-max-autotune", "tradeoffs", "finished"]
 FAKE_COMMIT = "feedface" * 5
 FAKE_SANITIZER = """#!/bin/sh
 echo "========= COMPUTE-SANITIZER"
