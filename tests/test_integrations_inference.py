@@ -26,8 +26,6 @@ from conftest import rel_err  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-HAS_ADD_NORM = hasattr(ak, "adapter_add_norm")
-needs_add_norm = pytest.mark.skipif(not HAS_ADD_NORM, reason="adapterkern.adapter_add_norm is not there yet")
 
 TINY = dict(num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, vocab_size=97)
 FAMILIES = ("bert", "roberta", "gpt2", "llama")
@@ -175,14 +173,13 @@ def calls(monkeypatch):
         return real_forward(self, *args, **kwargs)
 
     monkeypatch.setattr(BottleneckAdapter, "forward", forward)
-    if HAS_ADD_NORM:
-        real_add_norm = adapterkern.functional.adapter_add_norm
+    real_add_norm = adapterkern.functional.adapter_add_norm
 
-        def add_norm(z, residual, w_down, *args, **kwargs):
-            counts["add_norm"][id(w_down)] = counts["add_norm"].get(id(w_down), 0) + 1
-            return real_add_norm(z, residual, w_down, *args, **kwargs)
+    def add_norm(z, residual, w_down, *args, **kwargs):
+        counts["add_norm"][id(w_down)] = counts["add_norm"].get(id(w_down), 0) + 1
+        return real_add_norm(z, residual, w_down, *args, **kwargs)
 
-        monkeypatch.setattr(adapterkern.functional, "adapter_add_norm", add_norm)
+    monkeypatch.setattr(adapterkern.functional, "adapter_add_norm", add_norm)
     return counts
 
 
@@ -216,8 +213,6 @@ CASES = [(torch.float64, 2.5), (torch.float64, "channel"), (torch.float32, "chan
 @pytest.mark.parametrize("placement", ["parallel", "pfeiffer", "houlsby", "mam"])
 @pytest.mark.parametrize("dtype, scaling", CASES)
 def test_optimised_model_matches_and_undo_restores(family, placement, dtype, scaling, calls):
-    if _SEQ[family] == "fused" and placement in ("pfeiffer", "houlsby") and not HAS_ADD_NORM:
-        pytest.skip("adapterkern.adapter_add_norm is not there yet")
     model = adapted(family, placement, dtype, scaling=scaling, activation="gelu")
     inputs = batch(family)
     ref = run(model, inputs)
@@ -287,8 +282,6 @@ def test_autocast_and_inference_mode(family, placement):
     dtype, except BERT / RoBERTa's merged parallel adapter: there the unoptimised model's adapter op
     returns the skip input in autocast's dtype, the merged FFN keeps it in its own (as the backbone
     without an adapter does)."""
-    if _SEQ[family] == "fused" and placement == "pfeiffer" and not HAS_ADD_NORM:
-        pytest.skip("adapterkern.adapter_add_norm is not there yet")
     model = adapted(family, placement, torch.float32, scaling="channel")
     inputs = batch(family)
 
@@ -307,7 +300,6 @@ def test_autocast_and_inference_mode(family, placement):
         assert rel_err(o, r) < 5e-2
 
 
-@needs_add_norm
 def test_fused_path_on_triton():
     model = adapted("bert", "houlsby", torch.float32, backend="triton", scaling="channel")
     inputs = batch("bert", L=5)
@@ -475,8 +467,6 @@ def assert_same_files(directory, other):
 @pytest.mark.parametrize("family, placement", [("bert", "parallel"), ("bert", "pfeiffer"), ("gpt2", "mam"), ("llama", "parallel"),
                                                ("llama", "houlsby")])
 def test_save_adapter_saves_the_adapter_not_the_merged_weights(family, placement, tmp_path):
-    if family == "bert" and placement == "pfeiffer" and not HAS_ADD_NORM:
-        pytest.skip("adapterkern.adapter_add_norm is not there yet")
     model = adapted(family, placement, torch.float32, scaling="channel")
     before = ak.save_adapter(model, "a", tmp_path / "before")
     report = ak.optimize_for_inference(model)
@@ -493,8 +483,6 @@ def test_save_adapter_saves_the_adapter_not_the_merged_weights(family, placement
 @pytest.mark.parametrize("family, placement, target", [("bert", "parallel", "_wide_out"), ("llama", "parallel", "MergedGatedMLP"),
                                                        ("roberta", "houlsby", "FusedAddNormOutput")])
 def test_a_failure_half_way_leaves_the_model_bit_identical(family, placement, target, monkeypatch):
-    if placement == "houlsby" and not HAS_ADD_NORM:
-        pytest.skip("adapterkern.adapter_add_norm is not there yet")
     model = adapted(family, placement, torch.float32, scaling="channel")
     inputs = batch(family)
     ref = run(model, inputs)
@@ -575,8 +563,6 @@ def test_other_adapters_places_inside_replaced_modules_are_carried(tmp_path):
     adapter on BERT's output (the module the fused path replaces): their slots move with the
     replacement, under the same names; saving them gives the same files."""
     for family, active, other in (("gpt2", "parallel", "pfeiffer"), ("bert", "pfeiffer", "parallel")):
-        if family == "bert" and not HAS_ADD_NORM:
-            continue
         model = tiny_model(family)
         ak.add_adapter(model, "q", config(other))
         ak.add_adapter(model, "a", config(active, scaling="channel"))

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ..functional import bottleneck_adapter_batched, token_groups
 from ..nn.bottleneck import BottleneckAdapter, layout, stack_adapters
+from ..routing import check_index_range
 from ..nn.fusion import AdapterFusion, fuse_adapters, resolve_fusion_config
 from .placement import AdapterConfig
 from .slots import (
@@ -220,8 +221,7 @@ def _check_index(adapter_index, count: int) -> None:
     if not isinstance(adapter_index, Tensor) or adapter_index.dtype not in _INDEX_DTYPES or adapter_index.dim() not in (1, 2):
         got = f"a {adapter_index.dtype} tensor of shape {tuple(adapter_index.shape)}" if isinstance(adapter_index, Tensor) else type(adapter_index).__name__
         raise TypeError(f"adapter_index: expected an integer tensor (not bool, float or complex) of shape (B,) or (B, L), got {got}")
-    if adapter_index.numel() and (int(adapter_index.min()) < -1 or int(adapter_index.max()) >= count):
-        raise ValueError(f"adapter_index: values must lie in [-1, {count - 1}]")
+    check_index_range(adapter_index, count)
 
 
 @contextlib.contextmanager

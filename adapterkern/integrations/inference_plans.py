@@ -12,16 +12,14 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .. import functional
 from ..activations import get_activation
-from ..backends import IMPLEMENTS
+from ..backends import ADD_NORM, implements
 from ..nn.bottleneck import BottleneckAdapter
 from .inference_modules import FusedAddNormOutput, MergedGatedMLP, MergedIntermediate, MergedLinear, MergedMLP, MergedPostLNOutput
 from .slots import PARALLEL, PARALLEL_SKIP, PREFIX, SEQUENTIAL, SLOT_ATTR, AdapterSlot, is_slot_hook, slot_of
 
 __all__ = ["Built", "Plan", "Unchanged", "carry_slots", "check_replaced", "plan_place"]
 
-_ADD_NORM = "adapter_add_norm"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -338,7 +336,7 @@ def _plan_gated(place, parent, attr, mlp, kids, adapter_name, adapter) -> Plan:
 
 
 def _add_norm_backend(backend: str) -> str:
-    return backend if backend == "auto" or _ADD_NORM in IMPLEMENTS.get(backend, ()) else "auto"
+    return backend if implements(backend, ADD_NORM) else "auto"
 
 
 def _plan_sequential(modules, place: str, dense: nn.Module, adapter_name: str, adapter) -> Plan:
@@ -348,8 +346,6 @@ def _plan_sequential(modules, place: str, dense: nn.Module, adapter_name: str, a
             "sequential adapter: no residual add and norm after it in the same module (GPT-2 / Llama: the residual add "
             "is in the decoder layer); runs the fused adapter op through its hook"
         )
-    if getattr(functional, _ADD_NORM, None) is None:
-        raise Unchanged("sequential adapter before a residual add and LayerNorm, but adapterkern.adapter_add_norm is not available")
     adapter = _check_adapter(adapter, dense.out_features, dense.weight)
     norm = output.LayerNorm
     if norm.weight is not None and (norm.weight.dtype != dense.weight.dtype or norm.weight.device != dense.weight.device):

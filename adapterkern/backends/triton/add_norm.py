@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .language import FWD_CONFIGS, PRUNE, acc_dtype, act, dot, dot_precision, padded_rank, t_bucket
+from .language import FWD_CONFIGS, PRUNE, acc_dtype, act, dot, dot_precision, padded_rank, t_bucket, unit_stride
 
 
 @triton.jit
@@ -155,7 +155,7 @@ def add_norm_kernel(
 
 def _vector(t: Optional[torch.Tensor], like: torch.Tensor):
     """A (n,) parameter as the kernel reads it (unit stride), or ``like`` as an unused pointer."""
-    return like if t is None else t.contiguous()
+    return like if t is None else unit_stride(t)
 
 
 def adapter_add_norm_forward(

@@ -28,7 +28,7 @@ import torch
 import triton
 
 from .kernels import bwd_dh_kernel, bwd_main_kernel, fwd_kernel
-from .language import acc_dtype, dot_precision, padded_rank, t_bucket
+from .language import acc_dtype, dot_precision, padded_rank, t_bucket, unit_stride
 
 
 # ----------------------------------------------------------------------------------------------
@@ -41,11 +41,6 @@ def _scale_args(scale: Optional[torch.Tensor], scale_value: float, like: torch.T
     if scale is None:
         return like, 0, 0, float(scale_value), False
     return scale, (0 if scale.shape[1] == 1 else scale.stride(1)), scale.stride(0), 1.0, True
-
-
-def _unit_stride(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """A bias with unit stride along its last dim (the kernels index it so; a copy of r or d elements)."""
-    return bias if bias is None or bias.stride(-1) == 1 else bias.contiguous()
 
 
 def _num_splits(num_tokens: int, d: int, device: torch.device) -> int:
@@ -87,7 +82,7 @@ def multi_adapter_forward(
     """
     num_tokens, d = x.shape
     n_adapters, r = w_down.shape[0], w_down.shape[1]
-    b_down, b_up = _unit_stride(b_down), _unit_stride(b_up)
+    b_down, b_up = unit_stride(b_down), unit_stride(b_up)
     stack = () if groups is not None else (n_adapters,)
     y = torch.empty(stack + (num_tokens, d), dtype=x.dtype, device=x.device)
     preact = torch.empty(stack + (num_tokens, r) if save_preact else (0,), dtype=x.dtype, device=x.device)
@@ -145,7 +140,7 @@ def multi_adapter_backward(
     (dx (T, d), dw_down (N, r, d), db_down, dw_up, db_up, dscale (scale's shape)), None where not needed.
     ``dx`` includes ``sum_n dy[n]`` when ``residual_is_x`` (x was added to every output)."""
     need_dx, need_dwd, need_dbd, need_dwu, need_dbu, need_ds = (bool(n) for n in needs)
-    b_up = _unit_stride(b_up)
+    b_up = unit_stride(b_up)
     num_tokens, d = x.shape
     n_adapters, r = w_down.shape[0], w_down.shape[1]
     dev, dtype = x.device, x.dtype

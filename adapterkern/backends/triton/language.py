@@ -6,6 +6,7 @@ Jit functions here are called from the kernels of :mod:`adapterkern.backends.tri
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -266,3 +267,9 @@ def acc_dtype(dtype: torch.dtype):
 def padded_rank(r: int) -> int:
     """R_PAD: the bottleneck padded to a power of two of at least 16 (every tl.dot dim >= 16)."""
     return max(16, triton.next_power_of_2(r))
+
+
+def unit_stride(vector: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A bias or norm vector with unit stride along its last dim, as the kernels index it (a copy of r
+    or d elements when it is a strided view); None stays None."""
+    return vector if vector is None or vector.stride(-1) == 1 else vector.contiguous()
