@@ -267,3 +267,35 @@ def test_inference_flop_model_counts_the_shapes():
     with torch.no_grad():
         assert im.relative_difference(forward(eager, ids), forward(fused, ids)) < 1e-5
         assert im.relative_difference(forward(base, ids), forward(fused, ids)) > 1e-4
+
+
+LAYER_TINY = ["layer", "--tiny", "--rounds", "1", "--block-ms", "1", "--threads", "1", "--backend", "torch",
+              "--dtype", "float32"]
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+def test_layer_runs_every_variant_on_tiny_layers(tmp_path, capsys, mode):
+    """``layer --tiny``: every model x placement x point has its variants (forward: the optimised one
+    too, within float32 rounding of the adapterkern layer; the no-adapter layer is not: the adapters are
+    not the identity), and no note of a failed point."""
+    pytest.importorskip("transformers")
+    from adapterkern.bench import layer
+
+    path = tmp_path / "layer.csv"
+    assert cli.main([*LAYER_TINY, "--mode", mode, "--csv", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "failed" not in out and "differs" not in out, out
+    rows = report.read_csv(str(path))
+    assert list(rows[0]) == layer.COLUMNS
+    points = {}
+    for r in rows:
+        points.setdefault((r["model"], r["placement"], r["batch"], r["seq"]), []).append(r)
+    assert set(points) == {(m, pl, "1", s) for m in ("bert-tiny", "llama-tiny") for pl in ("pfeiffer", "parallel")
+                           for s in ("1", "8")}
+    expected = ["no adapter", "eager adapter", "adapterkern adapter"] + (["optimised"] if mode == "fwd" else [])
+    for key, group in points.items():
+        assert [r["variant"] for r in group] == expected, key
+        for r in group:
+            assert float(r["median_ms"]) > 0 and math.isfinite(float(r["overhead_pct"]))
+            diff = float(r["max_rel_diff"])
+            assert diff > 1e-4 if r["variant"] == "no adapter" else diff < 1e-5, (key, r["variant"], diff)

@@ -1,5 +1,5 @@
-"""Transformer layers and models with random weights (from ``transformers`` configs, no downloads), and
-the adapter / LoRA insertion the ``layer`` and ``tradeoffs`` benchmarks share.
+"""A BERT model with random weights (from ``transformers`` configs, no downloads), and
+the adapter / LoRA insertion of the ``tradeoffs`` benchmark.
 
 Adapter placement (Pfeiffer et al., 2021): one bottleneck adapter per layer, on the output of the
 feed-forward sublayer, before that sublayer's residual add: ``h = ffn(x); h = h + adapter(h)``. In
@@ -10,8 +10,7 @@ the eager and the fused adapter alike.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -130,63 +129,6 @@ def merge_lora(model: nn.Module) -> None:
         for name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
                 setattr(module, name, child.merged())
-
-
-@dataclass
-class LayerSpec:
-    name: str  # bert-base, llama-7b, ...
-    family: str  # bert or llama
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-
-    def describe(self) -> str:
-        return f"{self.name} (d={self.hidden}, ffn={self.intermediate}, heads={self.heads}/{self.kv_heads})"
-
-
-BERT_BASE = LayerSpec("bert-base", "bert", 768, 3072, 12, 12)
-LLAMA_7B = LayerSpec("llama-7b", "llama", 4096, 11008, 32, 32)
-LLAMA_SMALL = LayerSpec("llama-d1024", "llama", 1024, 2816, 16, 16)  # CPU --quick stand-in
-
-
-def build_layer(spec: LayerSpec, device: torch.device, dtype: torch.dtype
-                ) -> Tuple[nn.Module, Callable[[nn.Module, torch.Tensor], torch.Tensor]]:
-    """One encoder/decoder layer with random weights, and ``run(layer, x)`` that calls it on (B, S, d)."""
-    if spec.family == "bert":
-        from transformers import BertConfig
-        from transformers.models.bert.modeling_bert import BertLayer
-
-        config = BertConfig(hidden_size=spec.hidden, intermediate_size=spec.intermediate,
-                            num_attention_heads=spec.heads, attn_implementation="sdpa")
-        with torch.device(device):  # initialise on the device: a 7B-sized layer is slow to init on a CPU
-            layer = BertLayer(config)
-
-        def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            out = module(x)
-            return out[0] if isinstance(out, tuple) else out
-    else:
-        from transformers import LlamaConfig
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-
-        config = LlamaConfig(hidden_size=spec.hidden, intermediate_size=spec.intermediate,
-                             num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
-                             attn_implementation="sdpa")
-        with torch.device(device):
-            layer = LlamaDecoderLayer(config, layer_idx=0)
-            rotary = LlamaRotaryEmbedding(config=config)
-        cache: dict = {}
-
-        def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            key = (x.shape[1], x.dtype)
-            if key not in cache:  # rotary tables once per shape, as a model computes them once per forward
-                pos = torch.arange(x.shape[1], device=x.device)[None]
-                cache[key] = tuple(t.detach() for t in rotary(x, pos))
-            out = module(x, position_embeddings=cache[key])
-            return out[0] if isinstance(out, tuple) else out
-
-    layer = layer.to(device=device, dtype=dtype).eval()
-    return layer, run
 
 
 def bert_model(layers: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
