@@ -8,14 +8,15 @@ from .integrations.transformers import (
     AdapterSummary,
     add_adapter,
     adapter_summary,
+    backbone_state_dict,
     delete_adapter,
     get_active_adapter,
     list_adapters,
-    load_adapter,
-    save_adapter,
+    save_backbone,
     set_active_adapter,
     train_adapter,
 )
+from .integrations.adapter_files import load_adapter, save_adapter
 from .integrations.compose import StochasticAdapterDrop, add_fusion, multi_task_forward, route_adapters, set_adapter_drop
 from .integrations.adapterhub import AdapterPatchReport, patch_adapters, unpatch_adapters
 from .integrations.inference import InferenceReport, optimize_for_inference, undo_inference_optimization
@@ -32,6 +33,7 @@ __all__ = [
     "add_adapter",
     "add_fusion",
     "available_backends",
+    "backbone_state_dict",
     "bottleneck_adapter",
     "bottleneck_adapter_batched",
     "delete_adapter",
@@ -46,6 +48,7 @@ __all__ = [
     "StochasticAdapterDrop",
     "nn",
     "save_adapter",
+    "save_backbone",
     "set_active_adapter",
     "token_groups",
     "train_adapter",

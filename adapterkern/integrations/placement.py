@@ -84,6 +84,10 @@ class AdapterConfig(SlotConfig, kind="adapter"):
         prefix_length: ``mam`` only: key/value prefix length l per attention layer.
         prefix_bottleneck: ``mam`` only: the reparametrisation MLP's width (one MLP shared by all
             layers, as in the ``adapters`` library); the prefixes are saved collapsed (plain tensors).
+        modules_to_save: modules of the model trained, saved and loaded with this adapter, e.g. the
+            task head ``["classifier"]`` (names matched against the end of qualified names, like
+            ``train_adapter``'s ``train_modules``). They stay the model's own modules, shared by all
+            its adapters: ``load_adapter`` copies the saved values into them.
 
     The presets follow the ``adapters`` library's defaults: :meth:`pfeiffer` (r = d/16, relu, scaling 1,
     bert init), :meth:`houlsby` (r = d/16, swish), :meth:`parallel` (r = d/2, relu, scaling 4, mam_adapter init),
@@ -102,6 +106,7 @@ class AdapterConfig(SlotConfig, kind="adapter"):
     backend: str = "auto"
     prefix_length: int = 30
     prefix_bottleneck: int = 800
+    modules_to_save: Tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.placement not in PLACEMENTS:
@@ -151,6 +156,11 @@ class AdapterConfig(SlotConfig, kind="adapter"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = (self.modules_to_save,)
+        if not isinstance(self.modules_to_save, (list, tuple)) or not all(isinstance(m, str) and m for m in self.modules_to_save):
+            raise ValueError(f"modules_to_save: expected a list of module names, got {self.modules_to_save!r}")
+        self.modules_to_save = tuple(dict.fromkeys(self.modules_to_save))
         if self.placement == "mam" and self.target_modules is not None:
             raise ValueError("target_modules: not supported with placement 'mam' (its places are the FFNs and the attention modules)")
 
@@ -181,6 +191,7 @@ class AdapterConfig(SlotConfig, kind="adapter"):
         out = dataclasses.asdict(self)
         out["leave_out"] = list(self.leave_out)
         out["target_modules"] = None if self.target_modules is None else list(self.target_modules)
+        out["modules_to_save"] = list(self.modules_to_save)
         return out
 
     @classmethod
@@ -192,7 +203,7 @@ class AdapterConfig(SlotConfig, kind="adapter"):
         if unknown:
             raise ValueError(f"config: unknown fields {unknown}; expected a subset of {sorted(known)}")
         data = dict(data)
-        for key in ("leave_out", "target_modules"):  # JSON lists; __post_init__ checks what they hold
+        for key in ("leave_out", "target_modules", "modules_to_save"):  # JSON lists; __post_init__ checks what they hold
             if isinstance(data.get(key), list):
                 data[key] = tuple(data[key])
         return cls(**data)
