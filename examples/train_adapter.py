@@ -25,7 +25,6 @@ import bz2
 import csv
 import hashlib
 import importlib.util
-import io
 import os
 import sys
 import tempfile
@@ -44,7 +43,6 @@ from adapterkern import AdapterConfig, add_adapter, load_adapter, save_adapter, 
 
 ADAPTER_NAME = "rotten_tomatoes"
 LABELS = ("rotten", "fresh")  # class 0, class 1
-HEAD_FILE = "head.safetensors"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -121,9 +119,12 @@ class MeanPoolClassifier(nn.Module):
 
 
 def with_adapter(backbone: nn.Module, backend: str, reduction_factor: int = 16, num_labels: int = 2) -> MeanPoolClassifier:
-    """A fresh head and a fresh Pfeiffer adapter on ``backbone`` (random init from torch's RNG)."""
+    """A fresh head and a fresh Pfeiffer adapter on ``backbone`` (random init from torch's RNG); the head
+    is the adapter's ``modules_to_save``: trained, saved and loaded with it."""
     model = MeanPoolClassifier(backbone, num_labels)
-    add_adapter(model, ADAPTER_NAME, AdapterConfig.pfeiffer(reduction_factor=reduction_factor, activation="relu", backend=backend))
+    config = AdapterConfig.pfeiffer(reduction_factor=reduction_factor, activation="relu", backend=backend,
+                                    modules_to_save=("classifier",))
+    add_adapter(model, ADAPTER_NAME, config)
     return model
 
 
@@ -198,19 +199,6 @@ def chance(labels: Tensor) -> float:
     return torch.bincount(labels, minlength=len(LABELS)).max().item() / max(len(labels), 1)
 
 
-def save_head(model: MeanPoolClassifier, path: Path) -> Path:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.classifier.state_dict().items()}, str(path))
-    return path
-
-
-def load_head(model: MeanPoolClassifier, path: Path) -> None:
-    from safetensors.torch import load_file
-
-    model.classifier.load_state_dict(load_file(str(path), device=str(model.classifier.weight.device)))
-
-
 def _size(path: Path) -> str:
     n = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return f"{n / 1024:.1f} KiB ({n:,} bytes)"
@@ -256,7 +244,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
 
     device = torch.device(args.device)
     model = with_adapter(AutoModel.from_pretrained(path), args.backend, args.reduction_factor).to(device)
-    summary = train_adapter(model, ADAPTER_NAME, train_modules=("classifier",))
+    summary = train_adapter(model, ADAPTER_NAME)  # the adapter and its modules_to_save (the head) train
     adapter_params = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "classifier" not in n)
     print(f"{summary}")
     print(f"  of which the adapter {adapter_params:,}, the head {model.classifier.weight.numel() + model.classifier.bias.numel():,}")
@@ -276,16 +264,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     print(f"held-out accuracy: {acc:.4f} on {len(test_set)} reviews (chance {base:.4f})")
 
     out = Path(args.output)
-    adapter_dir = save_adapter(model, ADAPTER_NAME, out / "adapter", overwrite=True)
-    head_path = save_head(model, out / HEAD_FILE)
-    print(f"saved adapter: {adapter_dir}/ {_size(adapter_dir)}  "
-          f"(adapter_model.safetensors {_size(adapter_dir / 'adapter_model.safetensors')}); head: {head_path} {_size(head_path)}")
+    adapter_dir = save_adapter(model, ADAPTER_NAME, out / "adapter", overwrite=True)  # the head with it
+    print(f"saved adapter and head: {adapter_dir}/ {_size(adapter_dir)}  "
+          f"(adapter_model.safetensors {_size(adapter_dir / 'adapter_model.safetensors')})")
     print(f"  (the frozen backbone it plugs into: {_size(path / 'model.safetensors')})")
 
-    # A fresh backbone from the package, the saved adapter and head loaded into it.
+    # A fresh backbone from the package and a random head; load_adapter brings the adapter and the head.
     fresh = MeanPoolClassifier(AutoModel.from_pretrained(path), len(LABELS)).to(device)
     name = load_adapter(fresh, adapter_dir)
-    load_head(fresh, head_path)
     pred2 = predict(fresh, test_set)
     acc2 = accuracy(pred2, test_set.labels)
     same = int((pred2 == pred).sum())

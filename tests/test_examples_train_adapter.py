@@ -8,6 +8,7 @@
 """
 import datetime
 import importlib.util
+import json
 import os
 import socket
 import sys
@@ -62,7 +63,7 @@ def tiny_classifier(seed: int, backend: str, dtype=torch.float32) -> nn.Module:
     """The example's model (mean pooling + Linear head + Pfeiffer adapter, r = 32/4 = 8) on tiny_bert,
     with only the adapter and the head trainable."""
     model = ex.with_adapter(tiny_bert(seed, dtype), backend, reduction_factor=4).to(dtype)
-    train_adapter(model, ex.ADAPTER_NAME, train_modules=("classifier",))
+    train_adapter(model, ex.ADAPTER_NAME)  # the adapter and its modules_to_save, the head
     return model
 
 
@@ -273,8 +274,10 @@ def test_example_main_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert result["accuracy"] >= result["chance"] + 0.2, printed
     assert result["reloaded_accuracy"] == result["accuracy"]
     assert 0 < result["percent"] < 100
-    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / ex.HEAD_FILE).is_file()
-    for line in ("held-out accuracy:", "trainable parameters:", "saved adapter:", "predictions identical"):
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] == ["classifier"] and "classifier.weight" in saved["tensors"]
+    for line in ("held-out accuracy:", "trainable parameters:", "saved adapter and head:", "predictions identical"):
         assert line in printed
 
 
