@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 ADAPTERHUB_VENV ?= .venv-adapterhub
 AH_PY := $(ADAPTERHUB_VENV)/bin/python
 
-.PHONY: test test-main test-adapterhub example bench bench-reference bench-full bench-layer bench-tradeoffs bench-inference bench-suite gpu-check gpu-check-commit check-cuda check-cuda-emu check-cuda-emu-mutants check-image
+.PHONY: test test-main test-adapterhub example example-trainer bench bench-reference bench-full bench-layer bench-tradeoffs bench-inference bench-suite gpu-check gpu-check-commit check-cuda check-cuda-emu check-cuda-emu-mutants check-image
 
 # The lent GPU machine's image (benchmarks/NOTES.md, "Versions"): Python 3.12, torch 2.11 (a CUDA
 # build, ~3 GB from PyPI), Triton 3.6, transformers 5.17. `make check-image` rebuilds that stack here
@@ -54,6 +54,9 @@ test-adapterhub: $(ADAPTERHUB_VENV)/.installed
 # Fine-tunes a Pfeiffer adapter on frozen all-MiniLM-L6-v2 (weights and data come from PyPI packages; no hub access).
 example: $(VENV)/.installed-examples
 	$(PY) examples/train_adapter.py
+
+example-trainer: $(VENV)/.installed-examples
+	$(PY) examples/train_trainer.py
 
 # Runs write to build/bench/ (git-ignored): a checkout stays clean. A reference run for the tracked
 # benchmarks/results/ is a deliberate act: `make bench-reference` (or --reference on any subcommand), then commit.
