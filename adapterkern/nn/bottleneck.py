@@ -11,6 +11,10 @@ from ..activations import get_activation
 from ..backends import check_backend_name
 from ..functional import bottleneck_adapter
 
+_FSDPModule = None  # FSDP2's module class (torch.distributed.fsdp, torch >= 2.6), where torch has it
+if torch.distributed.is_available():
+    from torch.distributed.fsdp import FSDPModule as _FSDPModule
+
 INIT_SCHEMES = ("bert", "houlsby", "mam_adapter")
 
 
@@ -126,6 +130,13 @@ class BottleneckAdapter(nn.Module):
         return self
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        for linear in (self.adapter_down, self.adapter_up):
+            # FSDP2: a projection made an FSDP unit of its own (fully_shard on it, as a wrap policy over
+            # leaf modules with trainable weights does) holds sharded DTensors until its forward runs,
+            # and the fused op reads its weight without calling it: unshard it as its pre-forward would.
+            # FSDP's post-backward callback then reduce-scatters its gradients and reshards it.
+            if _FSDPModule is not None and isinstance(linear, _FSDPModule):
+                linear.unshard()
         return bottleneck_adapter(
             x,
             self.adapter_down.weight,
