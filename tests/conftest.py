@@ -168,3 +168,36 @@ def assert_runs_equal(got, ref):
     assert torch.equal(out, out_ref)
     for name in grads:
         assert (grads[name] is None) == (grads_ref[name] is None) and (grads[name] is None or torch.equal(grads[name], grads_ref[name])), name
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for a gloo process group's rendezvous)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(worker, args: tuple, world: int, files, timeout_s: float, what: str) -> None:
+    """``worker(rank, port, *args)`` in ``world`` spawned processes (a fresh loopback port), waited for.
+    A rank that fails fails the caller. gloo's teardown has been seen to hang after the work was done
+    (rare): past ``timeout_s`` the ranks are terminated, and only ``files`` not yet written fail the test."""
+    import time
+    import warnings
+
+    ctx = torch.multiprocessing.start_processes(worker, args=(free_port(), *args), nprocs=world, join=False,
+                                                start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=1):  # raises if a rank failed
+            if time.monotonic() > deadline:
+                missing = [f.name for f in files if not f.is_file()]
+                assert not missing, f"{what} ranks still running after {timeout_s} s without writing {missing}"
+                warnings.warn(f"{what} ranks wrote their results but did not exit within {timeout_s} s; terminated")
+                break
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)

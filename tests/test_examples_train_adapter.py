@@ -10,10 +10,7 @@ import datetime
 import importlib.util
 import json
 import os
-import socket
 import sys
-import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -28,7 +25,7 @@ from transformers import BertConfig, BertModel  # noqa: E402
 from adapterkern import train_adapter  # noqa: E402
 from adapterkern.backends import is_available  # noqa: E402
 from adapterkern.integrations.transformers import adapter_modules  # noqa: E402
-from conftest import DEVICE, rel_err  # noqa: E402
+from conftest import DEVICE, rel_err, run_ranks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -171,12 +168,6 @@ def _ddp_worker(rank: int, port: int, out_dir: str, backends: list) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # float32: the all-reduce adds two half-batch gradients where one process sums the whole batch in
 # one go, a different order of float32 additions: measured <= 3e-7 relative (either backend), so
 # 2e-6. float64 pins the same maths to its rounding: measured <= 5e-16, so 1e-12. A rank that kept
@@ -192,25 +183,8 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     backends = ["torch"] + (["triton"] if is_available("triton", torch.device("cpu")) else [])
-    ctx = torch.multiprocessing.start_processes(
-        _ddp_worker, args=(_free_port(), str(tmp_path), backends), nprocs=WORLD, join=False, start_method="spawn"
-    )
     files = [tmp_path / f"{b}-{d}-rank{r}.safetensors" for b in backends for d in DDP_DTYPES for r in range(WORLD)]
-    deadline = time.monotonic() + DDP_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):  # raises if a rank failed
-            if time.monotonic() > deadline:
-                # gloo's teardown has been seen to hang after the work was done (rare); the results are
-                # what is tested, so only a rank that did not write them fails the test.
-                missing = [f.name for f in files if not f.is_file()]
-                assert not missing, f"DDP ranks still running after {DDP_TIMEOUT_S} s without writing {missing}"
-                warnings.warn(f"DDP ranks wrote their gradients but did not exit within {DDP_TIMEOUT_S} s; terminated")
-                break
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(5)
+    run_ranks(_ddp_worker, (str(tmp_path), backends), WORLD, files, DDP_TIMEOUT_S, "DDP")
     for dtype_name, dtype in DDP_DTYPES.items():
         # One process, the whole batch, the mean loss, on the torch backend.
         model = tiny_classifier(seed=11, backend="torch", dtype=dtype)

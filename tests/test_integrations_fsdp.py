@@ -27,9 +27,6 @@ Backends: ``torch`` and, where it runs on the CPU (Triton interpreter), ``triton
 import datetime
 import json
 import os
-import socket
-import time
-import warnings
 
 import pytest
 import torch
@@ -42,7 +39,7 @@ from transformers import BertConfig, BertModel  # noqa: E402
 
 import adapterkern  # noqa: E402
 from adapterkern.backends import is_available  # noqa: E402
-from conftest import rel_err  # noqa: E402
+from conftest import rel_err, run_ranks  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -110,12 +107,6 @@ def adamw(model):
 STEPS = 2
 WRAPS = ("layers", "leaves")
 RUNS = [(c, d, w) for w in WRAPS for c in CASES for d in DTYPES]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _shard(model, wrap: str, mesh) -> list:
@@ -264,26 +255,9 @@ def test_fsdp2_two_processes_match_one_process(tmp_path):
         pytest.skip("torch without FSDP2's fully_shard")
 
     backends = ["torch"] + (["triton"] if is_available("triton", torch.device("cpu")) else [])
-    ctx = torch.multiprocessing.start_processes(
-        _fsdp_worker, args=(_free_port(), str(tmp_path), backends), nprocs=WORLD, join=False, start_method="spawn"
-    )
     tags = [f"{b}-{c}-{d}-{w}" for b in backends for c, d, w in RUNS]
     files = [tmp_path / f"{t}-rank{r}.{ext}" for t in tags for r in range(WORLD) for ext in ("safetensors", "json")]
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):  # raises if a rank failed
-            if time.monotonic() > deadline:
-                # gloo's teardown has been seen to hang after the work was done (rare); the results are
-                # what is tested, so only a rank that did not write them fails the test.
-                missing = [f.name for f in files if not f.is_file()]
-                assert not missing, f"FSDP ranks still running after {TIMEOUT_S} s without writing {missing}"
-                warnings.warn(f"FSDP ranks wrote their results but did not exit within {TIMEOUT_S} s; terminated")
-                break
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(5)
+    run_ranks(_fsdp_worker, (str(tmp_path), backends), WORLD, files, TIMEOUT_S, "FSDP")
 
     ids, mask, labels = batch()
     errors = {}  # (backend, dtype, what) -> the largest relative difference over cases, wraps, ranks, steps, tensors
