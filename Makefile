@@ -44,8 +44,10 @@ test: $(VENV)/.installed-test $(ADAPTERHUB_VENV)/.installed
 # In parallel (pytest-xdist, one worker per core up to 4): the Triton interpreter is CPU-bound.
 # ADAPTERKERN_EMU_MUTANTS=1: the planted bugs of csrc/emu/mutants.py must each fail the CUDA
 # kernels' host emulation (tests/test_csrc_emulation.py; about a CPU minute and a half).
-test-main: $(VENV)/.installed-test
-	ADAPTERKERN_EMU_MUTANTS=1 $(PY) -m pytest tests -q -n auto --maxprocesses 4
+# ADAPTERKERN_REQUIRE_ADAPTERHUB_VENV: the AdapterHub file tests need .venv-adapterhub (it makes their
+# fixtures with the real library); make test builds it first, so a missing one is a failure here.
+test-main: $(VENV)/.installed-test $(ADAPTERHUB_VENV)/.installed
+	ADAPTERKERN_EMU_MUTANTS=1 ADAPTERKERN_REQUIRE_ADAPTERHUB_VENV=1 $(PY) -m pytest tests -q -n auto --maxprocesses 4
 
 # ADAPTERKERN_REQUIRE_ADAPTERS turns the "adapters not installed" skip into a failure here.
 test-adapterhub: $(ADAPTERHUB_VENV)/.installed

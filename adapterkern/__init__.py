@@ -17,6 +17,7 @@ from .integrations.transformers import (
     train_adapter,
 )
 from .integrations.adapter_files import load_adapter, save_adapter
+from .integrations.adapterhub_files import AdapterHubLoad, load_adapterhub, save_adapterhub
 from .integrations.compose import StochasticAdapterDrop, add_fusion, multi_task_forward, route_adapters, set_adapter_drop
 from .integrations.adapterhub import AdapterPatchReport, patch_adapters, unpatch_adapters
 from .integrations.inference import InferenceReport, optimize_for_inference, undo_inference_optimization
@@ -53,7 +54,10 @@ __all__ = [
     "token_groups",
     "train_adapter",
     "TokenGroups",
+    "AdapterHubLoad",
     "AdapterPatchReport",
+    "load_adapterhub",
+    "save_adapterhub",
     "patch_adapters",
     "unpatch_adapters",
     "InferenceReport",

@@ -529,3 +529,33 @@ def test_mam_is_the_parallel_adapter_plus_prefixes(family, tmp_path):
     run(mam, ids).square().mean().backward()
     mlp_grads = [p.grad for a in places.values() if hasattr(a, "encoder") and a.encoder is not None for p in a.encoder.parameters()]
     assert mlp_grads and all(g is not None and g.abs().sum() > 0 for g in mlp_grads)
+
+
+_STREAM = {"bert": ("bert.encoder.layer.{}.output.LayerNorm", "renorm"), "roberta": ("encoder.layer.{}.output.LayerNorm", "renorm"),
+           "gpt2": ("h.{}", "sequential"), "llama": ("layers.{}", "sequential")}
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "gpt2", "llama"])
+def test_original_ln_before_adapts_the_stream_after_the_residual_add(family, tmp_path):
+    """pfeiffer(original_ln_before=True), the adapters library's seq_bn (its numbers: the AdapterHub fixture
+    tests): places after the FFN's residual add; saved and loaded; optimize_for_inference leaves it on the
+    hook path with the same output."""
+    model = tiny_model(family)
+    ids = torch.tensor([[5, 17, 42, 8, 3, 61]])
+    plain = run(model, ids)
+    ak.add_adapter(model, "s", ak.AdapterConfig.pfeiffer(original_ln_before=True, reduction_factor=4))
+    name, mode = _STREAM[family]
+    assert places_and_modes(model, "s") == [(name.format(i), mode) for i in range(3)]
+    randomize(model, "s")
+    adapted = run(model, ids)
+    assert (adapted - plain).abs().max() > 1e-3
+    ak.save_adapter(model, "s", tmp_path)
+    other = tiny_model(family)
+    other.load_state_dict(ak.backbone_state_dict(model))
+    ak.load_adapter(other, tmp_path)
+    torch.testing.assert_close(run(other, ids), adapted, rtol=0, atol=0)
+    report = ak.optimize_for_inference(model)
+    assert "unchanged" in str(report)
+    torch.testing.assert_close(run(model, ids), adapted, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="original_ln_before"):
+        ak.AdapterConfig.houlsby(original_ln_before=True)

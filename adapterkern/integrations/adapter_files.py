@@ -31,7 +31,7 @@ from .transformers import (
     adapter_state_dict, insert_adapter_modules, module_tensors, saved_modules, saved_tensors, set_active_adapter,
 )
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_adapter", "save_adapter"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_adapter", "replace_files", "save_adapter"]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -77,33 +77,39 @@ def _fsync_directory(directory: Path) -> None:
         pass
 
 
-def _replace_adapter_files(directory: Path, config: bytes, weights: bytes) -> None:
-    """Put a new config and weights in ``directory``: both written to temporary files first (a failure
-    there leaves the old files untouched), then the config renamed over the old one, then the weights.
-    If the weights' rename fails, the old config is put back (or, where there was none, the new one
-    removed). A crash between the two renames leaves the new config with the old weights, which
-    :func:`load_adapter` refuses: their SHA-256 is not the one the config holds."""
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    temps = []
+_TOO_LARGE = object()  # an old file larger than MAX_CONFIG_BYTES: not read back for a rollback
+
+
+def replace_files(directory: Path, files: Dict[str, bytes]) -> None:
+    """Put new files (name -> contents) in ``directory``, in the given order: every one written to a
+    temporary file first (a failure there leaves the old files untouched), then renamed over the old one.
+    If a rename fails, the files renamed before it get their old contents back (or, where there were
+    none, are removed). A crash between two renames leaves a mix, which the loaders refuse: adapterkern's
+    config holds the weights' SHA-256, the adapters library's weights must match its config's shapes."""
+    temps, done = [], []  # done: (path, old contents or None)
     try:
-        temps.append(_write_temp(config_path, config))
-        temps.append(_write_temp(weights_path, weights))
-        old_config = None
-        if config_path.is_file() and config_path.stat().st_size <= MAX_CONFIG_BYTES:
-            old_config = config_path.read_bytes()
-        os.replace(temps[0], config_path)
-        try:
-            os.replace(temps[1], weights_path)
-        except BaseException:
+        for name, data in files.items():
+            temps.append(_write_temp(directory / name, data))
+        for (name, _), tmp in zip(list(files.items()), list(temps)):
+            path = directory / name
+            old = None if not path.is_file() else path.read_bytes() if path.stat().st_size <= MAX_CONFIG_BYTES else _TOO_LARGE
             try:
-                if old_config is None:
-                    config_path.unlink(missing_ok=True)
-                else:
-                    temps.append(_write_temp(config_path, old_config))
-                    os.replace(temps[-1], config_path)
-            except OSError:
-                pass  # the new config stays with the old weights: load_adapter refuses the pair
-            raise
+                os.replace(tmp, path)
+            except BaseException:
+                for undo_path, undo_old in reversed(done):
+                    try:
+                        if undo_old is _TOO_LARGE:  # not kept in memory: the new file stays
+                            continue
+                        if undo_old is None:
+                            undo_path.unlink(missing_ok=True)
+                        else:
+                            restore = _write_temp(undo_path, undo_old)
+                            temps.append(restore)
+                            os.replace(restore, undo_path)
+                    except OSError:
+                        pass  # a mix of new and old files stays: the loaders refuse it
+                raise
+            done.append((path, old))
         _fsync_directory(directory)
     finally:
         for tmp in temps:
@@ -159,7 +165,7 @@ def save_adapter(model: nn.Module, name: str, directory: Union[str, Path], *, ov
                               f"pass overwrite=True to replace them", str(directory))
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        _replace_adapter_files(directory, config_bytes, blob)
+        replace_files(directory, {CONFIG_NAME: config_bytes, WEIGHTS_NAME: blob})
     except OSError as exc:
         raise OSError(exc.errno, f"save_adapter: cannot write the adapter to directory {directory} ({exc.strerror or exc})",
                       str(directory)) from exc

@@ -16,7 +16,7 @@ from ..activations import get_activation
 from ..backends import ADD_NORM, implements
 from ..nn.bottleneck import BottleneckAdapter
 from .inference_modules import FusedAddNormOutput, MergedGatedMLP, MergedIntermediate, MergedLinear, MergedMLP, MergedPostLNOutput
-from .slots import PARALLEL, PARALLEL_SKIP, PREFIX, SEQUENTIAL, SLOT_ATTR, AdapterSlot, is_slot_hook, slot_of
+from .slots import PARALLEL, PARALLEL_SKIP, PREFIX, RENORM, SEQUENTIAL, SLOT_ATTR, AdapterSlot, is_slot_hook, slot_of
 
 __all__ = ["Built", "Plan", "Unchanged", "carry_slots", "check_replaced", "plan_place"]
 
@@ -387,6 +387,9 @@ def plan_place(modules, place: str, module: nn.Module, slot: AdapterSlot, adapte
         return _plan_mlp_parallel(modules, place, module, adapter_name, adapter)
     if slot.mode == SEQUENTIAL:
         return _plan_sequential(modules, place, module, adapter_name, adapter)
+    if slot.mode == RENORM:
+        raise Unchanged("the adapter sits between two applications of the LayerNorm (original_ln_before); "
+                        "runs the fused adapter op through its hook")
     raise Unchanged(f"unknown mode {slot.mode!r}")
 
 

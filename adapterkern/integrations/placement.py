@@ -36,7 +36,8 @@ from ..nn.bottleneck import INIT_SCHEMES, BottleneckAdapter
 from ..nn.prefix import PrefixTuning
 from .prefix_attention import attention_places
 from .slots import (
-    PARALLEL, PARALLEL_SKIP, PREFIX, SEQUENTIAL, Place, SlotConfig, check_places, layer_index, model_type, reference_param,
+    PARALLEL, PARALLEL_SKIP, PREFIX, RENORM, SEQUENTIAL, Place, SlotConfig, check_places, layer_index, model_type,
+    reference_param,
 )
 
 PLACEMENTS = ("pfeiffer", "houlsby", "parallel", "mam")
@@ -56,6 +57,12 @@ _ROLE_PATTERNS: Dict[str, List[Tuple[str, str]]] = {
     "ffn": [
         (r"\d+\.output", PARALLEL_SKIP),
         (r"\d+\.mlp", PARALLEL),
+    ],
+    # after the FFN's residual add (original_ln_before): BERT's output norm, a pre-LN block's output
+    "ffn_stream": [
+        (r"\d+\.output\.LayerNorm", RENORM),  # BERT, RoBERTa: LN(t) -> LN(t + adapter(LN(t)))
+        (r"h\.\d+", SEQUENTIAL),  # GPT-2 blocks: the residual stream after the MLP's add
+        (r"layers\.\d+", SEQUENTIAL),  # Llama-style decoder layers
     ],
 }
 _PLACEMENT_ROLES = {"pfeiffer": ("ffn_output",), "houlsby": ("attn_output", "ffn_output"), "parallel": ("ffn",), "mam": ("ffn",)}
@@ -84,6 +91,12 @@ class AdapterConfig(SlotConfig, kind="adapter"):
         prefix_length: ``mam`` only: key/value prefix length l per attention layer.
         prefix_bottleneck: ``mam`` only: the reparametrisation MLP's width (one MLP shared by all
             layers, as in the ``adapters`` library); the prefixes are saved collapsed (plain tensors).
+        original_ln_before: ``pfeiffer`` only: the ``adapters`` library's ``original_ln_before`` (its
+            ``seq_bn`` default): the adapter after the FFN's residual add, ``z -> z + s * up(act(down(z)))``
+            on the residual stream z in pre-LN models (GPT-2, Llama: the block's output), and in post-LN
+            BERT-style layers ``LN(h + x + s * up(act(down(LN(h + x)))))`` (the adapter reads the
+            normalised sum; the layer's LayerNorm is applied again after it). False (default): the adapter
+            on the FFN's output projection, before the residual add.
         modules_to_save: modules of the model trained, saved and loaded with this adapter, e.g. the
             task head ``["classifier"]`` (names matched against the end of qualified names, like
             ``train_adapter``'s ``train_modules``). They stay the model's own modules, shared by all
@@ -106,6 +119,7 @@ class AdapterConfig(SlotConfig, kind="adapter"):
     backend: str = "auto"
     prefix_length: int = 30
     prefix_bottleneck: int = 800
+    original_ln_before: bool = False
     modules_to_save: Tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -156,6 +170,10 @@ class AdapterConfig(SlotConfig, kind="adapter"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if not isinstance(self.original_ln_before, bool):
+            raise TypeError(f"original_ln_before: expected a bool, got {type(self.original_ln_before).__name__}")
+        if self.original_ln_before and (self.placement != "pfeiffer" or self.target_modules is not None):
+            raise ValueError("original_ln_before: only with placement 'pfeiffer' and no target_modules (it names its own places)")
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = (self.modules_to_save,)
         if not isinstance(self.modules_to_save, (list, tuple)) or not all(isinstance(m, str) and m for m in self.modules_to_save):
@@ -274,7 +292,7 @@ def find_places(model: nn.Module, config: AdapterConfig) -> List[Place]:
                 )
             places += [Place(n, m, mode, 0) for n, m in found]
     else:
-        for role in _PLACEMENT_ROLES[config.placement]:
+        for role in ("ffn_stream",) if config.original_ln_before else _PLACEMENT_ROLES[config.placement]:
             for pattern, mode in _ROLE_PATTERNS[role]:
                 found = [(n, m) for n, m in modules if re.search(r"(^|\.)" + pattern + "$", n)]
                 if found:

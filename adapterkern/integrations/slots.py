@@ -10,6 +10,9 @@ SEQUENTIAL       ``output -> adapter(output)``
 PARALLEL         ``output -> adapter(input, residual=output)``
 PARALLEL_SKIP    ``forward(h, skip) -> forward(h, adapter(skip))``: a post-LN module that adds the skip
 PREFIX           an attention module: key/value prefixes, read by the prefix attention (no hook)
+RENORM           a post-LN norm module ``norm(t)``: ``norm(t + adapter(norm(t)))``, the adapter reading the
+                 normalised output with t as its residual, then the same norm again (the ``adapters``
+                 library's ``original_ln_before``, its ``seq_bn`` in BERT-style models)
 ===============  =================================================================================
 
 Every name in a model has a config of one *kind*: a subclass of :class:`SlotConfig`, entered in
@@ -44,7 +47,8 @@ SEQUENTIAL = "sequential"
 PARALLEL = "parallel"
 PARALLEL_SKIP = "parallel_skip"
 PREFIX = "prefix"
-MODES = (SEQUENTIAL, PARALLEL, PARALLEL_SKIP, PREFIX)
+RENORM = "renorm"
+MODES = (SEQUENTIAL, PARALLEL, PARALLEL_SKIP, PREFIX, RENORM)
 
 _RECORD = "_adapterkern_configs"  # model.__dict__ key: {name: SlotConfig}
 _DROP = "_adapterkern_drop_layers"  # model.__dict__ key: AdapterDrop's number of dropped layers
@@ -221,7 +225,8 @@ def _skip_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
 
 
 def _output_hook(module: nn.Module, args: tuple, kwargs: dict, output):
-    """SEQUENTIAL: ``adapter(output)``; PARALLEL: ``adapter(input, residual=output)``."""
+    """SEQUENTIAL: ``adapter(output)``; PARALLEL: ``adapter(input, residual=output)``; RENORM:
+    ``module.forward(adapter(output, residual=input))`` (forward, not the call: no second hook)."""
     slot = slot_of(module)
     active, dropped = slot.current()
     if active is None or dropped:
@@ -229,10 +234,12 @@ def _output_hook(module: nn.Module, args: tuple, kwargs: dict, output):
     rest = ()
     if isinstance(output, tuple):
         output, rest = output[0], output[1:]
+    x = None if slot.mode == SEQUENTIAL else (args[0] if args else next(iter(kwargs.values())))
     if slot.mode == SEQUENTIAL:
         output = slot.apply(output)
+    elif slot.mode == RENORM:
+        output = module.forward(slot.apply(output, residual=x))
     else:
-        x = args[0] if args else next(iter(kwargs.values()))
         output = slot.apply(x, residual=output)
     return (output,) + rest if rest else output
 
