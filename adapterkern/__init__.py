@@ -17,7 +17,7 @@ from .integrations.transformers import (
     train_adapter,
 )
 from .integrations.adapter_files import load_adapter, save_adapter
-from .integrations.adapterhub_files import AdapterHubLoad, load_adapterhub, save_adapterhub
+from .integrations.adapterhub_files import AdapterHubLoad, load_adapterhub, load_adapterhub_fusion, save_adapterhub
 from .integrations.compose import StochasticAdapterDrop, add_fusion, multi_task_forward, route_adapters, set_adapter_drop
 from .integrations.adapterhub import AdapterPatchReport, patch_adapters, unpatch_adapters
 from .integrations.inference import InferenceReport, optimize_for_inference, undo_inference_optimization
@@ -57,6 +57,7 @@ __all__ = [
     "AdapterHubLoad",
     "AdapterPatchReport",
     "load_adapterhub",
+    "load_adapterhub_fusion",
     "save_adapterhub",
     "patch_adapters",
     "unpatch_adapters",

@@ -277,3 +277,23 @@ def test_save_adapterhub_refuses_what_the_library_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="pre-LN"):
         ak.save_adapterhub(model, "par", tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("kind", ["fusion", "fusion_double_seq_bn"])
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_fusions_load_with_the_librarys_numbers(fixtures, kind, fmt):
+    root = fixtures / "bert" / kind / fmt
+    model = _base(fixtures, "bert")
+    for adapter in ("a", "b"):
+        ak.load_adapterhub(model, root / adapter, set_active=False)
+    name = ak.load_adapterhub_fusion(model, root / "fusion")
+    assert name == "a_b" and ak.get_active_adapter(model) == "a_b"
+    fixture = json.loads((root / "fusion" / "fixture.json").read_text())
+    expected = load_file(str(root / "fusion" / "expected_outputs.safetensors"))["last_hidden_state"]
+    assert _close(_run(model, fixture), expected, torch.tensor(fixture["attention_mask"])) <= TOL
+    alone = _base(fixtures, "bert")
+    ak.load_adapterhub(alone, root / "a")
+    before = _snapshot(alone)
+    with pytest.raises(ValueError, match=r"load those adapters first"):
+        ak.load_adapterhub_fusion(alone, root / "fusion")
+    assert _same(alone, before)

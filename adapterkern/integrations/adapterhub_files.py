@@ -43,17 +43,21 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ..nn.fusion import resolve_fusion_config
+from .compose import FusionConfig
 from .placement import AdapterConfig, find_places
 from .slots import (
     PARALLEL_SKIP, Place, adapter_configs, check_adapter_name, check_not_optimized, iter_slots, layer_index, require_adapter,
 )
 from .transformers import adapter_modules, insert_adapter_modules, set_active_adapter
 
-__all__ = ["AdapterHubLoad", "load_adapterhub", "save_adapterhub"]
+__all__ = ["AdapterHubLoad", "load_adapterhub", "load_adapterhub_fusion", "save_adapterhub"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS = ("adapter.safetensors", "pytorch_adapter.bin")  # preferred first
 HEAD_CONFIG_NAME = "head_config.json"
+FUSION_CONFIG_NAME = "adapter_fusion_config.json"
+FUSION_WEIGHTS = ("model_adapter_fusion.safetensors", "pytorch_model_adapter_fusion.bin")
 HEAD_WEIGHTS = ("model_head.safetensors", "pytorch_model_head.bin")
 LIBRARY_VERSION = "adapters.1.3.0"  # the format written (a version-less file makes the library rename gelu)
 MAX_CONFIG_BYTES = 1 << 20
@@ -334,6 +338,52 @@ def load_adapterhub(model: nn.Module, directory, name: Optional[str] = None, *, 
     if set_active:
         set_active_adapter(model, name)
     return AdapterHubLoad(name, config, weights_file, head)
+
+
+def load_adapterhub_fusion(model: nn.Module, directory, name: Optional[str] = None, *, set_active: bool = True) -> str:
+    """Read an AdapterFusion saved by the library's ``save_adapter_fusion`` (``adapter_fusion_config.json``
+    and its weights) into ``model`` as :func:`adapterkern.add_fusion` would make it, under ``name``
+    (default: the library's name with its commas as ``_``), and return the name. The fused adapters must be
+    in the model first (:func:`load_adapterhub`, same names). All or nothing, as ``load_adapterhub``."""
+    check_not_optimized(model, "load_adapterhub_fusion")
+    path = _resolve(directory)
+    if not (path / FUSION_CONFIG_NAME).is_file():
+        raise _error(path, f"has no {FUSION_CONFIG_NAME}")
+    meta = _read_json(path, FUSION_CONFIG_NAME)
+    adapters, lib_name = meta.get("adapter_names"), meta.get("name")
+    if not isinstance(adapters, list) or not adapters or not all(isinstance(a, str) for a in adapters):
+        raise _error(path, f"has adapter_names {adapters!r}; expected the fused adapters' names")
+    if not isinstance(lib_name, str) or not lib_name:
+        raise _error(path, f"has a {FUSION_CONFIG_NAME} without the fusion's name")
+    missing = [a for a in adapters if a not in adapter_configs(model)]
+    if missing:
+        raise _error(path, f"fuses {adapters}; load those adapters first (this model lacks {missing})")
+    name = lib_name.replace(",", "_") if name is None else name
+    check_adapter_name(name)
+    if name in adapter_configs(model):
+        raise _error(path, f"holds fusion {name!r}, which this model already has (pass name=...)")
+    try:
+        spec = FusionConfig(tuple(adapters), resolve_fusion_config(meta["config"]))
+        places = spec.places_in(model)
+    except (TypeError, ValueError) as exc:
+        raise _error(path, f"has a fusion adapterkern cannot build here ({exc})") from None
+    modules = spec.build_for_load(model, places)
+    prefix = getattr(model, "base_model_prefix", "")
+    expected, targets = {}, {}
+    for place, module in zip(places, modules):
+        location = _strip(library_location(place), prefix)
+        for key, tensor in module.state_dict().items():
+            expected[f"{location}.adapter_fusion_layer.{lib_name}.{key}"] = key
+            targets[f"{location}.adapter_fusion_layer.{lib_name}.{key}"] = tensor
+    tensors, _ = _read_tensors(path, FUSION_WEIGHTS, sum(t.numel() * 4 for t in targets.values()))
+    pairs = _check_and_assign(path, tensors, expected, targets, prefix)
+    with torch.no_grad():
+        for target, value in pairs:
+            target.copy_(value)
+    insert_adapter_modules(model, name, spec, places, modules)
+    if set_active:
+        set_active_adapter(model, name)
+    return name
 
 
 def _head(model: nn.Module, directory: Path, prefix: str) -> Tuple[List[Tuple[Tensor, Tensor]], str]:

@@ -38,7 +38,7 @@ from ..routing import check_index_range
 from ..nn.fusion import AdapterFusion, fuse_adapters, resolve_fusion_config
 from .placement import AdapterConfig
 from .slots import (
-    PREFIX, SEQUENTIAL, AdapterSlot, Place, SlotConfig, SlotOverride, adapter_configs, attach, check_model, check_new_name,
+    PREFIX, RENORM, SEQUENTIAL, AdapterSlot, Place, SlotConfig, SlotOverride, adapter_configs, attach, check_model, check_new_name,
     check_not_optimized, iter_slots, overriding_slots, reference_param, require_adapter, set_drop_layers,
 )
 from .transformers import set_active_adapter
@@ -83,11 +83,12 @@ class FusionConfig(SlotConfig, kind="fusion"):
         return Fuse(name, self.adapters)
 
     def places_in(self, model: nn.Module) -> List[Place]:
-        """Every sequential (Pfeiffer / Houlsby) place of ``model`` that holds all the adapters mixed."""
+        """Every sequential (Pfeiffer / Houlsby, also after the norm: RENORM) place of ``model`` that
+        holds all the adapters mixed."""
         places = [
             Place(n, m, slot.mode, slot.hidden_size)
             for n, m, slot in iter_slots(model)
-            if slot.mode == SEQUENTIAL and all(a in slot for a in self.adapters)
+            if slot.mode in (SEQUENTIAL, RENORM) and all(a in slot for a in self.adapters)
         ]
         if not places:
             raise ValueError(f"adapters: no sequential (pfeiffer/houlsby) place holds all of {list(self.adapters)}; fusion needs them")
