@@ -37,7 +37,8 @@ EXPECTED = {
     "par_bn": {"bert": "loads", "roberta": "loads", "gpt2": "pre-LN model", "llama": "pre-LN model"},
     "scaled_par_bn": {"bert": "loads", "roberta": "loads", "gpt2": "pre-LN model", "llama": "pre-LN model"},
     "custom_par": {"bert": "loads", "roberta": "loads", "gpt2": "pre-LN model", "llama": "pre-LN model"},
-    "custom_seq": "original_ln_after=false", "custom_post_add": "residual_before_ln='post_add'", "mam": "'union' config",
+    "mam": {"bert": "loads", "roberta": "loads", "gpt2": "pre-LN model", "llama": "pre-LN model"},
+    "custom_seq": "original_ln_after=false", "custom_post_add": "residual_before_ln='post_add'",
 }
 
 
@@ -297,3 +298,55 @@ def test_fusions_load_with_the_librarys_numbers(fixtures, kind, fmt):
     with pytest.raises(ValueError, match=r"load those adapters first"):
         ak.load_adapterhub_fusion(alone, root / "fusion")
     assert _same(alone, before)
+
+
+def test_a_static_head_loads_into_the_same_model_class(fixtures, tmp_path):
+    """A static-head model's head file (FORMAT.md 7: "config": null, the weights outside the base model)."""
+    directory = tmp_path / "static"
+    shutil.copytree(fixtures / "bert" / "seq_bn" / "safetensors", directory)
+    head = {"classifier.weight": torch.randn(3, 32), "classifier.bias": torch.randn(3)}
+    from safetensors.torch import save_file
+
+    save_file(head, str(directory / "model_head.safetensors"))
+    (directory / "head_config.json").write_text(json.dumps(
+        {"config": None, "name": None, "num_labels": 3, "model_class": "BertForSequenceClassification",
+         "model_type": "bert", "hidden_size": 32, "version": "adapters.1.3.0"}))
+    model = _base(fixtures, "bert", head_labels=3)
+    result = ak.load_adapterhub(model, directory)
+    assert result.head.startswith("loaded") and torch.equal(model.classifier.weight, head["classifier.weight"])
+    assert ak.load_adapterhub(_base(fixtures, "bert"), directory).head.startswith("not loaded")
+    wrong = _base(fixtures, "bert", head_labels=2)
+    before = _snapshot(wrong)
+    with pytest.raises(ValueError, match=r"classifier\.(weight|bias).* has \(2"):
+        ak.load_adapterhub(wrong, directory)
+    assert _same(wrong, before) and ak.list_adapters(wrong) == []
+
+
+def test_copies_of_the_shared_prefix_mlp_must_agree(fixtures, tmp_path):
+    directory = tmp_path / "mam"
+    shutil.copytree(fixtures / "bert" / "mam" / "bin", directory)
+    tensors = torch.load(directory / "pytorch_adapter.bin", weights_only=True)
+    key = next(k for k in tensors if k.startswith("encoder.layer.1.") and k.endswith("wte.weight"))
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    tensors[key] += 1.0
+    torch.save(tensors, directory / "pytorch_adapter.bin")
+    model = _base(fixtures, "bert")
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="copies of one shared tensor"):
+        ak.load_adapterhub(model, directory)
+    assert _same(model, before)
+
+
+def test_a_hub_id_goes_through_snapshot_download(fixtures, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        calls.append((repo_id, tuple(allow_patterns)))
+        return str(fixtures / "bert" / "double_seq_bn" / "safetensors")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    result = ak.load_adapterhub(_base(fixtures, "bert"), "AdapterHub/bert-tiny-double_seq_bn")
+    assert calls and calls[0][0] == "AdapterHub/bert-tiny-double_seq_bn" and "adapter_config.json" in calls[0][1]
+    assert result.name == "double_seq_bn"

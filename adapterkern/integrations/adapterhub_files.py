@@ -14,6 +14,7 @@ library config (fields that decide)            adapterkern
 sequential, no ``original_ln_before``, output   ``pfeiffer()``
 ``double_seq_bn``: + ``mh_adapter``              ``houlsby()``
 ``par_bn``, ``scaled_par_bn`` (post-LN models)  ``parallel()``
+``mam`` (post-LN models; prefix MLP, tanh)      ``mam(prefix_length, prefix_bottleneck)``
 =============================================  ===========================================================
 
 with ``reduction_factor`` (one value, or a per-layer mapping that resolves to one), ``non_linearity``
@@ -22,10 +23,11 @@ with ``reduction_factor`` (one value, or a per-layer mapping that resolves to on
 before the model is touched: Compacter / PHM, gating, the adapter's own LayerNorms, invertible and
 cross-attention adapters, dropout / stochastic depth, ``original_ln_after: false``, ``residual_before_ln``
 other than true with ``original_ln_before``, parallel adapters in pre-LN models (the library's read
-the un-normalised residual stream, adapterkern's the MLP's input), prefix tuning and other methods.
-A classification head (two layers, tanh, the first token) loads into a BERT-style
-``...ForSequenceClassification`` model as its ``pooler.dense`` and ``classifier``; other heads are
-reported as not loaded.
+the un-normalised residual stream, adapterkern's the MLP's input), prefix tuning alone, flat prefixes and
+other methods. A classification head (two layers, tanh, the first token) loads into a BERT-style
+``...ForSequenceClassification`` model as its ``pooler.dense`` and ``classifier``, a static-head model's
+head (``"config": null``) into the same model class's own modules; other heads are reported as not loaded.
+``load_adapterhub_fusion`` reads ``save_adapter_fusion``'s files into what ``add_fusion`` makes.
 
 ``save_adapterhub(model, name, directory)`` writes the library's format (safetensors, every config field,
 ``"version"``), which the library's ``load_adapter(directory, use_safetensors=True)`` reads.
@@ -45,9 +47,9 @@ from torch import Tensor, nn
 
 from ..nn.fusion import resolve_fusion_config
 from .compose import FusionConfig
-from .placement import AdapterConfig, find_places
+from .placement import AdapterConfig, build_adapters, find_places
 from .slots import (
-    PARALLEL_SKIP, Place, adapter_configs, check_adapter_name, check_not_optimized, iter_slots, layer_index, require_adapter,
+    PARALLEL_SKIP, PREFIX, Place, adapter_configs, check_adapter_name, check_not_optimized, iter_slots, layer_index, require_adapter,
 )
 from .transformers import adapter_modules, insert_adapter_modules, set_active_adapter
 
@@ -120,7 +122,7 @@ def _resolve(directory: Union[str, os.PathLike]) -> Path:
     raise ValueError(f"directory: {text!r} is neither a directory nor a Hub repo id (owner/name)")
 
 
-def _read_json(directory: Path, name: str) -> dict:
+def _read_json(directory: Path, name: str, config_may_be_null: bool = False) -> dict:
     path = directory / name
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise _error(directory, f"has a {name} of more than {MAX_CONFIG_BYTES} bytes")
@@ -128,7 +130,8 @@ def _read_json(directory: Path, name: str) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise _error(directory, f"has a corrupt {name} ({type(exc).__name__})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+    if not isinstance(data, dict) or not (isinstance(data.get("config"), dict) or
+                                          (config_may_be_null and "config" in data and data["config"] is None)):
         raise _error(directory, f"has a {name} without a 'config' object: not a file of the adapters library")
     return data
 
@@ -141,6 +144,30 @@ def _activation(meta: dict, config: dict, directory: Path) -> str:
     if "version" not in meta:
         name = _LEGACY_ACTIVATIONS.get(name, name)
     return "leakyrelu" if name == "leaky_relu" else name
+
+
+def _mam_parts(config: dict, directory) -> Tuple[dict, dict]:
+    """The bottleneck half of a MAM-style union and the AdapterConfig options of its prefix half."""
+    parts = config.get("configs")
+    if not isinstance(parts, list) or len(parts) != 2 or not all(isinstance(c, dict) for c in parts):
+        raise _error(directory, "holds a union that is not one prefix tuning and one bottleneck config")
+    prefix = next((c for c in parts if c.get("architecture") == "prefix_tuning"), None)
+    bottleneck = next((c for c in parts if c.get("architecture") is None), None)
+    if prefix is None or bottleneck is None:
+        raise _error(directory, "holds a union that is not one prefix tuning and one bottleneck config (MAM)")
+    for key, fine, what in (("flat", False, "a flat prefix (no reparametrisation MLP)"), ("use_gating", False, "prefix gating")):
+        if prefix.get(key, fine) != fine:
+            raise _error(directory, f"has {what} ({key}={prefix[key]!r}), which load_adapterhub does not map")
+    if str(prefix.get("non_linearity", "tanh")).lower() != "tanh":
+        raise _error(directory, f"has a prefix MLP with {prefix['non_linearity']!r}; adapterkern's uses tanh")
+    if prefix.get("dropout") not in (None, 0, 0.0):
+        raise _error(directory, f"has prefix dropout {prefix['dropout']!r}: not mapped (it changes training)")
+    if sorted(prefix.get("leave_out") or []) != sorted(bottleneck.get("leave_out") or []):
+        raise _error(directory, "has different leave_out for its prefixes and its adapter; adapterkern's mam has one")
+    options = {"prefix_length": prefix.get("prefix_length"), "prefix_bottleneck": prefix.get("bottleneck_size")}
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in options.values()):
+        raise _error(directory, f"has prefix_length / bottleneck_size {list(options.values())}; expected positive ints")
+    return bottleneck, options
 
 
 def _bottleneck_size(config: dict, hidden: int, layers: List[int], directory: Path) -> int:
@@ -164,9 +191,12 @@ def adapter_config_from_library(model: nn.Module, meta: dict, directory: Union[s
     ``adapter_config.json``) computes in ``model``; ValueError naming what cannot be expressed."""
     config = meta["config"]
     architecture = config.get("architecture")
-    if architecture is not None:
-        raise _error(directory, f"holds a {architecture!r} config; load_adapterhub reads bottleneck adapters "
-                                f"(prefix tuning, MAM, LoRA and the other methods are not supported)")
+    prefix_options = {}
+    if architecture == "union":
+        config, prefix_options = _mam_parts(config, directory)
+    elif architecture is not None:
+        raise _error(directory, f"holds a {architecture!r} config; load_adapterhub reads bottleneck adapters and MAM "
+                                f"(prefix tuning alone, LoRA and the other methods are not supported)")
     for key, fine, what in _REFUSED:
         if config.get(key) not in (fine, None):
             raise _error(directory, f"uses {what} ({key}={config[key]!r}), which adapterkern cannot compute")
@@ -183,7 +213,10 @@ def adapter_config_from_library(model: nn.Module, meta: dict, directory: Union[s
     if parallel:
         if mh or not out:
             raise _error(directory, "has a parallel adapter at the attention output: adapterkern's go beside the FFN only")
-        placement, options = "parallel", {}
+        placement, options = ("mam", prefix_options) if prefix_options else ("parallel", {})
+    elif prefix_options:
+        raise _error(directory, "is a union of prefix tuning and a sequential adapter: adapterkern's mam pairs the "
+                                "prefixes with a parallel adapter")
     elif before:
         if residual is not True:
             raise _error(directory, f"has original_ln_before with residual_before_ln={residual!r}: only true is expressible")
@@ -208,7 +241,7 @@ def adapter_config_from_library(model: nn.Module, meta: dict, directory: Union[s
                               leave_out=tuple(leave_out), **options)
     except (TypeError, ValueError) as exc:
         raise _error(directory, f"has a config adapterkern cannot express ({exc})") from None
-    places = find_places(model, draft)
+    places = [p for p in find_places(model, draft) if p.mode != PREFIX]
     if parallel and any(p.mode != PARALLEL_SKIP for p in places):
         raise _error(directory, "holds a parallel adapter for a pre-LN model: the library's reads the un-normalised "
                                 "residual stream, adapterkern's the MLP's (normalised) input, a different function")
@@ -240,15 +273,23 @@ def _strip(key: str, prefix: str) -> str:
     return key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else key
 
 
-def _expected_library_keys(model, places, modules, lib_name: str) -> Dict[str, Tuple[int, str]]:
-    """library key (without the base-model prefix) -> (index of the place, adapterkern tensor name)."""
+def _library_targets(model, places, modules, lib_name: str) -> Tuple[Dict[str, Tensor], set]:
+    """library key (without the base-model prefix) -> the tensor of the built modules it fills, and the
+    keys a file may leave out (the library's per-layer copies of the shared prefix MLP)."""
     prefix = getattr(model, "base_model_prefix", "")
-    expected = {}
-    for i, (place, module) in enumerate(zip(places, modules)):
+    targets, optional = {}, set()
+    for place, module in zip(places, modules):
+        if place.mode == PREFIX:  # one shared MLP: the pool's copy, and one per attention module
+            for key, tensor in module.encoder.state_dict().items():
+                targets[f"prefix_tuning.prefix_tunings.{lib_name}.self_prefix.{key}"] = tensor
+                layer_key = f"{_strip(place.name, prefix)}.prefix_tuning.pool.prefix_tunings.{lib_name}.self_prefix.{key}"
+                targets[layer_key] = tensor
+                optional.add(layer_key)
+            continue
         location = _strip(library_location(place), prefix)
-        for ours in module.state_dict():
-            expected[f"{location}.adapters.{lib_name}.{_OURS_TO_LIB[ours]}"] = (i, ours)
-    return expected
+        for ours, tensor in module.state_dict().items():
+            targets[f"{location}.adapters.{lib_name}.{_OURS_TO_LIB[ours]}"] = tensor
+    return targets, optional
 
 
 def _read_tensors(directory: Path, names: Tuple[str, str], expected_bytes: int) -> Tuple[Dict[str, Tensor], str]:
@@ -278,26 +319,30 @@ def _read_tensors(directory: Path, names: Tuple[str, str], expected_bytes: int) 
     return data, pickled.name
 
 
-def _check_and_assign(directory, tensors: Dict[str, Tensor], expected: Dict[str, tuple], targets: Dict[str, Tensor],
-                      prefix: str) -> List[Tuple[Tensor, Tensor]]:
-    """(target, value) pairs once every file key maps to one expected tensor of the same shape, and back."""
+def _check_and_assign(directory, tensors: Dict[str, Tensor], targets: Dict[str, Tensor], prefix: str,
+                      optional: frozenset = frozenset()) -> List[Tuple[Tensor, Tensor]]:
+    """(target, value) pairs once every file key names one target (the base-model prefix optional), every
+    required target is there with its shape, and keys naming one shared tensor hold equal values."""
     by_key = {}
     for key, value in tensors.items():
         short = _strip(key, prefix)
-        if short not in expected:
+        if short not in targets:
             raise _error(directory, f"holds tensor {key!r}, which is no tensor of its adapter at this model's places")
         if short in by_key:
             raise _error(directory, f"holds tensor {key!r} twice (with and without the {prefix!r} prefix)")
         by_key[short] = value
-    missing = sorted(set(expected) - set(by_key))
+    missing = sorted(set(targets) - set(by_key) - set(optional))
     if missing:
         raise _error(directory, f"lacks tensors {missing[:4]} of its adapter")
-    pairs = []
+    pairs, seen = [], {}
     for short, value in by_key.items():
         target = targets[short]
         if tuple(value.shape) != tuple(target.shape) or not value.is_floating_point():
             raise _error(directory, f"holds {short!r} as {value.dtype} {tuple(value.shape)}; this model's adapter has "
                                     f"{tuple(target.shape)}")
+        first = seen.setdefault(id(target), (short, value))
+        if first[1] is not value and not torch.equal(first[1], value):
+            raise _error(directory, f"holds {short!r} and {first[0]!r}, copies of one shared tensor, with different values")
         pairs.append((target, value))
     return pairs
 
@@ -320,13 +365,12 @@ def load_adapterhub(model: nn.Module, directory, name: Optional[str] = None, *, 
         raise _error(path, f"holds adapter {name!r}, which this model already has (pass name=...)")
     config = adapter_config_from_library(model, meta, path)
     places = find_places(model, config)
-    modules = config.build_for_load(model, places)
-    expected = _expected_library_keys(model, places, modules, lib_name)
-    targets = {key: modules[i].state_dict()[ours] for key, (i, ours) in expected.items()}
+    modules = build_adapters(model, config, places)  # prefixes as the library's: one shared MLP
+    targets, optional = _library_targets(model, places, modules, lib_name)
     expected_bytes = sum(t.numel() * 4 for t in targets.values())
     prefix = getattr(model, "base_model_prefix", "")
     tensors, weights_file = _read_tensors(path, WEIGHTS, expected_bytes)
-    pairs = _check_and_assign(path, tensors, expected, targets, prefix)
+    pairs = _check_and_assign(path, tensors, targets, prefix, frozenset(optional))
     head_pairs, head = _head(model, path, prefix)
     with torch.no_grad():
         for target, value in pairs:  # the built modules, not yet in the model
@@ -369,14 +413,10 @@ def load_adapterhub_fusion(model: nn.Module, directory, name: Optional[str] = No
         raise _error(path, f"has a fusion adapterkern cannot build here ({exc})") from None
     modules = spec.build_for_load(model, places)
     prefix = getattr(model, "base_model_prefix", "")
-    expected, targets = {}, {}
-    for place, module in zip(places, modules):
-        location = _strip(library_location(place), prefix)
-        for key, tensor in module.state_dict().items():
-            expected[f"{location}.adapter_fusion_layer.{lib_name}.{key}"] = key
-            targets[f"{location}.adapter_fusion_layer.{lib_name}.{key}"] = tensor
+    targets = {f"{_strip(library_location(place), prefix)}.adapter_fusion_layer.{lib_name}.{key}": tensor
+               for place, module in zip(places, modules) for key, tensor in module.state_dict().items()}
     tensors, _ = _read_tensors(path, FUSION_WEIGHTS, sum(t.numel() * 4 for t in targets.values()))
-    pairs = _check_and_assign(path, tensors, expected, targets, prefix)
+    pairs = _check_and_assign(path, tensors, targets, prefix)
     with torch.no_grad():
         for target, value in pairs:
             target.copy_(value)
@@ -391,8 +431,10 @@ def _head(model: nn.Module, directory: Path, prefix: str) -> Tuple[List[Tuple[Te
     classifier, and what was done; no pairs (and the reason) where the head does not map."""
     if not (directory / HEAD_CONFIG_NAME).is_file():
         return [], "no head in the directory"
-    meta = _read_json(directory, HEAD_CONFIG_NAME)
+    meta = _read_json(directory, HEAD_CONFIG_NAME, config_may_be_null=True)
     config, head_name = meta["config"], meta.get("name")
+    if config is None:
+        return _static_head(model, directory, meta, prefix)
     layout = (config.get("head_type"), config.get("layers"), str(config.get("activation_function")).lower(),
               bool(config.get("use_pooler")), config.get("bias", True))
     if layout != ("classification", 2, "tanh", False, True):
@@ -409,9 +451,23 @@ def _head(model: nn.Module, directory: Path, prefix: str) -> Tuple[List[Tuple[Te
     tensors, weights_file = _read_tensors(directory, HEAD_WEIGHTS, 4 * (pooler.dense.weight.numel() + classifier.weight.numel() * 2))
     targets = {f"heads.{head_name}.1.weight": pooler.dense.weight, f"heads.{head_name}.1.bias": pooler.dense.bias,
                f"heads.{head_name}.4.weight": classifier.weight, f"heads.{head_name}.4.bias": classifier.bias}
-    expected = {k: k for k in targets}
-    pairs = _check_and_assign(directory, tensors, expected, {k: t.data for k, t in targets.items()}, "")
+    pairs = _check_and_assign(directory, tensors, {k: t.data for k, t in targets.items()}, "")
     return pairs, f"loaded from {weights_file} into {prefix}.pooler.dense and classifier ({config.get('num_labels')} labels)"
+
+
+def _static_head(model: nn.Module, directory: Path, meta: dict, prefix: str) -> Tuple[List[Tuple[Tensor, Tensor]], str]:
+    """A static-head model's head (``"config": null``: ``save_adapter`` of e.g. a
+    ``BertForSequenceClassification`` with ``adapters.init`` writes every weight outside the base model):
+    loaded into the same model class's own modules, names and shapes checked."""
+    model_class = meta.get("model_class")
+    if model_class != type(model).__name__:
+        return [], f"not loaded: the head of a {model_class} (this model is a {type(model).__name__})"
+    own = {k: v for k, v in model.state_dict().items() if not (prefix and k.startswith(prefix + "."))}
+    tensors, weights_file = _read_tensors(directory, HEAD_WEIGHTS, sum(t.numel() * 4 for t in own.values()))
+    pairs = _check_and_assign(directory, tensors, own, "", frozenset(set(own) - set(tensors)))
+    if not pairs:
+        return [], f"not loaded: {weights_file} holds no tensors"
+    return pairs, f"loaded from {weights_file} into {', '.join(sorted({k.rsplit('.', 1)[0] for k in tensors}))}"
 
 
 def _library_config(model: nn.Module, config: AdapterConfig, name: str) -> Tuple[dict, int]:
