@@ -369,9 +369,10 @@ if [[ " ${DROPPED[*]} " == *" triton "* ]]; then
     export ADAPTERKERN_BACKEND=$BENCH_BACKEND  # backend="auto" calls (tests, models) avoid triton
 fi
 # The grid's implementations but torch.compile (a stage of its own), the kernel backends those that
-# passed their smoke check.
+# passed their smoke check; triton's decode kernels (T <= 64) beside its one-row-tile kernel (-nodecode).
 IMPLS="eager,adapters,adapterkern-torch"
 for b in "${OK_BACKENDS[@]}"; do IMPLS+=",adapterkern-$b"; done
+if [[ " ${OK_BACKENDS[*]} " == *" triton "* ]]; then IMPLS+=",adapterkern-triton-nodecode"; fi
 
 # ---------------------------------------------------------------------------------------------- bench
 if [ "$DRY" = 1 ]; then

@@ -48,11 +48,12 @@ FLAVOURS = {"bf16": ("bf16", None), "fp16": ("fp16", None), "fp32": ("fp32", "ie
             "fp64": ("fp64", None)}
 KERNELS = ("fwd_kernel", "bwd_dh_kernel", "bwd_main_kernel")
 ADD_NORM = "add_norm_kernel"  # adapterkern.backends.triton.add_norm: the inference op
+DECODE = ("decode_down_kernel", "decode_up_kernel")  # the split-d forward for T <= 64 (fixed BLOCK_D, 4 warps)
 # Shared memory per block, opt-in maximum (what Triton's launcher checks): A100 163 KiB, H100/H200 227 KiB.
 SMEM_LIMIT = {80: 166912, 90: 232448}
 HANG_GUARD_S = 3600  # not a budget: only a hung worker gets near it
 MAX_PROCS = 2
-_INT_ARGS = {"T", "D", "R", "T_BUCKET", "SPLITS"}
+_INT_ARGS = {"T", "D", "R", "T_BUCKET", "SPLITS", "CHUNK", "D_PER_PROGRAM"}
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,12 @@ class Job:
     has_s: bool = True
     wgmma: bool = False  # sm_90: a config with 64-row tiles (Hopper's wgmma), else the cheapest
     rms: bool = False  # add_norm_kernel: RMSNorm, else LayerNorm
+    t_pad: int = 64  # the decode kernels' token tile (T <= 64 padded to a power of two >= 16)
 
     def __str__(self):
         return (f"sm_{self.arch} {self.kernel} {self.flavour} R_PAD={self.r_pad} GATHER={int(self.gather)} "
-                f"ACT={self.act} HAS_S={int(self.has_s)}" + (" RMS" if self.rms else "") + (" wgmma-tile" if self.wgmma else ""))
+                f"ACT={self.act} HAS_S={int(self.has_s)}" + (" RMS" if self.rms else "") + (" wgmma-tile" if self.wgmma else "")
+                + (f" T_PAD={self.t_pad}" if self.kernel in DECODE else ""))
 
 
 def jobs() -> List[Job]:
@@ -87,6 +90,11 @@ def jobs() -> List[Job]:
     out += [Job(arch, flavour, ADD_NORM, 16, act=k, has_s=k % 2 == 0, rms=k % 2 == 1)
             for k, (arch, flavour) in enumerate((a, f) for a in ARCHS for f in ("bf16", "fp16", "fp32", "tf32"))]
     out += [Job(arch, "bf16", ADD_NORM, 512) for arch in ARCHS] + [Job(90, "bf16", ADD_NORM, 16, wgmma=True)]
+    # The decode kernels: bf16 and TF32 on both archs at the widest token tile, fp64 and the smallest tile,
+    # and the widest bottleneck.
+    out += [Job(arch, flavour, kernel, 16, act=k % 10) for k, (arch, flavour, kernel) in enumerate(
+        (a, f, kn) for a in ARCHS for f in ("bf16", "tf32") for kn in DECODE)]
+    out += [Job(80, "fp64", kernel, 16, t_pad=16) for kernel in DECODE] + [Job(90, "bf16", kernel, 512) for kernel in DECODE]
     return sorted(out, key=lambda j: (-j.r_pad, j.kernel != "bwd_main_kernel", j.flavour == "bf16"))
 
 
@@ -136,7 +144,7 @@ def _signature(jit, dtype: str) -> Dict[str, str]:
             signature[name] = "*i64"  # token groups of the batched form
         elif name in ("COUNTS", "STARTS"):
             signature[name] = "*i32"
-        elif name == "S" or name.endswith("_P"):
+        elif name in ("S", "PARTIAL") or name.endswith("_P"):
             signature[name] = "*fp64" if dtype == "fp64" else "*fp32"  # scaling / partial sums
         else:
             signature[name] = "*" + dtype
@@ -154,10 +162,22 @@ def compile_job(job: Job) -> dict:
 
     assert not language.INTERPRET, "the compile worker must run without TRITON_INTERPRET"
     dtype, precision = FLAVOURS[job.flavour]
-    config = pick_config(job.kernel, job.r_pad, job.wgmma, {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}[dtype])
+    if job.kernel in DECODE:  # launched with fixed meta-parameters, as bottleneck._decode_forward does
+        from adapterkern.backends.triton.bottleneck import DECODE_BLOCK_D, decode_warps
+
+        config = triton.Config({"BLOCK_D": DECODE_BLOCK_D, "T_PAD": job.t_pad, "BLOCK_T": job.t_pad},
+                               num_warps=decode_warps(job.t_pad, job.r_pad))
+    else:
+        config = pick_config(job.kernel, job.r_pad, job.wgmma, {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}[dtype])
     constexprs = dict(ACT=job.act, PRECISION=precision, ACC=tl.float64 if dtype == "fp64" else tl.float32,
                       R_PAD=job.r_pad, HAS_S=job.has_s, **config.kwargs)
-    if job.kernel == ADD_NORM:
+    if job.kernel in DECODE:
+        constexprs.pop("BLOCK_T")
+        if job.kernel == "decode_down_kernel":
+            constexprs = {k: v for k, v in constexprs.items() if k in ("PRECISION", "ACC", "R_PAD", "T_PAD", "BLOCK_D")}
+        else:
+            constexprs.update(HAS_BD=True, HAS_BU=True, ADD_RES=True, SAVE_H=True)
+    elif job.kernel == ADD_NORM:
         constexprs.update(HAS_BD=True, HAS_BU=True, HAS_NW=True, HAS_NB=not job.rms, RMS=job.rms)
     else:
         constexprs["GATHER"] = job.gather
@@ -166,7 +186,8 @@ def compile_job(job: Job) -> dict:
     elif job.kernel == "bwd_main_kernel":
         constexprs.update(HAS_BU=True, RES_IS_X=not job.gather, NEED_DX=True, NEED_DWD=True, NEED_DBD=True,
                           NEED_DWU=True, NEED_DBU=True, NEED_DS=True)
-    jit = (add_norm if job.kernel == ADD_NORM else kernels).__dict__[job.kernel].fn
+    kernel = (add_norm if job.kernel == ADD_NORM else kernels).__dict__[job.kernel]
+    jit = kernel if hasattr(kernel, "params") else kernel.fn  # a JITFunction, or the Autotuner around one
     result = dict(job=asdict(job), what=str(job), ok=False, error="", shared=None, wgmma=False,
                   config=f"BLOCK_T={config.kwargs['BLOCK_T']} BLOCK_D={config.kwargs['BLOCK_D']} "
                          f"warps={config.num_warps} stages={config.num_stages}")

@@ -17,12 +17,15 @@ Names (``--impl`` takes a comma-separated list of these or of glob patterns such
                            in ``adapterkern.available_backends(device)``. On CPU the ``triton`` backend
                            runs in the Triton interpreter (a correctness tool, not a fast path), so it
                            is only run when named explicitly.
+``adapterkern-triton-nodecode``  the triton backend with its decode kernels off (``ADAPTERKERN_TRITON_DECODE=off``):
+                           the one-row-tile kernel at T <= 64 too, timed beside ``adapterkern-triton``.
 ``<impl>+graph``           CUDA only, T <= ``--graph-max-tokens``: the same calls captured in a CUDA graph.
 =========================  ======================================================================
 """
 from __future__ import annotations
 
 import fnmatch
+import os
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
@@ -51,21 +54,32 @@ class EagerAdapter(nn.Module):
 
 
 class FusedAdapter(nn.Module):
-    """``adapterkern.bottleneck_adapter`` on the parameters of an :class:`EagerAdapter` (shared, not copied)."""
+    """``adapterkern.bottleneck_adapter`` on the parameters of an :class:`EagerAdapter` (shared, not copied);
+    ``env``: environment settings in force during each call (e.g. the Triton decode switch)."""
 
-    def __init__(self, eager: EagerAdapter, backend: str = "auto"):
+    def __init__(self, eager: EagerAdapter, backend: str = "auto", env: Optional[dict] = None):
         super().__init__()
         self.eager = eager
         self.backend = backend
+        self.env = dict(env or {})
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         import adapterkern
 
         e = self.eager
-        return adapterkern.bottleneck_adapter(
-            x, e.down.weight, e.down.bias, e.up.weight, e.up.bias,
-            activation=e.activation, scaling=e.scaling, residual=residual, backend=self.backend,
-        )
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        try:
+            return adapterkern.bottleneck_adapter(
+                x, e.down.weight, e.down.bias, e.up.weight, e.up.bias,
+                activation=e.activation, scaling=e.scaling, residual=residual, backend=self.backend,
+            )
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def adapters_library_reason() -> Optional[str]:
@@ -123,9 +137,9 @@ def _compiled(mode: Optional[str]):
     return build
 
 
-def _fused(backend: str):
+def _fused(backend: str, env: Optional[dict] = None):
     def build(e: EagerAdapter):
-        return FusedAdapter(e, backend), list(e.parameters())
+        return FusedAdapter(e, backend, env), list(e.parameters())
 
     return build
 
@@ -161,12 +175,16 @@ def all_impls(device: torch.device, full: bool = False) -> Tuple[List[Impl], Lis
     if reason:
         notes.append(f"adapterkern-*: skipped, {reason}")
     for b in backends:
-        impl = Impl(f"adapterkern-{b}", _fused(b))
+        impls = [Impl(f"adapterkern-{b}", _fused(b))]
+        if b == "triton":  # the decode kernels against the one-row-tile kernel, side by side
+            from ..backends.triton.bottleneck import DECODE_ENV
+
+            impls.append(Impl("adapterkern-triton-nodecode", _fused(b, {DECODE_ENV: "off"})))
         if device.type == "cpu" and b == "triton":
-            on_request.append(impl)
+            on_request += impls
             notes.append("adapterkern-triton: not run by default on CPU (Triton interpreter); name it in --impl to run")
         else:
-            default.append(impl)
+            default += impls
     return default, on_request, notes
 
 

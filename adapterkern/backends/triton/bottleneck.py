@@ -22,12 +22,13 @@ to ``R_PAD = max(16, next_pow2(r))`` and masked. Token offsets are int64, so T *
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
 import triton
 
-from .kernels import bwd_dh_kernel, bwd_main_kernel, fwd_kernel
+from .kernels import bwd_dh_kernel, bwd_main_kernel, decode_down_kernel, decode_up_kernel, fwd_kernel
 from .language import acc_dtype, dot_precision, padded_rank, t_bucket, unit_stride
 
 
@@ -53,6 +54,79 @@ def _num_splits(num_tokens: int, d: int, device: torch.device) -> int:
     d_blocks = triton.cdiv(d, 64)
     splits = triton.cdiv(programs_wanted, d_blocks)
     return max(1, min(splits, triton.cdiv(num_tokens, 256 if device.type == "cuda" else 32)))
+
+
+DECODE_MAX_TOKENS = 64  # at most this many tokens: the split-d decode kernels (one BLOCK_T row tile otherwise)
+DECODE_BLOCK_D = 64
+# ADAPTERKERN_TRITON_DECODE: "auto" (default: the decode kernels for T <= DECODE_MAX_TOKENS), "off" (never),
+# "force" (whenever they apply: no token groups); the benchmarks time "auto" against "off".
+DECODE_ENV = "ADAPTERKERN_TRITON_DECODE"
+
+
+def use_decode_kernels(num_tokens: int, grouped: bool) -> bool:
+    """Whether a forward of ``num_tokens`` tokens takes the split-d decode kernels."""
+    mode = os.environ.get(DECODE_ENV, "auto").strip().lower() or "auto"
+    if mode not in ("auto", "off", "force"):
+        raise ValueError(f"{DECODE_ENV}: expected auto, off or force, got {mode!r}")
+    if grouped or num_tokens == 0 or mode == "off":
+        return False
+    return mode == "force" or num_tokens <= DECODE_MAX_TOKENS
+
+
+def decode_warps(t_pad: int, r_pad: int) -> int:
+    """Warps of the decode kernels: 4, or 8 where the (T_PAD, R_PAD) fp32 tile would take more than
+    32 registers per thread at 4 warps (it is held while the up-projection runs)."""
+    return 4 if t_pad * r_pad <= 32 * 32 * 4 else 8
+
+
+DECODE_PARTIAL_BUDGET = 64 * 1024  # bytes of partial sums each up-projection program reads (from L2)
+
+
+def decode_grid(num_tokens: int, d: int, r: int, n_adapters: int, device: torch.device):
+    """(d-splits of the down-projection, their chunk of d, output columns per up-projection program).
+
+    Every up-projection program re-reads all the partial sums (splits x T_PAD x R_PAD fp32), so the split
+    count is capped to keep that under DECODE_PARTIAL_BUDGET; the up-projection itself spreads over about
+    two programs per SM (on a GPU; small uneven splits in the interpreter, for the tests)."""
+    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
+    blocks = triton.cdiv(d, DECODE_BLOCK_D)
+    split_bytes = max(16, triton.next_power_of_2(num_tokens)) * padded_rank(r) * 4  # one split's fp32 partial
+    want = max(1, min(blocks, programs, DECODE_PARTIAL_BUDGET // split_bytes)) if device.type == "cuda" else 3
+    chunk = DECODE_BLOCK_D * triton.cdiv(blocks, want)
+    per_program = DECODE_BLOCK_D * triton.cdiv(blocks, max(1, min(blocks, triton.cdiv(programs, n_adapters))))
+    return triton.cdiv(d, chunk), chunk, per_program
+
+
+def _decode_forward(x, w_down, b_down, w_up, b_up, scale, scale_value, res, add_residual, activation_id, y, preact):
+    """The forward of N adapters on few tokens in two launches: partial h per d-split (every split on its
+    own program), then per block of output columns the partials summed in split order (deterministic,
+    no atomics), the activation and the up-projection. Fills ``y`` (N, T, d) and ``preact`` (N, T, r)."""
+    num_tokens, d = x.shape
+    n_adapters, r = w_down.shape[0], w_down.shape[1]
+    splits, chunk, d_per_program = decode_grid(num_tokens, d, r, n_adapters, x.device)
+    t_pad, r_pad = max(16, triton.next_power_of_2(num_tokens)), padded_rank(r)
+    acc = acc_dtype(x.dtype)
+    partial = torch.empty((n_adapters, splits, t_pad, r_pad), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+                          device=x.device)  # the kernels' ACC
+    precision = dot_precision(x.dtype)
+    decode_down_kernel[(splits, n_adapters)](
+        x, x.stride(0), x.stride(1), w_down, w_down.stride(1), w_down.stride(2), w_down.stride(0), partial,
+        num_tokens, d, r, chunk, PRECISION=precision, ACC=acc, R_PAD=r_pad, T_PAD=t_pad, BLOCK_D=DECODE_BLOCK_D,
+        num_warps=decode_warps(t_pad, r_pad),
+    )
+    s, stride_s, stride_s_n, s_val, has_s = _scale_args(scale, scale_value, w_up)
+    save_preact = preact.numel() > 0
+    decode_up_kernel[(triton.cdiv(d, d_per_program), n_adapters)](
+        partial, splits, res, res.stride(0), res.stride(1),
+        b_down if b_down is not None else w_down, 0 if b_down is None else b_down.stride(0),
+        w_up, w_up.stride(1), w_up.stride(2), w_up.stride(0),
+        b_up if b_up is not None else w_up, 0 if b_up is None else b_up.stride(0),
+        s, stride_s, stride_s_n, s_val, y, preact if save_preact else y,
+        num_tokens, d, r, d_per_program,
+        ACT=activation_id, HAS_BD=b_down is not None, HAS_BU=b_up is not None, HAS_S=has_s, ADD_RES=add_residual,
+        SAVE_H=save_preact, PRECISION=precision, ACC=acc, R_PAD=r_pad, T_PAD=t_pad, BLOCK_D=DECODE_BLOCK_D,
+        num_warps=decode_warps(t_pad, r_pad),
+    )
 
 
 def multi_adapter_forward(
@@ -89,6 +163,9 @@ def multi_adapter_forward(
     if num_tokens == 0:
         return y, preact
     res = x if residual is None else residual
+    if use_decode_kernels(num_tokens, groups is not None):
+        _decode_forward(x, w_down, b_down, w_up, b_up, scale, scale_value, res, add_residual, activation_id, y, preact)
+        return y, preact
     s, stride_s, stride_s_n, s_val, has_s = _scale_args(scale, scale_value, w_up)
     perm, counts, starts = groups if groups is not None else (y, y, y)
     n_groups = n_adapters + 1 if groups is not None else n_adapters

@@ -84,23 +84,18 @@ def _copy_rows(SRC, stride_st, stride_sd, DST, rows, mask_t, D, COPY: tl.constex
 
 
 @triton.jit
-def _fwd_tile(
-    X, stride_xt, stride_xd, RES, stride_rt, stride_rd,
-    WD, stride_wd_r, stride_wd_d, BD, WU, stride_wu_d, stride_wu_r, BU,
-    S, stride_s, scale_value, Y, H, offs_t, mask_t, D, R,
-    ACT: tl.constexpr, HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, HAS_S: tl.constexpr,
-    ADD_RES: tl.constexpr, SAVE_H: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    R_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+def _down_projection(
+    X, stride_xt, stride_xd, WD, stride_wd_r, stride_wd_d, offs_t, mask_t, d_begin, d_end, R,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, R_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One adapter on the token rows ``offs_t`` (int64 ids, masked by ``mask_t``): rows of Y and H."""
+    """``x[rows, d_begin:d_end] @ w_down[:, d_begin:d_end].T``: (BLOCK_T, R_PAD) in ACC, reduced over d
+    in BLOCK_D chunks (the tile stays in registers)."""
     offs_r = tl.arange(0, R_PAD)
     mask_r = offs_r < R
-
-    # h = x @ w_down.T : reduce over d in BLOCK_D chunks, the (BLOCK_T, R_PAD) tile stays in registers.
     h = tl.zeros((BLOCK_T, R_PAD), dtype=ACC)
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in range(d_begin, d_end, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
+        mask_d = offs_d < d_end
         x = tl.load(
             X + offs_t[:, None] * stride_xt + offs_d[None, :] * stride_xd,
             mask=mask_t[:, None] & mask_d[None, :], other=0.0,
@@ -110,18 +105,23 @@ def _fwd_tile(
             mask=mask_d[:, None] & mask_r[None, :], other=0.0,
         )
         h = dot(x, wd_t, h, PRECISION, ACC)
-    if HAS_BD:
-        h += tl.load(BD + offs_r, mask=mask_r, other=0.0).to(ACC)[None, :]
-    if SAVE_H:
-        tl.store(H + offs_t[:, None] * R + offs_r[None, :], h.to(H.dtype.element_ty),
-                 mask=mask_t[:, None] & mask_r[None, :])
-    # Padded bottleneck columns hold act(0) (non-zero for sigmoid): harmless, w_up's padded rows are 0.
-    a = act(h, ACT).to(WU.dtype.element_ty)
+    return h
 
-    # y = res + s * (a @ w_up.T + b_up), one BLOCK_D slab of output columns at a time.
-    for d0 in range(0, D, BLOCK_D):
+
+@triton.jit
+def _up_projection(
+    a, RES, stride_rt, stride_rd, WU, stride_wu_d, stride_wu_r, BU, S, stride_s, scale_value, Y,
+    offs_t, mask_t, d_begin, d_end, D, R,
+    HAS_BU: tl.constexpr, HAS_S: tl.constexpr, ADD_RES: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``y[rows, d_begin:d_end] = res + s * (a @ w_up[d_begin:d_end].T + b_up)``, one BLOCK_D slab of
+    output columns at a time (``a``: the (rows, R_PAD) activation, w_up's dtype; Y contiguous (T, D))."""
+    offs_r = tl.arange(0, R_PAD)
+    mask_r = offs_r < R
+    for d0 in range(d_begin, d_end, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
+        mask_d = offs_d < d_end
         mask_td = mask_t[:, None] & mask_d[None, :]
         wu_t = tl.load(  # w_up[d-chunk, :].T -> (R_PAD, BLOCK_D)
             WU + offs_d[None, :] * stride_wu_d + offs_r[:, None] * stride_wu_r,
@@ -140,6 +140,98 @@ def _fwd_tile(
         else:
             y = u
         tl.store(Y + offs_t[:, None] * D + offs_d[None, :], y.to(Y.dtype.element_ty), mask=mask_td)
+
+
+@triton.jit
+def _fwd_tile(
+    X, stride_xt, stride_xd, RES, stride_rt, stride_rd,
+    WD, stride_wd_r, stride_wd_d, BD, WU, stride_wu_d, stride_wu_r, BU,
+    S, stride_s, scale_value, Y, H, offs_t, mask_t, D, R,
+    ACT: tl.constexpr, HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, HAS_S: tl.constexpr,
+    ADD_RES: tl.constexpr, SAVE_H: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One adapter on the token rows ``offs_t`` (int64 ids, masked by ``mask_t``): rows of Y and H."""
+    offs_r = tl.arange(0, R_PAD)
+    mask_r = offs_r < R
+    h = _down_projection(X, stride_xt, stride_xd, WD, stride_wd_r, stride_wd_d, offs_t, mask_t, 0, D, R,
+                         PRECISION, ACC, R_PAD, BLOCK_T, BLOCK_D)
+    if HAS_BD:
+        h += tl.load(BD + offs_r, mask=mask_r, other=0.0).to(ACC)[None, :]
+    if SAVE_H:
+        tl.store(H + offs_t[:, None] * R + offs_r[None, :], h.to(H.dtype.element_ty),
+                 mask=mask_t[:, None] & mask_r[None, :])
+    # Padded bottleneck columns hold act(0) (non-zero for sigmoid): harmless, w_up's padded rows are 0.
+    a = act(h, ACT).to(WU.dtype.element_ty)
+    _up_projection(a, RES, stride_rt, stride_rd, WU, stride_wu_d, stride_wu_r, BU, S, stride_s, scale_value, Y,
+                   offs_t, mask_t, 0, D, D, R, HAS_BU, HAS_S, ADD_RES, PRECISION, ACC, R_PAD, BLOCK_D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode forward (T <= DECODE_MAX_TOKENS): the d-reduction split across programs, then a
+# deterministic second pass, so a few tokens still spread over the whole GPU.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def decode_down_kernel(
+    X, stride_xt, stride_xd,  # (T, D)
+    WD, stride_wd_r, stride_wd_d, stride_wd_n,  # (N, R, D)
+    PARTIAL,  # (N, SPLITS, T_PAD, R_PAD) in ACC: one partial h per d-split, every element written
+    T, D, R, CHUNK,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, R_PAD: tl.constexpr, T_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program (split, n): ``x[:, chunk] @ w_down[n][:, chunk].T`` over its CHUNK of d."""
+    split = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1).to(tl.int64)
+    splits = tl.num_programs(0).to(tl.int64)
+    offs_t = tl.arange(0, T_PAD).to(tl.int64)
+    d_begin = split * CHUNK
+    d_end = tl.minimum(d_begin + CHUNK, D)
+    h = _down_projection(X, stride_xt, stride_xd, WD + n * stride_wd_n, stride_wd_r, stride_wd_d, offs_t, offs_t < T,
+                         d_begin, d_end, R, PRECISION, ACC, R_PAD, T_PAD, BLOCK_D)
+    offs_r = tl.arange(0, R_PAD)
+    tl.store(PARTIAL + (n * splits + split) * T_PAD * R_PAD + offs_t[:, None] * R_PAD + offs_r[None, :], h)
+
+
+@triton.jit
+def decode_up_kernel(
+    PARTIAL, SPLITS,  # from decode_down_kernel
+    RES, stride_rt, stride_rd,  # (T, D)
+    BD, stride_bd_n,  # (N, R)
+    WU, stride_wu_d, stride_wu_r, stride_wu_n,  # (N, D, R)
+    BU, stride_bu_n,  # (N, D)
+    S, stride_s, stride_s_n, scale_value,
+    Y, H,  # (N, T, D), (N, T, R) contiguous (H written only when SAVE_H, by the programs with pid 0)
+    T, D, R, D_PER_PROGRAM,
+    ACT: tl.constexpr, HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, HAS_S: tl.constexpr, ADD_RES: tl.constexpr,
+    SAVE_H: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, R_PAD: tl.constexpr, T_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Program (pid, n): h = the partials summed in split order (deterministic), then y for its
+    D_PER_PROGRAM output columns."""
+    pid = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1).to(tl.int64)
+    offs_t = tl.arange(0, T_PAD).to(tl.int64)
+    mask_t = offs_t < T
+    offs_r = tl.arange(0, R_PAD)
+    mask_r = offs_r < R
+    tile = offs_t[:, None] * R_PAD + offs_r[None, :]
+    h = tl.zeros((T_PAD, R_PAD), dtype=ACC)
+    for split in range(0, SPLITS):
+        h += tl.load(PARTIAL + (n * SPLITS + split) * T_PAD * R_PAD + tile)
+    if HAS_BD:
+        h += tl.load(BD + n * stride_bd_n + offs_r, mask=mask_r, other=0.0).to(ACC)[None, :]
+    if SAVE_H:
+        if pid == 0:
+            tl.store(H + n * T * R + offs_t[:, None] * R + offs_r[None, :], h.to(H.dtype.element_ty),
+                     mask=mask_t[:, None] & mask_r[None, :])
+    a = act(h, ACT).to(WU.dtype.element_ty)
+    d_begin = pid * D_PER_PROGRAM
+    _up_projection(a, RES, stride_rt, stride_rd, WU + n * stride_wu_n, stride_wu_d, stride_wu_r, BU + n * stride_bu_n,
+                   S + n * stride_s_n, stride_s, scale_value, Y + n * T * D, offs_t, mask_t,
+                   d_begin, tl.minimum(d_begin + D_PER_PROGRAM, D), D, R, HAS_BU, HAS_S, ADD_RES, PRECISION, ACC,
+                   R_PAD, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------
