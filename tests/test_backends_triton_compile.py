@@ -22,7 +22,8 @@ What is compiled (:func:`jobs`), for each of the three kernels, with a config th
 
 Each compile also reports its shared memory, checked against the arch's per-block limit: a kernel that
 compiles but needs more cannot launch (Triton raises OutOfResources), and the autotuner skips it; the
-config checked is one it can pick, so every case has one that launches.
+config checked is one it can pick, so every case has one that launches. And its registers per thread and
+register spills (``ptxas -v`` on its PTX): a spill is a failure.
 
 No per-test timeout: a busy machine makes compiles slow, not wrong. ``HANG_GUARD_S`` only ends a run
 that hangs. ``python tests/test_backends_triton_compile.py [--procs N]`` runs the same outside pytest.
@@ -54,6 +55,9 @@ SMEM_LIMIT = {80: 166912, 90: 232448}
 HANG_GUARD_S = 3600  # not a budget: only a hung worker gets near it
 MAX_PROCS = 2
 _INT_ARGS = {"T", "D", "R", "T_BUCKET", "SPLITS", "CHUNK", "D_PER_PROGRAM"}
+# Kernels whose every compile must be spill-free; the backward kernels and add_norm at wide R_PAD still
+# spill (issue 18's open item: their autotune space), which spill_report lists without failing.
+SPILL_FREE = ("fwd_kernel",) + DECODE
 
 
 @dataclass(frozen=True)
@@ -91,10 +95,10 @@ def jobs() -> List[Job]:
             for k, (arch, flavour) in enumerate((a, f) for a in ARCHS for f in ("bf16", "fp16", "fp32", "tf32"))]
     out += [Job(arch, "bf16", ADD_NORM, 512) for arch in ARCHS] + [Job(90, "bf16", ADD_NORM, 16, wgmma=True)]
     # The decode kernels: bf16 and TF32 on both archs at the widest token tile, fp64 and the smallest tile,
-    # and the widest bottleneck.
+    # and the widest bottleneck they take (bottleneck.DECODE_MAX_R_PAD).
     out += [Job(arch, flavour, kernel, 16, act=k % 10) for k, (arch, flavour, kernel) in enumerate(
         (a, f, kn) for a in ARCHS for f in ("bf16", "tf32") for kn in DECODE)]
-    out += [Job(80, "fp64", kernel, 16, t_pad=16) for kernel in DECODE] + [Job(90, "bf16", kernel, 512) for kernel in DECODE]
+    out += [Job(80, "fp64", kernel, 16, t_pad=16) for kernel in DECODE] + [Job(90, "bf16", kernel, 128) for kernel in DECODE]
     return sorted(out, key=lambda j: (-j.r_pad, j.kernel != "bwd_main_kernel", j.flavour == "bf16"))
 
 
@@ -198,7 +202,8 @@ def compile_job(job: Job) -> dict:
         compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32),
                                   options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
         assert compiled.asm.get("cubin"), "no cubin produced"
-        result.update(ok=True, shared=int(compiled.metadata.shared), wgmma="wgmma" in compiled.asm.get("ptx", ""))
+        result.update(ok=True, shared=int(compiled.metadata.shared), wgmma="wgmma" in compiled.asm.get("ptx", ""),
+                      **ptxas_usage(compiled.asm["ptx"], job.arch))
     except Exception as exc:  # noqa: BLE001 - report every failure, not just the first
         causes, e = [], exc  # a CompilationError's text is the source context; the reason is in its causes
         while e is not None and len(causes) < 5:
@@ -207,6 +212,29 @@ def compile_job(job: Job) -> dict:
         result["error"] = "\n     caused by ".join(causes)
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
+
+
+def ptxas_usage(ptx: str, arch: int) -> dict:
+    """Registers per thread and spill bytes of a kernel's PTX, from ``ptxas -v`` (Triton's own ptxas for
+    the arch, the one that built the cubin): {"registers": n, "spill_bytes": stores + loads}."""
+    import re
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        suffix = "a" if arch == 90 else ""
+        done = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}{suffix}", src, "-o",
+                               os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True)
+    text = done.stdout + done.stderr
+    registers = re.search(r"Used (\d+) registers", text)
+    spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)]
+    if done.returncode or registers is None:
+        raise RuntimeError(f"ptxas -v failed: {text[-1000:]}")
+    return {"registers": int(registers.group(1)), "spill_bytes": sum(spills)}
 
 
 def _serve() -> int:
@@ -307,6 +335,8 @@ def _tmpfile() -> str:
 
 def _line(r: dict) -> str:
     shared = "" if r.get("shared") is None else f" shared={r['shared'] / 1024:.0f}KiB"
+    if r.get("registers") is not None:
+        shared += f" regs={r['registers']}" + (f" SPILLS={r['spill_bytes']}B" if r["spill_bytes"] else "")
     status = "ok  " if r["ok"] else "FAIL"
     return f"{status} {r['what']} [{r['config']}]{shared}{' wgmma' if r.get('wgmma') else ''} {r['seconds']}s" + (
         "" if r["ok"] else f"\n     {r['error']}")
@@ -321,6 +351,8 @@ def problems(results: List[dict]) -> List[str]:
             out.append(_line(r))
             continue
         job = r["job"]
+        if r.get("spill_bytes") and job["kernel"] in SPILL_FREE:
+            out.append(f"SPILL {r['what']}: {r['spill_bytes']} bytes of register spills ({r['registers']} registers)")
         if r["shared"] > SMEM_LIMIT[job["arch"]]:
             out.append(f"SMEM {r['what']}: {r['shared']} bytes of shared memory, sm_{job['arch']} has "
                        f"{SMEM_LIMIT[job['arch']]}: cannot launch")
@@ -330,12 +362,18 @@ def problems(results: List[dict]) -> List[str]:
     return out
 
 
+def spill_report(results: List[dict]) -> List[str]:
+    """The compiles of kernels outside SPILL_FREE that spill registers (reported, not failed)."""
+    return [f"spills: {r['what']}: {r['spill_bytes']} bytes ({r['registers']} registers)" for r in results
+            if r.get("spill_bytes") and r["job"]["kernel"] not in SPILL_FREE]
+
+
 def test_triton_kernels_compile():
     pytest.importorskip("triton")
     lines: List[str] = []
     started = time.perf_counter()
     results = run_all(log=lines.append)
-    print(f"{len(results)} compiles in {time.perf_counter() - started:.0f} s", *lines, sep="\n")
+    print(f"{len(results)} compiles in {time.perf_counter() - started:.0f} s", *lines, *spill_report(results), sep="\n")
     wrong = problems(results)
     assert not wrong, "\n".join(wrong)
 
@@ -351,6 +389,10 @@ def test_problems_are_caught():
     assert len(problems([result(small, ok=False), result(wide, wgmma=True)])) == 1
     assert problems([result(Job(80, "bf16", "bwd_main_kernel", 512), shared=SMEM_LIMIT[80] + 1)])[0].startswith("SMEM")
     assert "wgmma" in problems([result(wide)])[0]
+    spilling = dict(result(small, wgmma=False), registers=255, spill_bytes=64)
+    assert problems([spilling, result(wide, wgmma=True)])[0].startswith("SPILL")
+    backward = dict(result(Job(90, "bf16", "bwd_main_kernel", 16)), registers=255, spill_bytes=64)
+    assert problems([backward]) == [] and len(spill_report([backward])) == 1
     assert len({str(j) for j in jobs()}) == len(jobs())  # no job twice
 
 
@@ -361,5 +403,5 @@ if __name__ == "__main__":  # python tests/test_backends_triton_compile.py [--pr
     t0 = time.perf_counter()
     res = run_all(n, log=lambda s: print(s, flush=True))
     bad = problems(res)
-    print(f"{len(res)} compiles in {time.perf_counter() - t0:.0f} s; {len(bad)} problems", *bad, sep="\n")
+    print(f"{len(res)} compiles in {time.perf_counter() - t0:.0f} s; {len(bad)} problems", *bad, *spill_report(res), sep="\n")
     sys.exit(1 if bad else 0)

@@ -108,6 +108,7 @@ def test_when_the_decode_kernels_run(monkeypatch):
     monkeypatch.delenv(b.DECODE_ENV, raising=False)
     assert b.use_decode_kernels(1, False) and b.use_decode_kernels(b.DECODE_MAX_TOKENS, False)
     assert not b.use_decode_kernels(b.DECODE_MAX_TOKENS + 1, False)
+    assert b.use_decode_kernels(1, False, 128) and not b.use_decode_kernels(1, False, 129)  # R_PAD 256: spills
     assert not b.use_decode_kernels(4, True) and not b.use_decode_kernels(0, False)  # token groups; nothing to do
     monkeypatch.setenv(b.DECODE_ENV, "off")
     assert not b.use_decode_kernels(1, False)

@@ -58,19 +58,20 @@ def _num_splits(num_tokens: int, d: int, device: torch.device) -> int:
 
 DECODE_MAX_TOKENS = 64  # at most this many tokens: the split-d decode kernels (one BLOCK_T row tile otherwise)
 DECODE_BLOCK_D = 64
-# ADAPTERKERN_TRITON_DECODE: "auto" (default: the decode kernels for T <= DECODE_MAX_TOKENS), "off" (never),
-# "force" (whenever they apply: no token groups); the benchmarks time "auto" against "off".
+DECODE_MAX_R_PAD = 128  # wider bottlenecks: the (T_PAD, R_PAD) tiles spill registers (ptxas, sm_90): row tile
+# ADAPTERKERN_TRITON_DECODE: "auto" (default: the decode kernels for T <= DECODE_MAX_TOKENS and r <= 128),
+# "off" (never), "force" (whenever they can: no token groups); the benchmarks time "auto" against "off".
 DECODE_ENV = "ADAPTERKERN_TRITON_DECODE"
 
 
-def use_decode_kernels(num_tokens: int, grouped: bool) -> bool:
-    """Whether a forward of ``num_tokens`` tokens takes the split-d decode kernels."""
+def use_decode_kernels(num_tokens: int, grouped: bool, r: int = 1) -> bool:
+    """Whether a forward of ``num_tokens`` tokens through a bottleneck of ``r`` takes the split-d decode kernels."""
     mode = os.environ.get(DECODE_ENV, "auto").strip().lower() or "auto"
     if mode not in ("auto", "off", "force"):
         raise ValueError(f"{DECODE_ENV}: expected auto, off or force, got {mode!r}")
     if grouped or num_tokens == 0 or mode == "off":
         return False
-    return mode == "force" or num_tokens <= DECODE_MAX_TOKENS
+    return mode == "force" or (num_tokens <= DECODE_MAX_TOKENS and padded_rank(r) <= DECODE_MAX_R_PAD)
 
 
 def decode_warps(t_pad: int, r_pad: int) -> int:
@@ -163,7 +164,7 @@ def multi_adapter_forward(
     if num_tokens == 0:
         return y, preact
     res = x if residual is None else residual
-    if use_decode_kernels(num_tokens, groups is not None):
+    if use_decode_kernels(num_tokens, groups is not None, r):
         _decode_forward(x, w_down, b_down, w_up, b_up, scale, scale_value, res, add_residual, activation_id, y, preact)
         return y, preact
     s, stride_s, stride_s_n, s_val, has_s = _scale_args(scale, scale_value, w_up)
