@@ -207,7 +207,8 @@ def _define_classes() -> None:
         def inject_adapter(self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False,
                            state_dict=None):
             """``add_adapter(model, adapter_name, ...)`` with this adapter's config, all or nothing; then PEFT's
-            housekeeping (the active adapter, what trains, ``modules_to_save``)."""
+            housekeeping (the active adapter, what trains, ``modules_to_save``). ``low_cpu_mem_usage`` and
+            ``state_dict`` are accepted and not needed: the places come from the config, the adapters are small."""
             config = self.peft_config[adapter_name]
             if not isinstance(config, BottleneckConfig):
                 raise TypeError(f"peft_config: expected a BottleneckConfig, got {type(config).__name__}")
