@@ -13,7 +13,6 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
