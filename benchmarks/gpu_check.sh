@@ -373,6 +373,7 @@ fi
 IMPLS="eager,adapters,adapterkern-torch"
 for b in "${OK_BACKENDS[@]}"; do IMPLS+=",adapterkern-$b"; done
 if [[ " ${OK_BACKENDS[*]} " == *" triton "* ]]; then IMPLS+=",adapterkern-triton-nodecode"; fi
+if [[ " ${OK_BACKENDS[*]} " == *" cuda "* ]]; then IMPLS+=",adapterkern-cuda-nodecode"; fi
 
 # ---------------------------------------------------------------------------------------------- bench
 if [ "$DRY" = 1 ]; then

@@ -41,7 +41,15 @@ struct FwdArgs {
   void* pre = nullptr; int64_t ldpre = 0;  // (T, r) output or nullptr
   int64_t T = 0;
   int d = 0, r = 0, act = 0;
+  float* partial_ws = nullptr;  // (plan.partial_floats,) fp32 when adapter_fwd_plan asks for one, else unused
 };
+// The decode path (few token blocks, one r chunk): the down-projection split over ksplit d-ranges
+// into an fp32 workspace of partial_floats floats; ksplit == 1: no workspace, the one-launch forward.
+struct FwdPlan {
+  int ksplit = 1;
+  int64_t partial_floats = 0;
+};
+FwdPlan adapter_fwd_plan(DType dt, bool tf32, int64_t T, int d, int r);
 cudaError_t adapter_fwd(const FwdArgs& a, DType dt, bool tf32, cudaStream_t stream);
 
 // ----------------------------------------------------------------------------- backward

@@ -1,5 +1,6 @@
 // Forward launcher: picks the token tile (BT), the r chunk, x staging and the column split, then
-// launches adapter_fwd_kernel (csrc/kernels/adapter_fwd.cuh). Instantiates the kernel for
+// launches adapter_fwd_kernel (csrc/kernels/adapter_fwd.cuh); with few token blocks and a workspace
+// (adapter_fwd_plan), adapter_fwd_partial_kernel first splits the down-projection over d-ranges. Instantiates the kernel for
 // {fp16, bf16} x tensor-core mma.sync, fp32 x {IEEE FMA, TF32 mma.sync}, and BT in {16, 64}.
 #include <algorithm>
 
@@ -18,6 +19,16 @@ cudaError_t launch_fwd(const FwdKParams& kp, dim3 grid, size_t smem, cudaStream_
   return cudaGetLastError();
 }
 
+template <class Op>
+cudaError_t launch_partial(const FwdPartialParams& pp, dim3 grid, cudaStream_t stream) {
+  using S = typename Op::S;
+  const size_t smem = fwd_partial_smem_bytes<S>(16);
+  cudaError_t e = allow_max_smem<adapter_fwd_partial_kernel<Op, 16>>(smem);
+  if (e != cudaSuccess) return e;
+  ADAPTERKERN_LAUNCH(grid, kThreads, smem, stream, adapter_fwd_partial_kernel<Op, 16>)(pp);
+  return cudaGetLastError();
+}
+
 // Largest r chunk (a multiple of 64) whose h tile fits in shared memory next to the unstaged
 // buffers, or 0.
 template <typename S>
@@ -28,6 +39,45 @@ int max_rank_chunk(int bt, int smem_optin) {
   return (int)(((size_t)smem_optin - fixed) / per_col / kTileN * kTileN);
 }
 
+constexpr int64_t kDecodeMaxTokens = 64;  // the decode path: at most 4 token blocks of 16
+
+// The launch shape of a forward: token tile, r chunk, column split and (decode path) d-splits.
+struct FwdShape {
+  int bt = 16, rc = 0, nsplit = 1, cols = 0, ksplit = 1, k_chunk = 0;
+  int64_t nblocks = 0;
+};
+
+template <typename S>
+cudaError_t fwd_shape(const DevInfo& info, int64_t T, int d, int r, FwdShape* out) {
+  FwdShape f;
+  // Token tile: 64 once there are enough tokens to fill the GPU with 64-token blocks (fewer weight
+  // re-reads per token), else 16 (decode-size inputs). Measure: benchmarks in csrc/README.md.
+  f.bt = T >= (int64_t)32 * info.sms ? 64 : 16;
+  int chunk = max_rank_chunk<S>(f.bt, info.smem_optin);
+  if (chunk < kTileN && f.bt == 64) { f.bt = 16; chunk = max_rank_chunk<S>(f.bt, info.smem_optin); }
+  if (chunk < kTileN) return cudaErrorInvalidConfiguration;
+  // r larger than one chunk (thousands) is split: y is accumulated over chunks, since
+  // y = res + s*(sum_c act(x wd_c^T + bd_c) wu_c^T + bu) (bu added by the first chunk only).
+  f.rc = std::min(round_up(r, kTileN), chunk);
+  f.nblocks = ceil_div64(T, f.bt);
+  if (f.nblocks < info.sms) {
+    // Few token blocks: split the output columns too (each split recomputes h: wd re-read from L2).
+    const int64_t want = std::max<int64_t>(1, info.sms / f.nblocks);
+    f.nsplit = (int)std::min<int64_t>(want, ceil_div64(d, 256));
+    // ... and, for decode-size T with one r chunk, the down-projection over d-ranges on their own blocks first.
+    if (T <= kDecodeMaxTokens && f.bt == 16 && round_up(r, kTileN) <= chunk) {
+      const int64_t ks = std::min<int64_t>(want, ceil_div64(d, kBK));
+      f.k_chunk = round_up((int)ceil_div64(d, ks), kBK);
+      f.ksplit = (int)ceil_div64(d, f.k_chunk);
+    }
+  }
+  f.cols = round_up((int)ceil_div64(d, f.nsplit), kTileN);
+  f.nsplit = (int)ceil_div64(d, f.cols);
+  if (f.ksplit < 2) f.ksplit = 1, f.k_chunk = 0;
+  *out = f;
+  return cudaSuccess;
+}
+
 template <class Op>
 cudaError_t run_fwd(const FwdArgs& a, cudaStream_t stream) {
   using S = typename Op::S;
@@ -35,27 +85,22 @@ cudaError_t run_fwd(const FwdArgs& a, cudaStream_t stream) {
   DevInfo info;
   cudaError_t e = current_dev_info(&info);
   if (e != cudaSuccess) return e;
-
-  // Token tile: 64 once there are enough tokens to fill the GPU with 64-token blocks (fewer weight
-  // re-reads per token), else 16 (decode-size inputs). Measure: benchmarks in csrc/README.md.
-  int bt = a.T >= (int64_t)32 * info.sms ? 64 : 16;
-  int chunk = max_rank_chunk<S>(bt, info.smem_optin);
-  if (chunk < kTileN && bt == 64) { bt = 16; chunk = max_rank_chunk<S>(bt, info.smem_optin); }
-  if (chunk < kTileN) return cudaErrorInvalidConfiguration;
-  // r larger than one chunk (thousands) is split: y is accumulated over chunks, since
-  // y = res + s*(sum_c act(x wd_c^T + bd_c) wu_c^T + bu) (bu added by the first chunk only).
-  const int rc = std::min(round_up(a.r, kTileN), chunk);
-
-  const int64_t nblocks = ceil_div64(a.T, bt);
-  int nsplit = 1;
-  if (nblocks < info.sms) {
-    // Few token blocks: split the output columns too (each split recomputes h: wd re-read from L2).
-    const int64_t want = std::max<int64_t>(1, info.sms / nblocks);
-    nsplit = (int)std::min<int64_t>(want, ceil_div64(a.d, 256));
+  FwdShape f;
+  e = fwd_shape<S>(info, a.T, a.d, a.r, &f);
+  if (e != cudaSuccess) return e;
+  const int bt = f.bt, rc = f.rc, cols = f.cols;
+  const int64_t nblocks = f.nblocks;
+  const dim3 grid((unsigned)nblocks, (unsigned)f.nsplit);
+  const bool decode = f.ksplit > 1 && a.partial_ws != nullptr;  // no workspace: the one-launch forward
+  if (decode) {
+    FwdPartialParams pp;
+    pp.x = a.x.p; pp.sx0 = a.x.s0; pp.sx1 = a.x.s1;
+    pp.wd = a.wd.p; pp.swd0 = (int)a.wd.s0; pp.swd1 = (int)a.wd.s1;
+    pp.partial = a.partial_ws;
+    pp.T = a.T; pp.d = a.d; pp.r = a.r; pp.k_chunk = f.k_chunk;
+    e = launch_partial<Op>(pp, dim3((unsigned)nblocks, (unsigned)f.ksplit), stream);
+    if (e != cudaSuccess) return e;
   }
-  const int cols = round_up((int)ceil_div64(a.d, nsplit), kTileN);
-  nsplit = (int)ceil_div64(a.d, cols);
-  const dim3 grid((unsigned)nblocks, (unsigned)nsplit);
 
   for (int c0 = 0; c0 < a.r; c0 += rc) {
     const int r = std::min(rc, a.r - c0);
@@ -76,13 +121,34 @@ cudaError_t run_fwd(const FwdArgs& a, cudaStream_t stream) {
     kp.T = a.T; kp.d = a.d; kp.r = r; kp.act = a.act;
     kp.stage_x = stage ? 1 : 0;
     kp.cols_per_split = cols;
+    kp.partial = decode ? a.partial_ws : nullptr; kp.ksplit = decode ? f.ksplit : 0;
     e = bt == 64 ? launch_fwd<Op, 64>(kp, grid, smem, stream) : launch_fwd<Op, 16>(kp, grid, smem, stream);
     if (e != cudaSuccess) return e;
   }
   return cudaSuccess;
 }
 
+template <typename S>
+FwdPlan plan_for(int64_t T, int d, int r) {
+  FwdPlan plan;
+  DevInfo info;
+  FwdShape f;
+  if (T <= 0 || current_dev_info(&info) != cudaSuccess || fwd_shape<S>(info, T, d, r, &f) != cudaSuccess) return plan;
+  plan.ksplit = f.ksplit;
+  plan.partial_floats = f.ksplit > 1 ? (int64_t)f.ksplit * T * round_up(r, kTileN) : 0;
+  return plan;
+}
+
 }  // namespace
+
+FwdPlan adapter_fwd_plan(DType dt, bool /*tf32*/, int64_t T, int d, int r) {
+  switch (dt) {
+    case DType::F16: return plan_for<__half>(T, d, r);
+    case DType::BF16: return plan_for<__nv_bfloat16>(T, d, r);
+    case DType::F32: return plan_for<float>(T, d, r);
+  }
+  return {};
+}
 
 cudaError_t adapter_fwd(const FwdArgs& a, DType dt, bool tf32, cudaStream_t stream) {
   switch (dt) {

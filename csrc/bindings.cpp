@@ -20,7 +20,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -147,6 +149,16 @@ std::tuple<at::Tensor, at::Tensor> cuda_adapter_fwd(const at::Tensor& x, const a
   a.pre = save_preact ? pre.data_ptr() : nullptr; a.ldpre = r;
   a.T = T; a.d = (int)d; a.r = (int)r; a.act = (int)activation;
   const bool tf32 = allow_tf32 && x.scalar_type() == at::kFloat;
+  // The decode path's fp32 partial sums (few token blocks); the caching allocator keeps it cheap and
+  // CUDA-graph safe. ADAPTERKERN_CUDA_DECODE=off: the one-launch forward (the benchmarks time both).
+  const adapterkern::FwdPlan plan = adapterkern::adapter_fwd_plan(dtype_of(x), tf32, T, (int)d, (int)r);
+  const char* decode_env = std::getenv("ADAPTERKERN_CUDA_DECODE");
+  const bool decode = !(decode_env != nullptr && std::string(decode_env) == "off");
+  at::Tensor partial_ws;
+  if (decode && plan.partial_floats > 0) {
+    partial_ws = at::empty({plan.partial_floats}, x.options().dtype(at::kFloat));
+    a.partial_ws = partial_ws.data_ptr<float>();
+  }
   check_launch(adapterkern::adapter_fwd(a, dtype_of(x), tf32, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()),
                "adapter forward");
   return {y, pre};

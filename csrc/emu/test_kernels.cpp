@@ -144,7 +144,7 @@ struct Needs {
 };
 // The launch configuration a case must exercise (0 or -1: not checked).
 struct Expect {
-  int fwd_bt = 0, fwd_split = 0, fwd_chunks = 0, staged = -1, tok_bt = 0, tok_chunks = 0, wg_split = 0;
+  int fwd_bt = 0, fwd_split = 0, fwd_chunks = 0, staged = -1, tok_bt = 0, tok_chunks = 0, wg_split = 0, fwd_ksplit = 0;
 };
 struct Case {
   const char* name;
@@ -178,13 +178,19 @@ constexpr Needs kDownAndDbUp{false, true, true, false, true, false};
 const Case kCases[] = {
     {.name = "tiny", .dt = Dt::F16, .dev = kManySms, .T = 1, .d = 1, .r = 1, .act = 0},
     {.name = "decode-bf16", .dt = Dt::BF16, .dev = kManySms, .T = 3, .d = 100, .r = 7, .act = 1, .bd = false,
-     .bu = false, .separate_res = true, .scale = Scale::kHost, .x = Layout::kEveryOther, .res = Layout::kRowPadded},
+     .bu = false, .separate_res = true, .scale = Scale::kHost, .x = Layout::kEveryOther, .res = Layout::kRowPadded,
+     .expect = {.fwd_ksplit = 4}},
+    // The decode path at its limits: 64 tokens (4 blocks of 16), d-splits of one k-stage, r = 64 (one r chunk).
+    {.name = "decode-64-f16", .dt = Dt::F16, .dev = kManySms, .T = 64, .d = 97, .r = 64, .act = 2,
+     .expect = {.fwd_bt = 16, .fwd_ksplit = 4}, .tsan = true},
+    {.name = "decode-simt-f32", .dt = Dt::F32, .dev = kManySms, .T = 1, .d = 300, .r = 33, .act = 4, .save_pre = false,
+     .expect = {.fwd_ksplit = 10}},
     {.name = "simt-f32", .dt = Dt::F32, .dev = kManySms, .T = 37, .d = 16, .r = 1, .act = 6, .separate_res = true,
      .scale = Scale::kDeviceScalar, .expect = {.fwd_bt = 16, .tok_bt = 16}},
     {.name = "tf32", .dt = Dt::TF32, .dev = kManySms, .T = 5, .d = 40, .r = 70, .act = 4, .x = Layout::kColMajor,
      .dy = Layout::kColMajor, .pre = Layout::kRowPadded, .tsan = true},
     {.name = "col-split-f16", .dt = Dt::F16, .dev = kManySms, .T = 20, .d = 600, .r = 7, .act = 2,
-     .expect = {.fwd_bt = 16, .fwd_split = 3}},
+     .expect = {.fwd_bt = 16, .fwd_split = 3, .fwd_ksplit = 19}},
     {.name = "bt64-f16", .dt = Dt::F16, .dev = kOneSm, .T = 70, .d = 50, .r = 9, .act = 5,
      .expect = {.fwd_bt = 64, .fwd_split = 1, .staged = 1, .tok_bt = 64, .wg_split = 2}, .tsan = true},
     {.name = "bt64-chunks-bf16", .dt = Dt::BF16, .dev = kSmallSmem, .T = 130, .d = 90, .r = 100, .act = 3,
@@ -329,6 +335,10 @@ std::string run_forward(const Case& c, Rng& rng, const Inputs& in, Checker& chk)
   a.y = y.ptr(), a.ldy = y.s0;
   if (c.save_pre) a.pre = pre.ptr(), a.ldpre = pre.s0;
   a.T = c.T, a.d = c.d, a.r = c.r, a.act = c.act;
+  // The decode path's workspace, as the binding allocates it (poisoned: every element it reads was written).
+  const adapterkern::FwdPlan plan = adapterkern::adapter_fwd_plan(api_dtype(c.dt), uses_tf32(c.dt), c.T, c.d, c.r);
+  std::vector<float> partial_ws((size_t)std::max<int64_t>(plan.partial_floats, 0), std::nanf(""));
+  if (plan.partial_floats > 0) a.partial_ws = partial_ws.data();
   emu::take_launch_log();
   const cudaError_t e = adapterkern::adapter_fwd(a, api_dtype(c.dt), uses_tf32(c.dt), nullptr);
   const auto log = emu::take_launch_log();
@@ -343,6 +353,10 @@ std::string run_forward(const Case& c, Rng& rng, const Inputs& in, Checker& chk)
   expect_eq(chk, "forward BT", c.expect.fwd_bt, bt);
   expect_eq(chk, "forward column splits", c.expect.fwd_split, split);
   expect_eq(chk, "forward r chunks", c.expect.fwd_chunks, (int)kps.size());
+  const auto partials = params_of<adapterkern::FwdPartialParams>(log);
+  expect_eq(chk, "forward d-splits (decode path)", c.expect.fwd_ksplit,
+            partials.empty() ? 1 : (int)first_of(log, typeid(adapterkern::FwdPartialParams))->grid.y);  // also below
+  chk.require(partials.size() <= 1 && (partials.empty() || plan.ksplit > 1), "decode path launched without a plan");
   if (c.expect.staged >= 0 && staged != c.expect.staged)
     chk.fail("configuration: x staged = " + std::to_string(staged) + ", the case expects " + std::to_string(c.expect.staged));
 
@@ -358,7 +372,8 @@ std::string run_forward(const Case& c, Rng& rng, const Inputs& in, Checker& chk)
     chk.require(pre.outside_view_untouched(), "pre: a store outside (T, r)");
   }
   char buf[96];
-  std::snprintf(buf, sizeof buf, "fwd bt=%d split=%d chunks=%zu staged=%d", bt, split, kps.size(), staged);
+  const int ksplit = partials.empty() ? 1 : (int)first_of(log, typeid(adapterkern::FwdPartialParams))->grid.y;
+  std::snprintf(buf, sizeof buf, "fwd bt=%d split=%d chunks=%zu staged=%d ksplit=%d", bt, split, kps.size(), staged, ksplit);
   return buf;
 }
 
