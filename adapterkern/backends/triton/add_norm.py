@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .language import FWD_CONFIGS, PRUNE, acc_dtype, act, dot, dot_precision, padded_rank, t_bucket, unit_stride
+from .language import FWD_CONFIGS, PRUNE, acc_dtype, act, dot, dot_precision, padded_rank, t_bucket, unit_stride, up_slab
 
 
 @triton.jit
@@ -48,18 +48,8 @@ def _y_chunk(
     offs_d = d0 + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     mask_td = mask_t[:, None] & mask_d[None, :]
-    offs_r = tl.arange(0, R_PAD)
-    wu_t = tl.load(  # w_up[d-chunk, :].T -> (R_PAD, BLOCK_D)
-        WU + offs_d[None, :] * stride_wu_d + offs_r[:, None] * stride_wu_r,
-        mask=(offs_r < R)[:, None] & mask_d[None, :], other=0.0,
-    )
-    u = dot(a, wu_t, None, PRECISION, ACC)
-    if HAS_BU:
-        u += tl.load(BU + offs_d, mask=mask_d, other=0.0).to(ACC)[None, :]
-    if HAS_S:
-        u *= tl.load(S + offs_d * stride_s, mask=mask_d, other=0.0).to(ACC)[None, :]
-    else:
-        u *= scale_value
+    u = up_slab(a, WU, stride_wu_d, stride_wu_r, BU, S, stride_s, scale_value, offs_d, mask_d, R,
+                HAS_BU, HAS_S, PRECISION, ACC, R_PAD)
     z = tl.load(Z + offs_t[:, None] * stride_zt + offs_d[None, :] * stride_zd, mask=mask_td, other=0.0)
     res = tl.load(RES + offs_t[:, None] * stride_rt + offs_d[None, :] * stride_rd, mask=mask_td, other=0.0)
     y = z.to(ACC) + u + res.to(ACC)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .language import BWD_CONFIGS, FWD_CONFIGS, PRUNE, act, act_grad, dot, group_bounds, group_tile
+from .language import BWD_CONFIGS, FWD_CONFIGS, PRUNE, act, act_grad, dot, group_bounds, group_tile, up_slab
 
 # ----------------------------------------------------------------------------------------------
 # Forward
@@ -117,23 +117,12 @@ def _up_projection(
 ):
     """``y[rows, d_begin:d_end] = res + s * (a @ w_up[d_begin:d_end].T + b_up)``, one BLOCK_D slab of
     output columns at a time (``a``: the (rows, R_PAD) activation, w_up's dtype; Y contiguous (T, D))."""
-    offs_r = tl.arange(0, R_PAD)
-    mask_r = offs_r < R
     for d0 in range(d_begin, d_end, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < d_end
         mask_td = mask_t[:, None] & mask_d[None, :]
-        wu_t = tl.load(  # w_up[d-chunk, :].T -> (R_PAD, BLOCK_D)
-            WU + offs_d[None, :] * stride_wu_d + offs_r[:, None] * stride_wu_r,
-            mask=mask_r[:, None] & mask_d[None, :], other=0.0,
-        )
-        u = dot(a, wu_t, None, PRECISION, ACC)
-        if HAS_BU:
-            u += tl.load(BU + offs_d, mask=mask_d, other=0.0).to(ACC)[None, :]
-        if HAS_S:
-            u *= tl.load(S + offs_d * stride_s, mask=mask_d, other=0.0).to(ACC)[None, :]
-        else:
-            u *= scale_value
+        u = up_slab(a, WU, stride_wu_d, stride_wu_r, BU, S, stride_s, scale_value, offs_d, mask_d, R,
+                    HAS_BU, HAS_S, PRECISION, ACC, R_PAD)
         if ADD_RES:
             res = tl.load(RES + offs_t[:, None] * stride_rt + offs_d[None, :] * stride_rd, mask=mask_td, other=0.0)
             y = res.to(ACC) + u

@@ -149,6 +149,27 @@ def dot(a, b, acc, PRECISION: tl.constexpr, ACC: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def up_slab(a, WU, stride_wu_d, stride_wu_r, BU, S, stride_s, scale_value, offs_d, mask_d, R,
+            HAS_BU: tl.constexpr, HAS_S: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+            R_PAD: tl.constexpr):
+    """``s * (a @ w_up[offs_d].T + b_up)`` for one slab of output columns, in ACC: ``a`` the (rows, R_PAD)
+    activation in w_up's dtype, ``S`` the scale vector (stride ``stride_s``) when HAS_S, else ``scale_value``."""
+    offs_r = tl.arange(0, R_PAD)
+    wu_t = tl.load(  # w_up[d-chunk, :].T -> (R_PAD, BLOCK_D)
+        WU + offs_d[None, :] * stride_wu_d + offs_r[:, None] * stride_wu_r,
+        mask=(offs_r < R)[:, None] & mask_d[None, :], other=0.0,
+    )
+    u = dot(a, wu_t, None, PRECISION, ACC)
+    if HAS_BU:
+        u += tl.load(BU + offs_d, mask=mask_d, other=0.0).to(ACC)[None, :]
+    if HAS_S:
+        u *= tl.load(S + offs_d * stride_s, mask=mask_d, other=0.0).to(ACC)[None, :]
+    else:
+        u *= scale_value
+    return u
+
+
 def _configs(block_t, block_d, warps, stages):
     return [
         triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=w, num_stages=s)
