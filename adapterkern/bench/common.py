@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -77,6 +77,14 @@ def add_subcommand_args(p: argparse.ArgumentParser, kind: str, *, rounds: Option
 
 
 # ------------------------------------------------------------------------------------ device, dtype
+
+def parse_points(text: str) -> List[Tuple[int, int]]:
+    """``--batches``: ``"1x1,1x128"`` -> ``[(1, 1), (1, 128)]`` (batch, sequence length)."""
+    try:
+        return [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise SystemExit(f"--batches: expected comma-separated BxS such as 1x128, got {text!r}") from None
+
 
 def pick_device(name: Optional[str]) -> torch.device:
     """``--device``: the named device, else CUDA when available, else the CPU."""

@@ -22,7 +22,7 @@ rows have ``same_tokens_pct`` instead. ``--tiny`` (1 layer, d=64) is for the tes
 from __future__ import annotations
 
 import argparse
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -37,14 +37,6 @@ COLUMNS = [
     "rounds", "overhead_pct", "flop_ratio_pct", "ffn_flop_ratio_pct", "tokens_per_s", "max_rel_diff",
     "same_tokens_pct",
 ]
-
-
-def _parse_points(text: str) -> List[Tuple[int, int]]:
-    """``"1x1,1x128"`` -> ``[(1, 1), (1, 128)]`` (batch, sequence length)."""
-    try:
-        return [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise SystemExit(f"--batches: expected comma-separated BxS such as 1x128, got {text!r}") from None
 
 
 def _parse_ints(text: str, option: str) -> List[int]:
@@ -88,7 +80,7 @@ class _Settings:
         else:
             points = [(1, 1), (1, 128), (4, 128)] if cpu_quick else [(1, 1), (1, 128), (32, 512)]
             gen_batches, prompt, new = [1, 8], 32 if args.full else 16, 8 if cpu_quick else 32
-        self.points = _parse_points(args.batches) if args.batches else points
+        self.points = common.parse_points(args.batches) if args.batches else points
         self.gen_batches = _parse_ints(args.generation_batches, "--generation-batches") if args.generation_batches \
             else gen_batches
         self.prompt = args.prompt or prompt
@@ -100,10 +92,7 @@ class _Settings:
         for part in self.parts:
             if part not in ("latency", "generation"):
                 raise SystemExit(f"--parts: unknown part {part!r}; expected latency or generation")
-        self.placements = [p.strip() for p in args.placements.split(",") if p.strip()]
-        for placement in self.placements:
-            if placement not in im.PLACEMENTS:
-                raise SystemExit(f"--placements: unknown placement {placement!r}; expected parallel or pfeiffer")
+        self.placements = im.parse_placements(args.placements)
         self.specs = im.pick_specs(args.models, full=args.full, gpu=device.type == "cuda", tiny=args.tiny,
                                    bert_layers=args.bert_layers, llama_layers=args.llama_layers)
 

@@ -66,6 +66,15 @@ BERT_TINY = ModelSpec("bert-tiny", "bert", 1, 64, 256, 4, 4, 128)  # the test su
 LLAMA_TINY = ModelSpec("llama-tiny", "llama", 1, 64, 176, 4, 2, 128)
 
 
+def parse_placements(text: str) -> List[str]:
+    """``--placements``: comma-separated names of :data:`PLACEMENTS`."""
+    placements = [p.strip() for p in text.split(",") if p.strip()]
+    for placement in placements:
+        if placement not in PLACEMENTS:
+            raise SystemExit(f"--placements: unknown placement {placement!r}; expected {' or '.join(PLACEMENTS)}")
+    return placements
+
+
 def pick_specs(names: str, *, full: bool, gpu: bool, tiny: bool, bert_layers: Optional[int],
                llama_layers: Optional[int]) -> List[ModelSpec]:
     """The models ``--models`` names (``bert``, ``llama``), sized for the run: BERT-base with 4 layers

@@ -36,14 +36,6 @@ LLAMA_7B_LAYER = replace(im.LLAMA_7B_LAYERS, name="llama-7b")
 LLAMA_SMALL_LAYER = replace(im.LLAMA_SMALL, name="llama-d1024")  # the CPU --quick stand-in
 
 
-def _parse_batches(text: str) -> List[tuple]:
-    """``"1x128,32x512"`` -> ``[(1, 128), (32, 512)]`` (batch, sequence length)."""
-    try:
-        return [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise SystemExit(f"--batches: expected comma-separated BxS such as 1x128, got {text!r}") from None
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m adapterkern.bench layer", description=__doc__.splitlines()[0])
     common.add_size_args(p, quick="default; smaller sizes on CPU", full="the real sizes everywhere")
@@ -127,15 +119,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     device, dtype = run.device, run.dtype
     cpu_quick = device.type == "cpu" and not args.full
     if args.batches:
-        batches = _parse_batches(args.batches)
+        batches = common.parse_points(args.batches)
     elif args.tiny:
         batches = [(1, 1), (1, 8)]
     else:
         batches = [(1, 1), (1, 128), (4, 128)] if cpu_quick else [(1, 1), (1, 128), (32, 512)]
-    placements = [p.strip() for p in args.placements.split(",") if p.strip()]
-    for placement in placements:
-        if placement not in im.PLACEMENTS:
-            raise SystemExit(f"--placements: unknown placement {placement!r}; expected pfeiffer or parallel")
+    placements = im.parse_placements(args.placements)
     rounds = args.rounds or (15 if args.full else 7)
     block_s = args.block_ms / 1000
     train = args.mode == "fwd_bwd"
