@@ -25,6 +25,8 @@ from safetensors.torch import load_file  # noqa: E402
 
 import adapterkern as ak  # noqa: E402
 
+from test_integrations_all_or_nothing import assert_unchanged, snapshot  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 GENERATOR = ROOT / "tests" / "adapterhub_fixtures" / "generate.py"
 LIBRARY_PYTHON = ROOT / ".venv-adapterhub" / "bin" / "python"
@@ -93,15 +95,6 @@ def _close(out, expected, mask):
     return diff.item()
 
 
-def _snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _same(model, snapshot):
-    now = model.state_dict()
-    return now.keys() == snapshot.keys() and all(torch.equal(now[k], v) for k, v in snapshot.items())
-
-
 def test_every_fixture_loads_with_the_librarys_numbers_or_is_refused(fixtures):
     loaded, refused = [], []
     for rel in _fixture_dirs(fixtures):
@@ -111,7 +104,7 @@ def test_every_fixture_loads_with_the_librarys_numbers_or_is_refused(fixtures):
         expected = EXPECTED[config_name]
         expected = expected[family] if isinstance(expected, dict) else expected
         model = _base(fixtures, family)
-        before = _snapshot(model)
+        before = snapshot(model)
         if expected == "loads":
             result = ak.load_adapterhub(model, directory)
             assert result.name == fixture["adapter_name"]
@@ -123,7 +116,8 @@ def test_every_fixture_loads_with_the_librarys_numbers_or_is_refused(fixtures):
         else:
             with pytest.raises(ValueError, match=expected.replace("(", r"\(").replace(")", r"\)")) as info:
                 ak.load_adapterhub(model, directory)
-            assert "the model was not changed" in str(info.value) and _same(model, before), rel
+            assert "the model was not changed" in str(info.value), rel
+            assert_unchanged(model, before)
             assert ak.list_adapters(model) == []
             refused.append(rel)
     families = {r.split("/")[0] for r in loaded}
@@ -194,10 +188,11 @@ def test_a_pickle_with_code_is_refused_and_never_run(fixtures, tmp_path):
     with open(directory / "pytorch_adapter.bin", "wb") as f:
         pickle.dump({**weights, "x": _Payload(marker)}, f)
     model = _base(fixtures, "bert")
-    before = _snapshot(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match="weights_only"):
         ak.load_adapterhub(model, directory)
-    assert not marker.exists() and _same(model, before) and ak.list_adapters(model) == []
+    assert not marker.exists() and ak.list_adapters(model) == []
+    assert_unchanged(model, before)
 
 
 @pytest.mark.parametrize("damage", ["truncate-bin", "truncate-safetensors", "shape", "extra-key", "missing-key"])
@@ -222,10 +217,11 @@ def test_damaged_files_leave_the_model_unchanged(fixtures, tmp_path, damage):
             del tensors[key]
         save_file(tensors, str(path))
     model = _base(fixtures, "gpt2")
-    before = _snapshot(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match="the model was not changed"):
         ak.load_adapterhub(model, directory)
-    assert _same(model, before) and ak.list_adapters(model) == []
+    assert ak.list_adapters(model) == []
+    assert_unchanged(model, before)
 
 
 _LIBRARY_READS = r"""
@@ -293,10 +289,10 @@ def test_fusions_load_with_the_librarys_numbers(fixtures, kind, fmt):
     assert _close(_run(model, fixture), expected, torch.tensor(fixture["attention_mask"])) <= TOL
     alone = _base(fixtures, "bert")
     ak.load_adapterhub(alone, root / "a")
-    before = _snapshot(alone)
+    before = snapshot(alone)
     with pytest.raises(ValueError, match=r"load those adapters first"):
         ak.load_adapterhub_fusion(alone, root / "fusion")
-    assert _same(alone, before)
+    assert_unchanged(alone, before)
 
 
 def test_a_static_head_loads_into_the_same_model_class(fixtures, tmp_path):
@@ -315,10 +311,11 @@ def test_a_static_head_loads_into_the_same_model_class(fixtures, tmp_path):
     assert result.head.startswith("loaded") and torch.equal(model.classifier.weight, head["classifier.weight"])
     assert ak.load_adapterhub(_base(fixtures, "bert"), directory).head.startswith("not loaded")
     wrong = _base(fixtures, "bert", head_labels=2)
-    before = _snapshot(wrong)
+    before = snapshot(wrong)
     with pytest.raises(ValueError, match=r"classifier\.(weight|bias).* has \(2"):
         ak.load_adapterhub(wrong, directory)
-    assert _same(wrong, before) and ak.list_adapters(wrong) == []
+    assert ak.list_adapters(wrong) == []
+    assert_unchanged(wrong, before)
 
 
 def test_copies_of_the_shared_prefix_mlp_must_agree(fixtures, tmp_path):
@@ -330,10 +327,10 @@ def test_copies_of_the_shared_prefix_mlp_must_agree(fixtures, tmp_path):
     tensors[key] += 1.0
     torch.save(tensors, directory / "pytorch_adapter.bin")
     model = _base(fixtures, "bert")
-    before = _snapshot(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match="copies of one shared tensor"):
         ak.load_adapterhub(model, directory)
-    assert _same(model, before)
+    assert_unchanged(model, before)
 
 
 def test_a_hub_id_goes_through_snapshot_download(fixtures, monkeypatch):

@@ -11,6 +11,7 @@ pytest.importorskip("safetensors")
 import adapterkern as ak  # noqa: E402
 from adapterkern.integrations.transformers import get_adapter_config  # noqa: E402
 
+from test_integrations_all_or_nothing import assert_unchanged, snapshot  # noqa: E402
 from test_integrations_transformers import randomize, run, tiny_model  # noqa: E402
 
 IDS = torch.tensor([[5, 17, 42, 8, 3, 61], [9, 2, 33, 71, 14, 6]])
@@ -22,10 +23,6 @@ def _with_head(seed=0, **config):
     ak.add_adapter(model, "task", ak.AdapterConfig.pfeiffer(modules_to_save=["classifier"], **config))
     randomize(model, "task")
     return model
-
-
-def _snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def test_train_adapter_trains_the_config_modules_to_save():
@@ -65,12 +62,11 @@ def test_head_of_another_shape_is_refused_before_the_model_changes(tmp_path):
     cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
                                   vocab_size=97, num_labels=5)
     other = transformers.BertForSequenceClassification(cfg).eval()
-    before = _snapshot(other)
+    before = snapshot(other)
     with pytest.raises(ValueError, match=r"classifier\.weight.*shape"):
         ak.load_adapter(other, tmp_path)
     assert ak.list_adapters(other) == []
-    after = other.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert_unchanged(other, before)
 
 
 def test_a_file_naming_a_missing_head_module_is_refused(tmp_path):
@@ -89,10 +85,11 @@ def test_a_file_naming_a_missing_head_module_is_refused(tmp_path):
 ])
 def test_bad_modules_to_save_are_refused_by_add_adapter(names, match):
     model = tiny_model("bert")
-    before = _snapshot(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match=match):
         ak.add_adapter(model, "x", ak.AdapterConfig.pfeiffer(modules_to_save=names))
-    assert ak.list_adapters(model) == [] and model.state_dict().keys() == before.keys()
+    assert ak.list_adapters(model) == []
+    assert_unchanged(model, before)
 
 
 def test_modules_to_save_type_errors():
