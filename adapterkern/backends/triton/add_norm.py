@@ -33,7 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .language import FWD_CONFIGS, PRUNE, acc_dtype, act, dot, dot_precision, padded_rank, t_bucket, unit_stride, up_slab
+from .language import (
+    FWD_CONFIGS, PRUNE, acc_dtype, act, dot_precision, down_projection, padded_rank, t_bucket, unit_stride, up_slab,
+)
 
 
 @triton.jit
@@ -89,15 +91,8 @@ def add_norm_kernel(
     mask_r = offs_r < R
 
     # Phase 0: h = z @ w_down.T over d in BLOCK_D chunks; (BLOCK_T, R_PAD) in registers.
-    h = tl.zeros((BLOCK_T, R_PAD), dtype=ACC)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        z = tl.load(Z + offs_t[:, None] * stride_zt + offs_d[None, :] * stride_zd,
-                    mask=mask_t[:, None] & mask_d[None, :], other=0.0)
-        wd_t = tl.load(WD + offs_r[None, :] * stride_wd_r + offs_d[:, None] * stride_wd_d,  # (BLOCK_D, R_PAD)
-                       mask=mask_d[:, None] & mask_r[None, :], other=0.0)
-        h = dot(z, wd_t, h, PRECISION, ACC)
+    h = down_projection(Z, stride_zt, stride_zd, WD, stride_wd_r, stride_wd_d, offs_t, mask_t, 0, D, R,
+                        PRECISION, ACC, R_PAD, BLOCK_T, BLOCK_D)
     if HAS_BD:
         h += tl.load(BD + offs_r, mask=mask_r, other=0.0).to(ACC)[None, :]
     # Padded bottleneck columns hold act(0) (non-zero for sigmoid): harmless, w_up's padded rows load as 0.

@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .language import BWD_CONFIGS, FWD_CONFIGS, PRUNE, act, act_grad, dot, group_bounds, group_tile, up_slab
+from .language import BWD_CONFIGS, FWD_CONFIGS, PRUNE, act, act_grad, dot, down_projection, group_bounds, group_tile, up_slab
 
 # ----------------------------------------------------------------------------------------------
 # Forward
@@ -84,31 +84,6 @@ def _copy_rows(SRC, stride_st, stride_sd, DST, rows, mask_t, D, COPY: tl.constex
 
 
 @triton.jit
-def _down_projection(
-    X, stride_xt, stride_xd, WD, stride_wd_r, stride_wd_d, offs_t, mask_t, d_begin, d_end, R,
-    PRECISION: tl.constexpr, ACC: tl.constexpr, R_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """``x[rows, d_begin:d_end] @ w_down[:, d_begin:d_end].T``: (BLOCK_T, R_PAD) in ACC, reduced over d
-    in BLOCK_D chunks (the tile stays in registers)."""
-    offs_r = tl.arange(0, R_PAD)
-    mask_r = offs_r < R
-    h = tl.zeros((BLOCK_T, R_PAD), dtype=ACC)
-    for d0 in range(d_begin, d_end, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < d_end
-        x = tl.load(
-            X + offs_t[:, None] * stride_xt + offs_d[None, :] * stride_xd,
-            mask=mask_t[:, None] & mask_d[None, :], other=0.0,
-        )
-        wd_t = tl.load(  # w_down[:, d-chunk].T  -> (BLOCK_D, R_PAD)
-            WD + offs_r[None, :] * stride_wd_r + offs_d[:, None] * stride_wd_d,
-            mask=mask_d[:, None] & mask_r[None, :], other=0.0,
-        )
-        h = dot(x, wd_t, h, PRECISION, ACC)
-    return h
-
-
-@triton.jit
 def _up_projection(
     a, RES, stride_rt, stride_rd, WU, stride_wu_d, stride_wu_r, BU, S, stride_s, scale_value, Y,
     offs_t, mask_t, d_begin, d_end, D, R,
@@ -143,7 +118,7 @@ def _fwd_tile(
     """One adapter on the token rows ``offs_t`` (int64 ids, masked by ``mask_t``): rows of Y and H."""
     offs_r = tl.arange(0, R_PAD)
     mask_r = offs_r < R
-    h = _down_projection(X, stride_xt, stride_xd, WD, stride_wd_r, stride_wd_d, offs_t, mask_t, 0, D, R,
+    h = down_projection(X, stride_xt, stride_xd, WD, stride_wd_r, stride_wd_d, offs_t, mask_t, 0, D, R,
                          PRECISION, ACC, R_PAD, BLOCK_T, BLOCK_D)
     if HAS_BD:
         h += tl.load(BD + offs_r, mask=mask_r, other=0.0).to(ACC)[None, :]
@@ -177,7 +152,7 @@ def decode_down_kernel(
     offs_t = tl.arange(0, T_PAD).to(tl.int64)
     d_begin = split * CHUNK
     d_end = tl.minimum(d_begin + CHUNK, D)
-    h = _down_projection(X, stride_xt, stride_xd, WD + n * stride_wd_n, stride_wd_r, stride_wd_d, offs_t, offs_t < T,
+    h = down_projection(X, stride_xt, stride_xd, WD + n * stride_wd_n, stride_wd_r, stride_wd_d, offs_t, offs_t < T,
                          d_begin, d_end, R, PRECISION, ACC, R_PAD, T_PAD, BLOCK_D)
     offs_r = tl.arange(0, R_PAD)
     tl.store(PARTIAL + (n * splits + split) * T_PAD * R_PAD + offs_t[:, None] * R_PAD + offs_r[None, :], h)

@@ -1,7 +1,9 @@
 """The Triton building blocks every adapter kernel shares: the interpreter probe, activations and their
-derivatives, the one ``dot``, the autotuning configs, and the token-group tile of the stack / batched forms.
+derivatives, the one ``dot``, the down-projection loop and the up-projection slab, the autotuning configs,
+and the token-group tile of the stack / batched forms.
 
-Jit functions here are called from the kernels of :mod:`adapterkern.backends.triton.kernels`.
+Jit functions here are called from the kernels of :mod:`adapterkern.backends.triton.kernels` and
+:mod:`adapterkern.backends.triton.add_norm`.
 """
 from __future__ import annotations
 
@@ -147,6 +149,31 @@ def dot(a, b, acc, PRECISION: tl.constexpr, ACC: tl.constexpr):
 # Autotuning. Configs are pruned by the accumulator footprint (BLOCK_T x R_PAD fp32 per program);
 # the interpreter gets one config, since it would otherwise time every one of them.
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def down_projection(
+    X, stride_xt, stride_xd, WD, stride_wd_r, stride_wd_d, offs_t, mask_t, d_begin, d_end, R,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, R_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``x[rows, d_begin:d_end] @ w_down[:, d_begin:d_end].T``: (BLOCK_T, R_PAD) in ACC, reduced over d
+    in BLOCK_D chunks (the tile stays in registers)."""
+    offs_r = tl.arange(0, R_PAD)
+    mask_r = offs_r < R
+    h = tl.zeros((BLOCK_T, R_PAD), dtype=ACC)
+    for d0 in range(d_begin, d_end, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < d_end
+        x = tl.load(
+            X + offs_t[:, None] * stride_xt + offs_d[None, :] * stride_xd,
+            mask=mask_t[:, None] & mask_d[None, :], other=0.0,
+        )
+        wd_t = tl.load(  # w_down[:, d-chunk].T  -> (BLOCK_D, R_PAD)
+            WD + offs_r[None, :] * stride_wd_r + offs_d[:, None] * stride_wd_d,
+            mask=mask_d[:, None] & mask_r[None, :], other=0.0,
+        )
+        h = dot(x, wd_t, h, PRECISION, ACC)
+    return h
 
 
 @triton.jit
