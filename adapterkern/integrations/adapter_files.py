@@ -24,11 +24,12 @@ import torch
 from torch import nn
 
 from .slots import (
-    MODES, SLOT_ATTR, Place, SlotConfig, adapter_configs, check_adapter_name, check_not_optimized, config_class, iter_slots,
+    MODES, Place, SlotConfig, adapter_configs, check_adapter_name, check_not_optimized, config_class, iter_slots,
     model_type, require_adapter, slot_of,
 )
 from .transformers import (
-    adapter_state_dict, insert_adapter_modules, module_tensors, saved_modules, saved_tensors, set_active_adapter,
+    adapter_places_in, adapter_state_dict, insert_adapter_modules, module_tensors, saved_modules, saved_tensors,
+    set_active_adapter,
 )
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_adapter", "replace_files", "save_adapter"]
@@ -306,13 +307,12 @@ def _saved_heads(model: nn.Module, directory: Path, meta: dict, places: Sequence
     """The modules of this model the file's ``modules_to_save`` names (exact qualified names), each
     holding no adapter place."""
     modules = dict(model.named_modules())
-    occupied = [p.name for p in places] + [n for n, _, _ in iter_slots(model)]
     heads = {}
     for module_name in meta.get("modules_to_save", []):
         module = modules.get(module_name)
         if module is None or not module_name:
             raise _load_error(directory, f"holds module {module_name!r} (modules_to_save), which this {model_type(model)} model does not have")
-        if f".{SLOT_ATTR}." in f".{module_name}." or any(p == module_name or p.startswith(module_name + ".") for p in occupied):
+        if adapter_places_in(model, module_name, places):
             raise _load_error(directory, f"holds module {module_name!r} (modules_to_save), which holds adapter places in this model")
         heads[module_name] = module
     return heads

@@ -225,15 +225,24 @@ def find_modules(model: nn.Module, patterns: Sequence[str], argument: str) -> Di
     return found
 
 
+def adapter_places_in(model: nn.Module, module_name: str, places: Sequence[Place] = ()) -> List[str]:
+    """The adapter places (``places``, and every slot of ``model``) at or below ``module_name``, or
+    ``[module_name]`` when the module is itself inside an adapter slot: what a module saved with an
+    adapter must not hold."""
+    if f".{SLOT_ATTR}." in f".{module_name}.":
+        return [module_name]
+    occupied = [p.name for p in places] + [n for n, _, _ in iter_slots(model)]
+    return [p for p in occupied if p == module_name or p.startswith(module_name + ".")]
+
+
 def check_saved_modules(model: nn.Module, config: SlotConfig, places: Sequence[Place]) -> Dict[str, nn.Module]:
     """The modules ``config.modules_to_save`` names in ``model`` (none for configs without that field),
     checked: each exists, holds no adapter (no place of this or another adapter inside it, not inside an
     adapter slot) and has only floating-point tensors. ValueError naming the module otherwise."""
     modules = find_modules(model, getattr(config, "modules_to_save", ()), "modules_to_save")
-    occupied = [p.name for p in places] + [n for n, _, _ in iter_slots(model)]
     for module_name, module in modules.items():
-        inside = [p for p in occupied if p == module_name or p.startswith(module_name + ".")]
-        if inside or f".{SLOT_ATTR}." in f".{module_name}.":
+        inside = adapter_places_in(model, module_name, places)
+        if inside:
             raise ValueError(f"modules_to_save: {module_name!r} holds adapter places ({inside[:3]}) or is inside one; "
                              f"name the task head (e.g. 'classifier'), not a part of the backbone with adapters")
         odd = {k: str(t.dtype) for k, t in module_tensors(module).items() if not t.is_floating_point()}
