@@ -42,6 +42,10 @@ struct FwdArgs {
   int64_t T = 0;
   int d = 0, r = 0, act = 0;
   float* partial_ws = nullptr;  // (plan.partial_floats,) fp32 when adapter_fwd_plan asks for one, else unused
+  // The vectorised kernel (16-byte cp.async / ldmatrix / 16-byte epilogue) wherever the operands allow it
+  // (x, res, the weights, y and pre 16-byte aligned, unit column stride, row strides a multiple of 16 bytes);
+  // false: always the scalar kernel (the binding's ADAPTERKERN_CUDA_VECTOR=off, so that benchmarks time both).
+  bool vectorized = true;
 };
 // The decode path (few token blocks, one r chunk): the down-projection split over ksplit d-ranges
 // into an fp32 workspace of partial_floats floats; ksplit == 1: no workspace, the one-launch forward.

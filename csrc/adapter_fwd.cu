@@ -1,8 +1,16 @@
-// Forward launcher: picks the token tile (BT), the r chunk, x staging and the column split, then
-// launches adapter_fwd_kernel (csrc/kernels/adapter_fwd.cuh); with few token blocks and a workspace
-// (adapter_fwd_plan), adapter_fwd_partial_kernel first splits the down-projection over d-ranges. Instantiates the kernel for
-// {fp16, bf16} x tensor-core mma.sync, fp32 x {IEEE FMA, TF32 mma.sync}, and BT in {16, 64}.
+// Forward launcher: picks the memory path (vectorised or scalar), the token tile (BT), the r chunk, x staging
+// and the column split, then launches adapter_fwd_kernel (csrc/kernels/adapter_fwd.cuh); with few token
+// blocks and a workspace (adapter_fwd_plan), adapter_fwd_partial_kernel first splits the down-projection over
+// d-ranges. Instantiates the kernel for {fp16, bf16} x tensor-core mma.sync, fp32 x {IEEE FMA, TF32 mma.sync},
+// BT in {16, 64} and both memory paths.
+//
+// What the vectorised kernels' SASS must hold (checked by .ci/check_cuda.sh): x, the weights and the residual
+// by cp.async only (the scalar global loads left are the biases, the scale and the decode partials), y and pre
+// in 16-byte stores (scalar ones only in the tails), fragments by ldmatrix, no generic or local memory.
+// SASS-PROMISE: adapter_fwd_kernel<*, true> LDGSTS>=1 LDG.128==0 STG.128>=1 LD==0 ST==0 LDL==0 STL==0 REGS<=192
+// SASS-PROMISE: adapter_fwd_kernel<Mma16816<*>, *, true> LDSM>=1 LDG.U16<=16 STG.U16<=2
 #include <algorithm>
+#include <cstdint>
 
 #include "adapter_api.h"
 #include "kernels/adapter_fwd.cuh"
@@ -11,12 +19,25 @@
 namespace adapterkern {
 namespace {
 
-template <class Op, int BT>
+template <class Op, int BT, bool VEC>
 cudaError_t launch_fwd(const FwdKParams& kp, dim3 grid, size_t smem, cudaStream_t stream) {
-  cudaError_t e = allow_max_smem<adapter_fwd_kernel<Op, BT>>(smem);
+  cudaError_t e = allow_max_smem<adapter_fwd_kernel<Op, BT, VEC>>(smem);
   if (e != cudaSuccess) return e;
-  ADAPTERKERN_LAUNCH(grid, kThreads, smem, stream, adapter_fwd_kernel<Op, BT>)(kp);
+  ADAPTERKERN_LAUNCH(grid, kThreads, smem, stream, adapter_fwd_kernel<Op, BT, VEC>)(kp);
   return cudaGetLastError();
+}
+
+template <class Op>
+cudaError_t launch_fwd(const FwdKParams& kp, int bt, dim3 grid, size_t smem, cudaStream_t stream) {
+  if (kp.vec) return bt == 64 ? launch_fwd<Op, 64, true>(kp, grid, smem, stream) : launch_fwd<Op, 16, true>(kp, grid, smem, stream);
+  return bt == 64 ? launch_fwd<Op, 64, false>(kp, grid, smem, stream) : launch_fwd<Op, 16, false>(kp, grid, smem, stream);
+}
+
+// The vectorised kernel's requirement on a (rows, cols) operand: 16-byte aligned rows of unit column stride.
+template <typename S>
+bool vector_ok(const void* p, int64_t s0, int64_t s1) {
+  constexpr int64_t V = 16 / (int64_t)sizeof(S);
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && s1 == 1 && s0 % V == 0;
 }
 
 template <class Op>
@@ -32,8 +53,8 @@ cudaError_t launch_partial(const FwdPartialParams& pp, dim3 grid, cudaStream_t s
 // Largest r chunk (a multiple of 64) whose h tile fits in shared memory next to the unstaged
 // buffers, or 0.
 template <typename S>
-int max_rank_chunk(int bt, int smem_optin) {
-  const size_t fixed = fwd_smem_bytes<S>(bt, 1, 0, false);
+int max_rank_chunk(int bt, int smem_optin, bool vec) {
+  const size_t fixed = fwd_smem_bytes<S>(bt, 1, 0, false, vec, true);
   if ((size_t)smem_optin <= fixed) return 0;
   const size_t per_col = (size_t)bt * sizeof(S);
   return (int)(((size_t)smem_optin - fixed) / per_col / kTileN * kTileN);
@@ -48,13 +69,13 @@ struct FwdShape {
 };
 
 template <typename S>
-cudaError_t fwd_shape(const DevInfo& info, int64_t T, int d, int r, FwdShape* out) {
+cudaError_t fwd_shape(const DevInfo& info, int64_t T, int d, int r, bool vec, FwdShape* out) {
   FwdShape f;
   // Token tile: 64 once there are enough tokens to fill the GPU with 64-token blocks (fewer weight
   // re-reads per token), else 16 (decode-size inputs). Measure: benchmarks in csrc/README.md.
   f.bt = T >= (int64_t)32 * info.sms ? 64 : 16;
-  int chunk = max_rank_chunk<S>(f.bt, info.smem_optin);
-  if (chunk < kTileN && f.bt == 64) { f.bt = 16; chunk = max_rank_chunk<S>(f.bt, info.smem_optin); }
+  int chunk = max_rank_chunk<S>(f.bt, info.smem_optin, vec);
+  if (chunk < kTileN && f.bt == 64) { f.bt = 16; chunk = max_rank_chunk<S>(f.bt, info.smem_optin, vec); }
   if (chunk < kTileN) return cudaErrorInvalidConfiguration;
   // r larger than one chunk (thousands) is split: y is accumulated over chunks, since
   // y = res + s*(sum_c act(x wd_c^T + bd_c) wu_c^T + bu) (bu added by the first chunk only).
@@ -86,8 +107,20 @@ cudaError_t run_fwd(const FwdArgs& a, cudaStream_t stream) {
   cudaError_t e = current_dev_info(&info);
   if (e != cudaSuccess) return e;
   FwdShape f;
-  e = fwd_shape<S>(info, a.T, a.d, a.r, &f);
+  e = fwd_shape<S>(info, a.T, a.d, a.r, false, &f);
   if (e != cudaSuccess) return e;
+  // The vectorised path where every operand allows it and its shared memory holds the token tile the
+  // scalar path takes (it never trades a 64-token tile for a 16-token one). Its r chunks may be smaller
+  // (more shared memory per token), so it may skip a decode split the plan allowed for: never the reverse.
+  bool vec = a.vectorized && vector_ok<S>(a.x.p, a.x.s0, a.x.s1) && vector_ok<S>(a.wd.p, a.wd.s0, a.wd.s1) &&
+             vector_ok<S>(a.wu.p, a.wu.s0, a.wu.s1) && vector_ok<S>(a.y, a.ldy, 1) &&
+             (a.res.p == nullptr || vector_ok<S>(a.res.p, a.res.s0, a.res.s1)) &&
+             (a.pre == nullptr || vector_ok<S>(a.pre, a.ldpre, 1));
+  if (vec) {
+    FwdShape fv;
+    vec = fwd_shape<S>(info, a.T, a.d, a.r, true, &fv) == cudaSuccess && fv.bt == f.bt;
+    if (vec) f = fv;
+  }
   const int bt = f.bt, rc = f.rc, cols = f.cols;
   const int64_t nblocks = f.nblocks;
   const dim3 grid((unsigned)nblocks, (unsigned)f.nsplit);
@@ -104,8 +137,9 @@ cudaError_t run_fwd(const FwdArgs& a, cudaStream_t stream) {
 
   for (int c0 = 0; c0 < a.r; c0 += rc) {
     const int r = std::min(rc, a.r - c0);
-    const bool stage = fwd_smem_bytes<S>(bt, a.d, r, true) <= (size_t)info.smem_optin;
-    const size_t smem = fwd_smem_bytes<S>(bt, a.d, r, stage);
+    const bool separate_res = c0 > 0 || a.res.p != nullptr;
+    const bool stage = fwd_smem_bytes<S>(bt, a.d, r, true, vec, separate_res) <= (size_t)info.smem_optin;
+    const size_t smem = fwd_smem_bytes<S>(bt, a.d, r, stage, vec, separate_res);
     FwdKParams kp;
     kp.x = a.x.p; kp.sx0 = a.x.s0; kp.sx1 = a.x.s1;
     if (c0 == 0) { kp.res = a.res.p; kp.sr0 = a.res.s0; kp.sr1 = a.res.s1; }
@@ -121,8 +155,9 @@ cudaError_t run_fwd(const FwdArgs& a, cudaStream_t stream) {
     kp.T = a.T; kp.d = a.d; kp.r = r; kp.act = a.act;
     kp.stage_x = stage ? 1 : 0;
     kp.cols_per_split = cols;
+    kp.vec = vec ? 1 : 0;
     kp.partial = decode ? a.partial_ws : nullptr; kp.ksplit = decode ? f.ksplit : 0;
-    e = bt == 64 ? launch_fwd<Op, 64>(kp, grid, smem, stream) : launch_fwd<Op, 16>(kp, grid, smem, stream);
+    e = launch_fwd<Op>(kp, bt, grid, smem, stream);
     if (e != cudaSuccess) return e;
   }
   return cudaSuccess;
@@ -133,7 +168,7 @@ FwdPlan plan_for(int64_t T, int d, int r) {
   FwdPlan plan;
   DevInfo info;
   FwdShape f;
-  if (T <= 0 || current_dev_info(&info) != cudaSuccess || fwd_shape<S>(info, T, d, r, &f) != cudaSuccess) return plan;
+  if (T <= 0 || current_dev_info(&info) != cudaSuccess || fwd_shape<S>(info, T, d, r, false, &f) != cudaSuccess) return plan;
   plan.ksplit = f.ksplit;
   plan.partial_floats = f.ksplit > 1 ? (int64_t)f.ksplit * T * round_up(r, kTileN) : 0;
   return plan;

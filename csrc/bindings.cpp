@@ -154,6 +154,9 @@ std::tuple<at::Tensor, at::Tensor> cuda_adapter_fwd(const at::Tensor& x, const a
   const adapterkern::FwdPlan plan = adapterkern::adapter_fwd_plan(dtype_of(x), tf32, T, (int)d, (int)r);
   const char* decode_env = std::getenv("ADAPTERKERN_CUDA_DECODE");
   const bool decode = !(decode_env != nullptr && std::string(decode_env) == "off");
+  // ADAPTERKERN_CUDA_VECTOR=off: the scalar-memory kernel even where the vectorised one applies (timed beside it).
+  const char* vector_env = std::getenv("ADAPTERKERN_CUDA_VECTOR");
+  a.vectorized = !(vector_env != nullptr && std::string(vector_env) == "off");
   at::Tensor partial_ws;
   if (decode && plan.partial_floats > 0) {
     partial_ws = at::empty({plan.partial_floats}, x.options().dtype(at::kFloat));

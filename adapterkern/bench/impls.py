@@ -20,6 +20,9 @@ Names (``--impl`` takes a comma-separated list of these or of glob patterns such
 ``adapterkern-triton-nodecode``  the triton backend with its decode kernels off (``ADAPTERKERN_TRITON_DECODE=off``):
                            the one-row-tile kernel at T <= 64 too, timed beside ``adapterkern-triton``.
 ``adapterkern-cuda-nodecode``  the cuda backend without its d-split decode launch (``ADAPTERKERN_CUDA_DECODE=off``).
+``adapterkern-cuda-scalar``  the cuda backend's scalar-memory forward kernel (``ADAPTERKERN_CUDA_VECTOR=off``:
+                           2-byte loads and stores, register-staged k-stages) where the vectorised one
+                           (16-byte cp.async, ldmatrix, 16-byte epilogue) would run.
 ``<impl>+graph``           CUDA only, T <= ``--graph-max-tokens``: the same calls captured in a CUDA graph.
 =========================  ======================================================================
 """
@@ -181,8 +184,9 @@ def all_impls(device: torch.device, full: bool = False) -> Tuple[List[Impl], Lis
             from ..backends.triton.bottleneck import DECODE_ENV
 
             impls.append(Impl("adapterkern-triton-nodecode", _fused(b, {DECODE_ENV: "off"})))
-        if b == "cuda":  # the d-split decode path against the one-launch forward
+        if b == "cuda":  # the d-split decode path against the one-launch forward; both memory paths
             impls.append(Impl("adapterkern-cuda-nodecode", _fused(b, {"ADAPTERKERN_CUDA_DECODE": "off"})))
+            impls.append(Impl("adapterkern-cuda-scalar", _fused(b, {"ADAPTERKERN_CUDA_VECTOR": "off"})))
         if device.type == "cpu" and b == "triton":
             on_request += impls
             notes.append("adapterkern-triton: not run by default on CPU (Triton interpreter); name it in --impl to run")

@@ -3,7 +3,7 @@
 // Synchronisation objects and what they order (ThreadSanitizer sees exactly these edges):
 //   * Pool::m_                       host thread <-> the block's threads, at a block's start and end;
 //   * Block::m, Block::generation    all threads of a block, at each __syncthreads;
-//   * Warp::m, Warp::round           the lanes of one warp, at each collective (shuffle, mma.sync);
+//   * Warp::m, Warp::round           the lanes of one warp, at each collective (shuffle, mma.sync, ldmatrix);
 //   * Block::static_m                the first use of each static __shared__ array (kernel entry).
 // mma.sync operands are decoded per the PTX ISA fragment layouts (section "Matrix Fragments for
 // mma.m16n8k16 with floating point type" and "... for mma.m16n8k8", .tf32), independently of the
@@ -154,6 +154,15 @@ struct Block {
   size_t static_bytes = 0;
 };
 
+// This thread's cp.async copies not yet performed, oldest first, and the end of each committed group.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  int bytes, src_bytes;
+};
+thread_local std::vector<AsyncCopy> t_async_copies;
+thread_local std::vector<size_t> t_async_group_ends;
+
 thread_local Block* t_block = nullptr;
 thread_local int t_lane = 0, t_warp = 0;
 thread_local size_t t_static_index = 0;
@@ -223,6 +232,10 @@ const uint32_t (*collective(const char* what, const uint32_t* words, int nwords)
 // completes) and no collective may wait for it.
 void exit_thread() {
   Block& b = block();
+  if (!t_async_copies.empty())
+    die("thread %u exits with %zu cp.async copies never waited for (cp.async.wait_group)", threadIdx.x,
+        t_async_copies.size());
+  t_async_group_ends.clear();
   {
     Warp& w = b.warps[t_warp];
     std::lock_guard<std::mutex> lk(w.m);
@@ -426,6 +439,58 @@ void mma_sync(const char* shape_types, float (&c)[4], const uint32_t (&a)[4], co
     double s = c[i];
     for (int k = 0; k < form->k; ++k) s += A[row][k] * B[k][col];
     c[i] = (float)s;
+  }
+}
+
+void cp_async(void* smem, const void* gmem, int cp_bytes, int src_bytes) {
+  Block& b = block();
+  const auto* d = static_cast<unsigned char*>(smem);
+  if (cp_bytes != 16 || src_bytes < 0 || src_bytes > cp_bytes)
+    die("cp.async: cp-size %d / src-size %d (only .cg with 16 bytes and src-size in [0, 16] are used)", cp_bytes,
+        src_bytes);
+  if ((reinterpret_cast<uintptr_t>(smem) | reinterpret_cast<uintptr_t>(gmem)) % 16 != 0)
+    die("cp.async: misaligned address (shared %p, global %p): both must be 16-byte aligned", smem, gmem);
+  const bool in_dynamic = d >= b.dynamic && d + cp_bytes <= b.dynamic + b.dynamic_bytes;
+  if (!in_dynamic) die("cp.async: destination %p is not inside the block's dynamic shared memory", smem);
+  t_async_copies.push_back({smem, gmem, cp_bytes, src_bytes});
+}
+
+void cp_async_commit() { t_async_group_ends.push_back(t_async_copies.size()); }
+
+void cp_async_wait(int pending_groups) {
+  if (pending_groups < 0) die("cp.async.wait_group %d", pending_groups);
+  const size_t groups = t_async_group_ends.size();
+  if (groups <= (size_t)pending_groups) return;
+  const size_t done_groups = groups - (size_t)pending_groups;
+  const size_t done = t_async_group_ends[done_groups - 1];
+  for (size_t i = 0; i < done; ++i) {
+    const AsyncCopy& c = t_async_copies[i];
+    std::memcpy(c.dst, c.src, (size_t)c.src_bytes);  // src_bytes = 0 reads nothing
+    std::memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, (size_t)(c.bytes - c.src_bytes));
+  }
+  t_async_copies.erase(t_async_copies.begin(), t_async_copies.begin() + (std::ptrdiff_t)done);
+  t_async_group_ends.erase(t_async_group_ends.begin(), t_async_group_ends.begin() + (std::ptrdiff_t)done_groups);
+  for (size_t& end : t_async_group_ends) end -= done;
+}
+
+// Lane l supplies the address of row l % 8 of matrix l / 8 (lanes past 8 * nmat: ignored) and gets, for each
+// matrix m, the 32-bit word (two b16 elements) at row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1.
+void ldmatrix(int nmat, const void* row_address, uint32_t* out) {
+  if (nmat != 2 && nmat != 4) die("ldmatrix .x%d is not emulated", nmat);
+  const auto addr = reinterpret_cast<uintptr_t>(row_address);
+  const uint32_t mine[2] = {(uint32_t)addr, (uint32_t)(addr >> 32)};
+  const auto* all = collective(nmat == 4 ? "ldmatrix.sync.aligned.m8n8.x4.shared.b16"
+                                         : "ldmatrix.sync.aligned.m8n8.x2.shared.b16",
+                               mine, 2);
+  Block& b = block();
+  for (int m = 0; m < nmat; ++m) {
+    const int src_lane = 8 * m + t_lane / 4;
+    const uintptr_t row = (uintptr_t)all[src_lane][0] | ((uintptr_t)all[src_lane][1] << 32);
+    if (row % 16 != 0) die("ldmatrix: lane %d's row address %#zx is not 16-byte aligned", src_lane, (size_t)row);
+    const auto* p = reinterpret_cast<const unsigned char*>(row);
+    if (!(p >= b.dynamic && p + 16 <= b.dynamic + b.dynamic_bytes))
+      die("ldmatrix: lane %d's row address %p is not inside the block's dynamic shared memory", src_lane, (const void*)p);
+    std::memcpy(&out[m], p + 4 * (t_lane % 4), 4);
   }
 }
 

@@ -145,15 +145,60 @@ CheckResult check_launches() {
   return {name, true, "ok"};
 }
 
+// ---- cp.async: a group lands only when waited for; src-size bytes copied, the rest zero-filled ---
+void cp_async_kernel(const uint32_t* src, uint32_t* out) {
+  ADAPTERKERN_DYNAMIC_SMEM(smem);
+  uint32_t* s = reinterpret_cast<uint32_t*>(smem);  // three 16-byte chunks
+  if (threadIdx.x != 0) return;
+  adapterkern::cp_async_16(s, src, 16);
+  adapterkern::cp_async_commit();
+  adapterkern::cp_async_16(s + 4, src + 4, 6);
+  adapterkern::cp_async_commit();
+  adapterkern::cp_async_16(s + 8, src, 0);
+  adapterkern::cp_async_commit();
+  adapterkern::cp_async_wait<2>();  // the first group only
+  for (int i = 0; i < 12; ++i) out[i] = s[i];
+  adapterkern::cp_async_wait<0>();
+  for (int i = 0; i < 12; ++i) out[12 + i] = s[i];
+}
+
+CheckResult check_cp_async() {
+  const char* name = "cp.async groups, src-size and zero-fill";
+  alignas(16) uint32_t src[8];
+  for (int i = 0; i < 8; ++i) src[i] = 0x01020304u * (uint32_t)(i + 1);
+  std::vector<uint32_t> out(24, 0);
+  emu::Launch(cp_async_kernel, dim3(1), dim3(32), 48, nullptr)(src, out.data());
+  const uint32_t poison = 0xffffffffu;  // the emulator's fill of fresh shared memory
+  const uint32_t want[24] = {src[0], src[1], src[2], src[3], poison, poison, poison, poison, poison, poison, poison, poison,
+                             src[0], src[1], src[2], src[3], src[4], src[5] & 0xffffu, 0, 0, 0, 0, 0, 0};
+  for (int i = 0; i < 24; ++i)
+    if (out[i] != want[i]) return {name, false, fmt("word %d = %#x, want %#x", i, out[i], want[i])};
+  return {name, true, "ok"};
+}
+
 // ---- one warp MMA tile through the kernels' own fragment loaders -------------------------------
-template <class Op>
+// LDSM: the ldmatrix loaders, from a copy of A and B in shared memory (where ldmatrix reads).
+template <class Op, bool LDSM = false>
 void mma_tile_kernel(const typename Op::S* a, const typename Op::S* b, int ld, float* out) {
+  using S = typename Op::S;
   typename Op::FragA fa;
   typename Op::FragB fb;
   float c[4];
+  ADAPTERKERN_DYNAMIC_SMEM(smem);
+  S* as = reinterpret_cast<S*>(smem);
+  S* bs = as + 16 * ld;
+  if constexpr (LDSM) {
+    for (int i = threadIdx.x; i < 24 * ld; i += 32) as[i] = i < 16 * ld ? a[i] : b[i - 16 * ld];  // A, then B
+    __syncthreads();
+  }
   for (int k0 = 0; k0 < 16; k0 += Op::kK) {  // C = A[16][16] * B[8][16]^T over 16 / kK instructions
-    Op::load_a(fa, a + k0, ld);
-    Op::load_b(fb, b + k0, ld);
+    if constexpr (LDSM) {
+      Op::load_a_ldsm(fa, as + k0, ld);
+      Op::load_b_ldsm(fb, bs + k0, ld);
+    } else {
+      Op::load_a(fa, a + k0, ld);
+      Op::load_b(fb, b + k0, ld);
+    }
     if (k0 == 0)
       for (float& x : c) x = 0.25f;
     Op::mma(c, fa, fb);
@@ -161,7 +206,7 @@ void mma_tile_kernel(const typename Op::S* a, const typename Op::S* b, int ld, f
   for (int i = 0; i < 4; ++i) out[threadIdx.x * 4 + i] = c[i];
 }
 
-template <class Op, class Enc, class Dec>
+template <class Op, class Enc, class Dec, bool LDSM = false>
 CheckResult check_mma_tile(const char* name, Enc enc, Dec dec) {
   using S = typename Op::S;
   constexpr int ld = 24;  // K = 16 plus padding
@@ -171,7 +216,8 @@ CheckResult check_mma_tile(const char* name, Enc enc, Dec dec) {
   for (auto& v : a) v = enc(normal(rng));
   for (auto& v : b) v = enc(normal(rng));
   std::vector<float> out(32 * 4, NAN);
-  emu::Launch(mma_tile_kernel<Op>, dim3(1), dim3(32), 0, nullptr)(a.data(), b.data(), ld, out.data());
+  emu::Launch(mma_tile_kernel<Op, LDSM>, dim3(1), dim3(32), LDSM ? 24 * ld * sizeof(S) : 0, nullptr)(a.data(), b.data(),
+                                                                                                  ld, out.data());
   for (int lane = 0; lane < 32; ++lane)
     for (int i = 0; i < 4; ++i) {  // PTX accumulator layout: c_i at row groupID + 8 * (i >= 2),
                                    // column 2 * threadID_in_group + (i & 1)
@@ -210,5 +256,10 @@ std::vector<CheckResult> run_selftests(int device) {
                                            [](__nv_bfloat16 v) { return bf16_bits_value(v.bits); }),
       check_mma_tile<adapterkern::MmaTF32>("MmaTF32 tile (load_a/load_b/mma)", [](float v) { return v; },
                                            [](float v) { return (double)tf32_rna(v); }),
+      check_cp_async(),
+      check_mma_tile<adapterkern::MmaF16, decltype(&__float2half_rn), double (*)(__half), true>(
+          "MmaF16 tile (ldmatrix loaders/mma)", __float2half_rn, [](__half v) { return half_bits_value(v.bits); }),
+      check_mma_tile<adapterkern::MmaBF16, decltype(&__float2bfloat16_rn), double (*)(__nv_bfloat16), true>(
+          "MmaBF16 tile (ldmatrix loaders/mma)", __float2bfloat16_rn, [](__nv_bfloat16 v) { return bf16_bits_value(v.bits); }),
   };
 }

@@ -55,11 +55,14 @@ uint32_t poison_bits(Dt dt) { return elem_bytes(dt) == 2 ? (dt == Dt::F16 ? 0x7e
 
 // ------------------------------------------------------------------------------ host tensors
 // A (rows, cols) strided view on a buffer of exactly the elements it spans.
-enum class Layout { kContig, kRowPadded, kColMajor, kEveryOther };
+// kRowAligned: rows padded to a multiple of 8 elements plus 8 (16-byte aligned rows of any width: the
+// vectorised forward with d or r off its vector width).
+enum class Layout { kContig, kRowPadded, kColMajor, kEveryOther, kRowAligned };
 const char* name_of(Layout l) {
   return l == Layout::kContig      ? "contig"
          : l == Layout::kRowPadded ? "rowpad"
          : l == Layout::kColMajor  ? "colmajor"
+         : l == Layout::kRowAligned ? "rowalign"
                                    : "every2nd";
 }
 
@@ -75,6 +78,7 @@ struct Tensor {
       case Layout::kRowPadded: s0 = c + 3, s1 = 1; break;
       case Layout::kColMajor: s0 = 1, s1 = r; break;
       case Layout::kEveryOther: s0 = 2, s1 = 2 * r; break;
+      case Layout::kRowAligned: s0 = (c + 7) / 8 * 8 + 8, s1 = 1; break;
     }
     elems = (r == 0 || c == 0) ? 0 : (size_t)((r - 1) * s0 + (c - 1) * s1 + 1);
     data.reset(new unsigned char[elems * elem_bytes(dt)]);
@@ -128,12 +132,14 @@ struct Tensor {
 };
 
 // ------------------------------------------------------------------------------ cases
-enum Device { kOneSm = 0, kManySms = 1, kTinySmem = 2, kSmallSmem = 3 };
+enum Device { kOneSm = 0, kManySms = 1, kTinySmem = 2, kSmallSmem = 3, kMidSmem = 4, kOneSmLarge = 5 };
 const emu::DeviceConfig kDevices[] = {
     {1, 99 * 1024},    // kOneSm: BT = 64 from T = 32 on
     {132, 227 * 1024}, // kManySms: H100-like; column splits and many wgrad splits for small T
     {4, 10 * 1024},    // kTinySmem (fictional): r chunks of 64 at BT = 16; x staged only for d <= 64 (16-bit)
     {2, 24 * 1024},    // kSmallSmem (fictional): BT = 64 with r chunks of 64 (16-bit types)
+    {4, 48 * 1024},    // kMidSmem (fictional): the vectorised forward with r chunks of 256, x unstaged from d > 640 (16-bit, BT = 16)
+    {1, 227 * 1024},   // kOneSmLarge: BT = 64 from T = 32 on with an H100's shared memory (the vectorised 64-token forward)
 };
 const char* kActNames[10] = {"relu", "gelu",    "gelu_tanh", "quick_gelu", "silu",
                              "tanh", "sigmoid", "leaky",     "relu6",      "linear"};
@@ -145,6 +151,7 @@ struct Needs {
 // The launch configuration a case must exercise (0 or -1: not checked).
 struct Expect {
   int fwd_bt = 0, fwd_split = 0, fwd_chunks = 0, staged = -1, tok_bt = 0, tok_chunks = 0, wg_split = 0, fwd_ksplit = 0;
+  int vec = -1;  // 1: the vectorised forward kernel, 0: the scalar one
 };
 struct Case {
   const char* name;
@@ -158,6 +165,7 @@ struct Case {
   Layout x = Layout::kContig, res = Layout::kContig, dy = Layout::kContig, pre = Layout::kContig;
   bool strided_weights = false;  // weights column-major, biases strided (the binding passes them contiguous)
   bool padded_out = false;       // outputs with a row stride above their width
+  bool aligned_rows = false;     // weights and outputs in Layout::kRowAligned (x and res: set .x / .res)
   Needs needs = {};
   cudaError_t error = cudaSuccess;  // what adapter_fwd / adapter_bwd_token must return
   Expect expect = {};
@@ -177,6 +185,17 @@ constexpr Needs kDownAndDbUp{false, true, true, false, true, false};
 // leaky relu 7, relu6 8, linear 9.
 const Case kCases[] = {
     {.name = "tiny", .dt = Dt::F16, .dev = kManySms, .T = 1, .d = 1, .r = 1, .act = 0},
+    // The vectorised forward (16-byte cp.async, ldmatrix, 16-byte epilogue; more cases at the end, these cheap
+    // ones early so that --fail-fast finds a planted bug in that path at once): every operand 16-byte aligned
+    // with row strides a multiple of 16 bytes.
+    {.name = "vec-bt64-bf16", .dt = Dt::BF16, .dev = kOneSmLarge, .T = 70, .d = 136, .r = 40, .act = 1,
+     .expect = {.fwd_bt = 64, .staged = 1, .vec = 1}, .tsan = true},
+    {.name = "vec-decode-f16", .dt = Dt::F16, .dev = kManySms, .T = 5, .d = 264, .r = 64, .act = 2,
+     .expect = {.fwd_bt = 16, .staged = 1, .fwd_ksplit = 9, .vec = 1}, .tsan = true},
+    {.name = "vec-tail-f16", .dt = Dt::F16, .dev = kManySms, .T = 21, .d = 45, .r = 13, .act = 7, .separate_res = true,
+     .x = Layout::kRowAligned, .res = Layout::kRowAligned, .aligned_rows = true, .expect = {.vec = 1}, .tsan = true},
+    {.name = "vec-simt-f32", .dt = Dt::F32, .dev = kOneSmLarge, .T = 80, .d = 52, .r = 12, .act = 3, .save_pre = false,
+     .expect = {.fwd_bt = 64, .vec = 1}},
     {.name = "decode-bf16", .dt = Dt::BF16, .dev = kManySms, .T = 3, .d = 100, .r = 7, .act = 1, .bd = false,
      .bu = false, .separate_res = true, .scale = Scale::kHost, .x = Layout::kEveryOther, .res = Layout::kRowPadded,
      .expect = {.fwd_ksplit = 4}},
@@ -197,7 +216,7 @@ const Case kCases[] = {
      .separate_res = true, .scale = Scale::kDeviceScalar, .res = Layout::kColMajor,
      .expect = {.fwd_bt = 64, .fwd_chunks = 2, .staged = 0, .tok_bt = 64, .tok_chunks = 2}},
     {.name = "bt64-tf32", .dt = Dt::TF32, .dev = kOneSm, .T = 64, .d = 40, .r = 20, .act = 1,
-     .expect = {.fwd_bt = 64, .tok_bt = 64}},
+     .expect = {.fwd_bt = 64, .tok_bt = 64, .vec = 0}},  // the vectorised fp32 64-token tile needs > 99 KiB
     {.name = "bt64-simt-f32", .dt = Dt::F32, .dev = kOneSm, .T = 96, .d = 24, .r = 12, .act = 7,
      .dy = Layout::kRowPadded, .expect = {.fwd_bt = 64, .tok_bt = 64}, .tsan = true},
     {.name = "chunks-staged-f16", .dt = Dt::F16, .dev = kTinySmem, .T = 20, .d = 60, .r = 150, .act = 7,
@@ -224,6 +243,19 @@ const Case kCases[] = {
     {.name = "empty-bf16", .dt = Dt::BF16, .dev = kManySms, .T = 0, .d = 8, .r = 4, .act = 1},
     {.name = "empty-f32", .dt = Dt::F32, .dev = kManySms, .T = 0, .d = 8, .r = 4, .act = 2},
     {.name = "empty-tf32", .dt = Dt::TF32, .dev = kManySms, .T = 0, .d = 8, .r = 4, .act = 3},
+    // More of the vectorised forward: unstaged x, the decode path unstaged, r chunks, TF32, and one operand off
+    // its requirements.
+    {.name = "vec-unstaged-f16", .dt = Dt::F16, .dev = kOneSmLarge, .T = 40, .d = 1096, .r = 24, .act = 4,
+     .separate_res = true, .expect = {.fwd_bt = 64, .staged = 0, .vec = 1}, .tsan = true},
+    {.name = "vec-decode-unstaged-bf16", .dt = Dt::BF16, .dev = kMidSmem, .T = 3, .d = 712, .r = 8, .act = 0,
+     .scale = Scale::kHost, .expect = {.staged = 0, .fwd_ksplit = 4, .vec = 1}},
+    {.name = "vec-chunks-bf16", .dt = Dt::BF16, .dev = kMidSmem, .T = 20, .d = 64, .r = 504, .act = 8,
+     .expect = {.fwd_bt = 16, .fwd_chunks = 2, .staged = 1, .vec = 1}},
+    {.name = "vec-tf32", .dt = Dt::TF32, .dev = kManySms, .T = 33, .d = 30, .r = 9, .act = 5,
+     .x = Layout::kRowAligned, .aligned_rows = true, .expect = {.vec = 1}},
+    // One operand off the vectorised path's requirements sends the whole forward down the scalar one.
+    {.name = "vec-off-res-f16", .dt = Dt::F16, .dev = kManySms, .T = 20, .d = 64, .r = 16, .act = 1,
+     .separate_res = true, .res = Layout::kRowPadded, .expect = {.vec = 0}},
     {.name = "no-smem-f32", .dt = Dt::F32, .dev = kTinySmem, .T = 4, .d = 8, .r = 4, .act = 0, .needs = kOnlyDx,
      .error = cudaErrorInvalidConfiguration},
 };
@@ -299,7 +331,7 @@ struct Inputs {
 };
 
 Inputs make_inputs(const Case& c, Rng& rng) {
-  const Layout w = c.strided_weights ? Layout::kColMajor : Layout::kContig;
+  const Layout w = c.strided_weights ? Layout::kColMajor : c.aligned_rows ? Layout::kRowAligned : Layout::kContig;
   const Layout b = c.strided_weights ? Layout::kRowPadded : Layout::kContig;
   const int64_t slen = c.scale == Scale::kPerChannel ? c.d : 1;
   Inputs in{Tensor(c.dt, c.T, c.d, c.x), Tensor(c.dt, c.r, c.d, w), Tensor(c.dt, c.d, c.r, w),
@@ -321,7 +353,7 @@ Inputs make_inputs(const Case& c, Rng& rng) {
 }
 
 std::string run_forward(const Case& c, Rng& rng, const Inputs& in, Checker& chk) {
-  const Layout out_layout = c.padded_out ? Layout::kRowPadded : Layout::kContig;
+  const Layout out_layout = c.padded_out ? Layout::kRowPadded : c.aligned_rows ? Layout::kRowAligned : Layout::kContig;
   Tensor res(c.dt, c.T, c.d, c.res), y(c.dt, c.T, c.d, out_layout), pre(c.dt, c.T, c.r, out_layout);
   res.fill([&] { return rng.normal(); });
   adapterkern::FwdArgs a;
@@ -350,6 +382,8 @@ std::string run_forward(const Case& c, Rng& rng, const Inputs& in, Checker& chk)
   if (c.T == 0) chk.require(kps.empty(), "adapter_fwd launched a kernel for T = 0");
   const int bt = first ? token_tile(c.T, first->grid.x) : 0, split = first ? (int)first->grid.y : 0;
   const int staged = kps.empty() ? -1 : kps[0].stage_x;
+  const int vec = kps.empty() ? -1 : kps[0].vec;
+  for (const auto& kp : kps) chk.require(kp.vec == vec, "the r chunks of one forward took different memory paths");
   expect_eq(chk, "forward BT", c.expect.fwd_bt, bt);
   expect_eq(chk, "forward column splits", c.expect.fwd_split, split);
   expect_eq(chk, "forward r chunks", c.expect.fwd_chunks, (int)kps.size());
@@ -357,6 +391,8 @@ std::string run_forward(const Case& c, Rng& rng, const Inputs& in, Checker& chk)
   expect_eq(chk, "forward d-splits (decode path)", c.expect.fwd_ksplit,
             partials.empty() ? 1 : (int)first_of(log, typeid(adapterkern::FwdPartialParams))->grid.y);  // also below
   chk.require(partials.size() <= 1 && (partials.empty() || plan.ksplit > 1), "decode path launched without a plan");
+  if (c.expect.vec >= 0 && vec != c.expect.vec)
+    chk.fail("configuration: vectorised = " + std::to_string(vec) + ", the case expects " + std::to_string(c.expect.vec));
   if (c.expect.staged >= 0 && staged != c.expect.staged)
     chk.fail("configuration: x staged = " + std::to_string(staged) + ", the case expects " + std::to_string(c.expect.staged));
 
@@ -373,7 +409,8 @@ std::string run_forward(const Case& c, Rng& rng, const Inputs& in, Checker& chk)
   }
   char buf[96];
   const int ksplit = partials.empty() ? 1 : (int)first_of(log, typeid(adapterkern::FwdPartialParams))->grid.y;
-  std::snprintf(buf, sizeof buf, "fwd bt=%d split=%d chunks=%zu staged=%d ksplit=%d", bt, split, kps.size(), staged, ksplit);
+  std::snprintf(buf, sizeof buf, "fwd bt=%d split=%d chunks=%zu staged=%d ksplit=%d vec=%d", bt, split, kps.size(), staged,
+                ksplit, vec);
   return buf;
 }
 
@@ -398,7 +435,7 @@ int run_wgrad(const Case& c, const Inputs& in, adapterkern::StridedMat a, int a_
 std::string run_backward(const Case& c, Rng& rng, const Inputs& in, Checker& chk) {
   const Needs& n = c.needs;
   const bool need_dscale = n.dscale && c.scale != Scale::kHost, need_dh = n.dw_down || n.db_down;
-  const Layout out_layout = c.padded_out ? Layout::kRowPadded : Layout::kContig;
+  const Layout out_layout = c.padded_out ? Layout::kRowPadded : c.aligned_rows ? Layout::kRowAligned : Layout::kContig;
   Tensor dy(c.dt, c.T, c.d, c.dy), pre(c.dt, c.T, c.r, c.pre);
   dy.fill([&] { return rng.normal(); });
   pre.fill([&] { return rng.normal(2.5); });  // reaches relu6's upper kink and the tails of the activations

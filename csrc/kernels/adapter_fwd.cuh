@@ -16,8 +16,16 @@
 // Decode path (few token blocks): phase 1's k-loop is replaced by the sum of the partial products
 // adapter_fwd_partial_kernel computed over d-splits, so the d-reduction runs on the whole GPU.
 // The launcher picks stage_x when the whole tile fits, so for res = x the residual add re-reads
-// nothing from HBM. Bounds: every load outside [0,T) x [0,d) x [0,r) is zero-filled, every store
-// is masked, so any T >= 0, d >= 1, r >= 1 works.
+// nothing from HBM.
+// VEC (the vectorised memory path, chosen by the launcher when x, res, the weights, y and pre are 16-byte
+// aligned with unit column stride and row strides a multiple of 16 bytes): every global load is a 16-byte
+// cp.async into a kStages-deep ring (x into its staged tile), fragments come by ldmatrix, pre is copied
+// from Hs in 16-byte stores, and phase 2 writes s * (acc + bu) to an fp32 tile Ys [BT][kTileN + 8] so that
+// y moves in 16-byte stores; the residual tile (unless it is the staged x) arrives by cp.async in a
+// kStages-slot ring Rs [BT][kTileN + pad], a tile ahead. Shared memory: Hs, Xs (staged, or kStages
+// x-stages), kStages weight stages, Ys, Rs.
+// Bounds: every load outside [0,T) x [0,d) x [0,r) is zero-filled, every store is masked, so any T >= 0,
+// d >= 1, r >= 1 works.
 #pragma once
 
 #include "common.cuh"
@@ -40,6 +48,7 @@ struct FwdKParams {
   int d, r, act;
   int stage_x;          // 1: whole x tile in shared memory
   int cols_per_split;   // multiple of 64
+  int vec;              // 1: launched as the VEC kernel (the launcher's choice, recorded for the emulation tests)
   // Decode (few token blocks): pre = sum over ksplit of partial[s][t][i] (adapter_fwd_partial_kernel,
   // fp32, layout (ksplit, T, round_up(r, 64))) + bd, in split order, instead of phase 1's k-loop.
   const float* partial; int ksplit;
@@ -111,22 +120,62 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_fwd_partial_kernel(const 
   }
 }
 
+// cp.async pipeline depth of the VEC kernel: kStages - 1 = 3 stages in flight, 12 KiB of x per 64-token
+// block, ~24 KiB per SM at two blocks per SM (Little's law at ~4.3 TB/s and ~0.7 us: ~23 KiB per SM).
+constexpr int kStages = 4;
+constexpr int kLdy = kTileN + 8;  // Ys row stride (fp32): 8 (mod 32) words, conflict-free 8-byte fragment stores
+
+// Bytes of dynamic shared memory of adapter_fwd_kernel<Op, BT, vec>; separate_res: res != nullptr (VEC
+// then needs its residual ring even when x is staged).
 template <typename S>
-__host__ __device__ constexpr size_t fwd_smem_bytes(int BT, int d, int r, bool stage_x) {
+__host__ __device__ constexpr size_t fwd_smem_bytes(int BT, int d, int r, bool stage_x, bool vec, bool separate_res) {
+  const size_t ring = vec ? kStages : 1;
+  const bool residual_ring = vec && (!stage_x || separate_res);
   return sizeof(S) * ((size_t)BT * (round_up(r, kTileN) + smem_pad<S>()) +
-                      (size_t)BT * ((stage_x ? round_up(d, kTileN) : kBK) + smem_pad<S>()) +
-                      (size_t)kTileN * (kBK + smem_pad<S>()));
+                      (stage_x ? (size_t)BT * (round_up(d, kTileN) + smem_pad<S>()) : ring * BT * (kBK + smem_pad<S>())) +
+                      ring * kTileN * (kBK + smem_pad<S>())) +
+         (vec ? sizeof(float) * BT * kLdy : 0) + (residual_ring ? sizeof(S) * kStages * BT * (kTileN + smem_pad<S>()) : 0);
+}
+
+// 16 bytes of elements, for one vector load or store (LDG.128 / STG.128 / LDS.128 on aligned addresses).
+template <typename S>
+struct alignas(16) Vec16 {
+  static constexpr int kN = 16 / (int)sizeof(S);
+  S v[kN];
+};
+
+// f(row, col) for each 16-byte chunk of a ROWS x kBK stage (col: its first element, a multiple of
+// Vec16<S>::kN); consecutive threads take consecutive chunks of a row.
+template <int ROWS, typename S, class F>
+__device__ __forceinline__ void for_each_stage_chunk(F&& f) {
+  constexpr int kPerRow = kBK / Vec16<S>::kN;
+  constexpr int kChunks = ROWS * kPerRow;
+#pragma unroll
+  for (int c0 = 0; c0 < kChunks; c0 += kThreads) {
+    const int c = c0 + (int)threadIdx.x;
+    if (kChunks % kThreads == 0 || c < kChunks) f(c / kPerRow, (c % kPerRow) * Vec16<S>::kN);
+  }
+}
+
+// cp.async of the 16-byte chunk src[0, min(kN, valid)) (valid <= 0: nothing read, all zeros; `base` is
+// then the aligned address handed to the instruction).
+template <typename S>
+__device__ __forceinline__ void copy_chunk_async(S* dst, const S* src, int valid, const S* base) {
+  const int n = valid <= 0 ? 0 : (valid < Vec16<S>::kN ? valid : Vec16<S>::kN);
+  cp_async_16(dst, n > 0 ? src : base, n * (int)sizeof(S));
 }
 
 // The decode path runs with 16-token tiles only; the 64-token kernel keeps no code for it (registers).
 template <int BT> inline constexpr bool kDecodeCapable = BT == 16;
 
-template <class Op, int BT>
+template <class Op, int BT, bool VEC>
 __global__ void __launch_bounds__(kThreads, 2) adapter_fwd_kernel(const FwdKParams p) {
   using S = typename Op::S;
   using L = WarpLayout<BT>;
   constexpr int PAD = smem_pad<S>();
   constexpr int LDW = kBK + PAD;
+  constexpr int V = Vec16<S>::kN;
+  constexpr int kRing = VEC ? kStages : 1;
 
   ADAPTERKERN_DYNAMIC_SMEM(smem_raw);
   const int rpad = round_up(p.r, kTileN);
@@ -134,7 +183,9 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_fwd_kernel(const FwdKPara
   const int ldx = p.stage_x ? round_up(p.d, kTileN) + PAD : kBK + PAD;
   S* Hs = reinterpret_cast<S*>(smem_raw);
   S* Xs = Hs + BT * ldh;
-  S* Ws = Xs + BT * ldx;
+  S* Ws = Xs + (p.stage_x ? BT * ldx : kRing * BT * LDW);
+  float* Ys = reinterpret_cast<float*>(Ws + kRing * kTileN * LDW);  // VEC only: [BT][kLdy]
+  S* Rs = reinterpret_cast<S*>(Ys + BT * kLdy);                      // VEC, unless x staged and res = x: kStages x [BT][kTileN + PAD]
 
   const S* __restrict__ x = static_cast<const S*>(p.x);
   const S* __restrict__ wd = static_cast<const S*>(p.wd);
@@ -148,39 +199,90 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_fwd_kernel(const FwdKPara
   const S zero = from_f<S>(0.0f);
   const int64_t t0 = (int64_t)blockIdx.x * BT;
   const int wm0 = L::wm0(), wn0 = L::wn0();
+  const bool skip_down = kDecodeCapable<BT> && p.partial != nullptr;  // the decode path's partials hold x @ wd^T
 
   auto x_at = [&](int row, int col) -> S {
     const int64_t t = t0 + row;
     return (t < p.T && col < p.d) ? x[t * p.sx0 + col * p.sx1] : zero;
   };
+  // VEC: 16-byte copies of x[t0 + row][j, j + V) (zeros outside (T, d)) into dst.
+  auto copy_x_chunk = [&](S* dst, int row, int j) {
+    const int64_t t = t0 + row;
+    copy_chunk_async(dst, x + t * p.sx0 + j, t < p.T ? p.d - j : 0, x);
+  };
 
   if (p.stage_x) {  // made visible by the first __syncthreads of the k-loop below
-    copy_tile_batched<8>(Xs, ldx, BT, round_up(p.d, kTileN), x_at);
+    if constexpr (VEC) {
+      if (skip_down) {  // no k-loop streams x in: the residual still reads the staged tile
+        const int per_row = (int)ceil_div64(p.d, V);
+        for (int c = threadIdx.x; c < BT * per_row; c += kThreads)
+          copy_x_chunk(Xs + (c / per_row) * ldx + (c % per_row) * V, c / per_row, (c % per_row) * V);
+        cp_async_commit();
+        cp_async_wait<0>();
+      }
+    } else {
+      copy_tile_batched<8>(Xs, ldx, BT, round_up(p.d, kTileN), x_at);
+    }
   }
 
   // ---- phase 1: Hs = act(x @ wd^T + bd), 64 bottleneck columns at a time ----------------------
   for (int n0 = 0; n0 < p.r; n0 += kTileN) {
     float acc[L::MT][L::NT][4];
     zero_acc(acc);
-    RegTile<BT, kBK, false, S> xr;
-    RegTile<kTileN, kBK, false, S> wr;  // rows: bottleneck index i, cols: d index (contiguous in wd)
-    auto load = [&](int k0) {
-      if (!p.stage_x) xr.load([&](int row, int col) { return x_at(row, k0 + col); });
-      wr.load([&](int row, int col) -> S {
-        const int i = n0 + row, j = k0 + col;
-        return (i < p.r && j < p.d) ? wd[i * p.swd0 + j * p.swd1] : zero;
-      });
-    };
-    if (!kDecodeCapable<BT> || p.partial == nullptr) {  // else: the decode path's partials hold x @ wd^T
-      load(0);
-      for (int k0 = 0; k0 < p.d; k0 += kBK) {
-        if (!p.stage_x) xr.store(Xs, ldx);
-        wr.store(Ws, LDW);
-        __syncthreads();
-        if (k0 + kBK < p.d) load(k0 + kBK);  // in flight during the MMAs
-        const S* a = (p.stage_x ? Xs + k0 : Xs) + wm0 * ldx;
-        warp_tile_mma<Op, L::MT, L::NT>(acc, a, ldx, Ws + wn0 * LDW, LDW);
-        __syncthreads();
+    if constexpr (VEC) {
+      // k-stage k0 of x (unless staged by an earlier r chunk) and wd into ring slot (k0 / kBK) % kStages.
+      const bool load_x = !p.stage_x || n0 == 0;
+      auto issue = [&](int k0) {
+        if (k0 < p.d) {
+          const int slot = (k0 / kBK) % kStages;
+          if (load_x) {
+            S* xs = p.stage_x ? Xs + k0 : Xs + slot * BT * LDW;
+            const int ld = p.stage_x ? ldx : LDW;
+            for_each_stage_chunk<BT, S>([&](int row, int col) { copy_x_chunk(xs + row * ld + col, row, k0 + col); });
+          }
+          S* ws = Ws + slot * kTileN * LDW;
+          for_each_stage_chunk<kTileN, S>([&](int row, int col) {
+            const int i = n0 + row, j = k0 + col;
+            copy_chunk_async(ws + row * LDW + col, wd + i * p.swd0 + j, i < p.r ? p.d - j : 0, wd);
+          });
+        }
+        cp_async_commit();  // an empty group past the end keeps the wait counts uniform
+      };
+      if (!skip_down) {
+#pragma unroll
+        for (int s = 0; s < kStages - 1; ++s) issue(s * kBK);
+        for (int k0 = 0; k0 < p.d; k0 += kBK) {
+          cp_async_wait<kStages - 2>();
+          __syncthreads();                      // stage k0 visible; the slot refilled next was consumed
+          issue(k0 + (kStages - 1) * kBK);
+          const int slot = (k0 / kBK) % kStages;
+          const S* a = p.stage_x ? Xs + wm0 * ldx + k0 : Xs + slot * BT * LDW + wm0 * LDW;
+          warp_tile_mma<Op, L::MT, L::NT, true>(acc, a, p.stage_x ? ldx : LDW, Ws + slot * kTileN * LDW + wn0 * LDW, LDW);
+        }
+        cp_async_wait<0>();
+        __syncthreads();  // the ring is free for the next r chunk
+      }
+    } else {
+      RegTile<BT, kBK, false, S> xr;
+      RegTile<kTileN, kBK, false, S> wr;  // rows: bottleneck index i, cols: d index (contiguous in wd)
+      auto load = [&](int k0) {
+        if (!p.stage_x) xr.load([&](int row, int col) { return x_at(row, k0 + col); });
+        wr.load([&](int row, int col) -> S {
+          const int i = n0 + row, j = k0 + col;
+          return (i < p.r && j < p.d) ? wd[i * p.swd0 + j * p.swd1] : zero;
+        });
+      };
+      if (!skip_down) {
+        load(0);
+        for (int k0 = 0; k0 < p.d; k0 += kBK) {
+          if (!p.stage_x) xr.store(Xs, ldx);
+          wr.store(Ws, LDW);
+          __syncthreads();
+          if (k0 + kBK < p.d) load(k0 + kBK);  // in flight during the MMAs
+          const S* a = (p.stage_x ? Xs + k0 : Xs) + wm0 * ldx;
+          warp_tile_mma<Op, L::MT, L::NT>(acc, a, ldx, Ws + wn0 * LDW, LDW);
+          __syncthreads();
+        }
       }
     }
     float bcol[L::NT][2];  // bd of the 2*NT bottleneck columns this thread owns
@@ -204,12 +306,29 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_fwd_kernel(const FwdKPara
           }
         }
         pv = from_f<S>(v + bcol[nt][e & 1]);
-        if (pre != nullptr && t < p.T) pre[t * p.ldpre + i] = pv;
+        if (!VEC && pre != nullptr && t < p.T) pre[t * p.ldpre + i] = pv;  // VEC: copied from Hs below
       }
       Hs[row * ldh + i] = pv;
     });
   }
   __syncthreads();
+  if constexpr (VEC) {  // pre = Hs (before the activation), 16 bytes at a time
+    if (pre != nullptr) {
+      const int per_row = (int)ceil_div64(p.r, V);
+      for (int c = threadIdx.x; c < BT * per_row; c += kThreads) {
+        const int row = c / per_row, i = (c % per_row) * V;
+        const int64_t t = t0 + row;
+        if (t >= p.T) continue;
+        S* dst = pre + t * p.ldpre + i;
+        if (i + V <= p.r) *reinterpret_cast<Vec16<S>*>(dst) = *reinterpret_cast<const Vec16<S>*>(Hs + row * ldh + i);
+        else {  // r not a multiple of V: the last chunk of a row element by element
+#pragma unroll 1
+          for (int e = 0; e < p.r - i; ++e) dst[e] = Hs[row * ldh + i + e];
+        }
+      }
+      __syncthreads();  // read before the activation overwrites Hs
+    }
+  }
   // h = act(pre), in place, on the rounded pre like the reference (padding columns untouched).
   dispatch_act(p.act, [&](auto A) {
     for (int idx = threadIdx.x; idx < BT * p.r; idx += kThreads) {
@@ -223,19 +342,8 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_fwd_kernel(const FwdKPara
   const int kr = round_up(p.r, kBK);
   const int j_begin = blockIdx.y * p.cols_per_split;
   const int j_end = min(p.d, j_begin + p.cols_per_split);
-  for (int n0 = j_begin; n0 < j_end; n0 += kTileN) {
-    float acc[L::MT][L::NT][4];  // Hs @ wu[n0:n0+64, :]^T; wu[j][i] is contiguous in i
-    smem_by_weight_mma<Op, false>(acc, Hs + wm0 * ldh, ldh, Ws, wn0, wu, p.swu0, p.swu1, n0, p.d, p.r, kr);
-    float rv[L::MT][L::NT][4];  // residual, all loads issued before the stores (res may alias y)
-    gather_acc(rv, wm0, wn0, [&](int row, int col) -> float {
-      const int j = n0 + col;
-      const int64_t t = t0 + row;
-      if (t >= p.T || j >= j_end) return 0.0f;
-      if (res != nullptr) return to_f(res[t * p.sr0 + j * p.sr1]);
-      if (p.stage_x) return to_f(Xs[row * ldx + j]);
-      return to_f(x[t * p.sx0 + j * p.sx1]);
-    });
-    float bcol[L::NT][2], scol[L::NT][2];  // bu and scale of the 2*NT columns this thread owns
+  // bu and scale of the 2*NT output columns this thread owns in the tile at n0
+  auto column_terms = [&](int n0, float (&bcol)[L::NT][2], float (&scol)[L::NT][2]) {
 #pragma unroll
     for (int nt = 0; nt < L::NT; ++nt)
 #pragma unroll
@@ -244,12 +352,109 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_fwd_kernel(const FwdKPara
         bcol[nt][h] = (j < j_end && bu != nullptr) ? to_f(bu[j * p.sbu]) : 0.0f;
         scol[nt][h] = j < j_end ? p.scale(j) : 0.0f;
       }
-    for_each_frag<L::MT, L::NT>(wm0, wn0, [&](int mt, int nt, int e, int row, int col) {
-      const int j = n0 + col;
-      const int64_t t = t0 + row;
-      if (t < p.T && j < j_end)
-        y[t * p.ldy + j] = from_f<S>(rv[mt][nt][e] + scol[nt][e & 1] * (acc[mt][nt][e] + bcol[nt][e & 1]));
-    });
+  };
+  if constexpr (VEC) {
+    // One stream of wu stages over (output tile, k-stage) pairs q, kStages - 1 in flight across tiles. The
+    // residual tile m (unless it is the staged x) joins the group of tile m's first stage, into ring slot
+    // m % kStages: its previous tile's copy-out ended before the barrier of a step at least one before.
+    constexpr int kPerRow = kTileN / V;
+    constexpr int LDR = kTileN + PAD;
+    const bool from_xs = res == nullptr && p.stage_x;
+    const int ksteps = kr / kBK;
+    const int total = (int)ceil_div64(j_end - j_begin, kTileN) * ksteps;
+    auto issue = [&](int q) {
+      if (q < total) {
+        const int n0 = j_begin + (q / ksteps) * kTileN, k0 = (q % ksteps) * kBK;
+        S* ws = Ws + (q % kStages) * kTileN * LDW;
+        for_each_stage_chunk<kTileN, S>([&](int row, int col) {
+          const int j = n0 + row, i = k0 + col;
+          copy_chunk_async(ws + row * LDW + col, wu + j * p.swu0 + i, j < j_end ? p.r - i : 0, wu);
+        });
+        if (!from_xs && k0 == 0) {
+          S* rs = Rs + (q / ksteps % kStages) * BT * LDR;
+          for (int c = threadIdx.x; c < BT * kPerRow; c += kThreads) {
+            const int row = c / kPerRow, col = (c % kPerRow) * V;
+            const int64_t t = t0 + row;
+            const int j = n0 + col;
+            const S* src = res != nullptr ? res + t * p.sr0 + j : x + t * p.sx0 + j;
+            copy_chunk_async(rs + row * LDR + col, src, t < p.T ? j_end - j : 0, x);
+          }
+        }
+      }
+      cp_async_commit();
+    };
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) issue(s);
+    int q = 0;
+    for (int n0 = j_begin, m = 0; n0 < j_end; n0 += kTileN, ++m) {
+      float acc[L::MT][L::NT][4];
+      zero_acc(acc);
+      for (int k0 = 0; k0 < kr; k0 += kBK, ++q) {
+        cp_async_wait<kStages - 2>();
+        __syncthreads();  // stage q visible; the previous tile's copy-out is done with Ys
+        issue(q + kStages - 1);
+        warp_tile_mma<Op, L::MT, L::NT, true>(acc, Hs + wm0 * ldh + k0, ldh, Ws + (q % kStages) * kTileN * LDW + wn0 * LDW, LDW);
+      }
+      float bcol[L::NT][2], scol[L::NT][2];
+      column_terms(n0, bcol, scol);
+#pragma unroll
+      for (int mt = 0; mt < L::MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < L::NT; ++nt)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {  // rows g and g + 8: one 8-byte store each
+            const int row = wm0 + mt * 16 + ((threadIdx.x & 31) >> 2) + half * 8;
+            const int col = wn0 + nt * 8 + 2 * (threadIdx.x & 3);
+            const float2 v = make_float2(scol[nt][0] * (acc[mt][nt][2 * half] + bcol[nt][0]),
+                                         scol[nt][1] * (acc[mt][nt][2 * half + 1] + bcol[nt][1]));
+            *reinterpret_cast<float2*>(Ys + row * kLdy + col) = v;
+          }
+      __syncthreads();
+      // y = res + Ys, 16 bytes at a time, the residual from shared memory (a scalar tail only where d is
+      // not a multiple of V)
+      const S* rs = Rs + (m % kStages) * BT * LDR;
+      for (int c = threadIdx.x; c < BT * kPerRow; c += kThreads) {
+        const int row = c / kPerRow, j = n0 + (c % kPerRow) * V;
+        const int64_t t = t0 + row;
+        if (t >= p.T || j >= j_end) continue;
+        const float* v = Ys + row * kLdy + (j - n0);
+        const S* rp = from_xs ? Xs + row * ldx + j : rs + row * LDR + (j - n0);
+        S* yp = y + t * p.ldy + j;
+        if (j + V <= j_end) {
+          const Vec16<S> rv = *reinterpret_cast<const Vec16<S>*>(rp);
+          Vec16<S> out;
+#pragma unroll
+          for (int e = 0; e < V; ++e) out.v[e] = from_f<S>(to_f(rv.v[e]) + v[e]);
+          *reinterpret_cast<Vec16<S>*>(yp) = out;
+        } else {
+#pragma unroll 1
+          for (int e = 0; e < j_end - j; ++e) yp[e] = from_f<S>(to_f(rp[e]) + v[e]);
+        }
+      }
+    }
+    cp_async_wait<0>();  // the trailing groups are empty: no copy outlives the block
+  } else {
+    for (int n0 = j_begin; n0 < j_end; n0 += kTileN) {
+      float acc[L::MT][L::NT][4];  // Hs @ wu[n0:n0+64, :]^T; wu[j][i] is contiguous in i
+      smem_by_weight_mma<Op, false>(acc, Hs + wm0 * ldh, ldh, Ws, wn0, wu, p.swu0, p.swu1, n0, p.d, p.r, kr);
+      float rv[L::MT][L::NT][4];  // residual, all loads issued before the stores (res may alias y)
+      gather_acc(rv, wm0, wn0, [&](int row, int col) -> float {
+        const int j = n0 + col;
+        const int64_t t = t0 + row;
+        if (t >= p.T || j >= j_end) return 0.0f;
+        if (res != nullptr) return to_f(res[t * p.sr0 + j * p.sr1]);
+        if (p.stage_x) return to_f(Xs[row * ldx + j]);
+        return to_f(x[t * p.sx0 + j * p.sx1]);
+      });
+      float bcol[L::NT][2], scol[L::NT][2];
+      column_terms(n0, bcol, scol);
+      for_each_frag<L::MT, L::NT>(wm0, wn0, [&](int mt, int nt, int e, int row, int col) {
+        const int j = n0 + col;
+        const int64_t t = t0 + row;
+        if (t < p.T && j < j_end)
+          y[t * p.ldy + j] = from_f<S>(rv[mt][nt][e] + scol[nt][e & 1] * (acc[mt][nt][e] + bcol[nt][e & 1]));
+      });
+    }
   }
 }
 

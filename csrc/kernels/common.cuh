@@ -163,6 +163,41 @@ struct ScaleRef {
 
 __device__ __forceinline__ uint32_t ld_u32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
+// ---------------------------------------------------------------------------------------------
+// sm_80+ memory instructions of the vectorised kernels. Under the host emulation they are calls into
+// the emulator, which performs a cp.async's copy only when its group is waited for (the latest the
+// hardware may) and decodes ldmatrix per the PTX ISA, so a missing wait or a wrong row address
+// shows up as a wrong number or a sanitizer report.
+//   cp_async_16(dst, src, n)   16-byte global -> shared copy of src[0, n) (n in [0, 16]), the rest of the 16
+//                              bytes zero-filled; dst and src 16-byte aligned (n = 0 reads nothing)
+//   cp_async_commit()          closes the group of this thread's copies issued since the last commit
+//   cp_async_wait<N>()         waits until at most N of this thread's committed groups are pending
+//   ldsm_x4 / ldsm_x2(r, row)  ldmatrix .m8n8 .b16: lane l gives the address of row l % 8 of matrix l / 8
+//                              and receives word l % 4 of row l / 4 of each matrix
+#ifdef ADAPTERKERN_HOST_EMULATION
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int n) { ::emu::cp_async(dst, src, 16, n); }
+__device__ __forceinline__ void cp_async_commit() { ::emu::cp_async_commit(); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { ::emu::cp_async_wait(N); }
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row) { ::emu::ldmatrix(4, row, r); }
+__device__ __forceinline__ void ldsm_x2(uint32_t (&r)[2], const void* row) { ::emu::ldmatrix(2, row, r); }
+#else
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int n) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(row)));
+}
+__device__ __forceinline__ void ldsm_x2(uint32_t (&r)[2], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(row)));
+}
+#endif
+
 // m16n8k16, fp16 or bf16 operands. Fragment layout (PTX ISA, "mma.m16n8k16 .f16/.bf16"):
 //   A regs: {A[g][2t..2t+1], A[g+8][2t..2t+1], A[g][2t+8..2t+9], A[g+8][2t+8..2t+9]}
 //   B regs: {B[n=g][k=2t..2t+1], B[n=g][k=2t+8..2t+9]}   (lower k in the lower 16 bits)
@@ -183,6 +218,16 @@ struct Mma16816 {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     f.r[0] = ld_u32(b + g * ld + 2 * t);
     f.r[1] = ld_u32(b + g * ld + 2 * t + 8);
+  }
+  // The same fragments with one ldmatrix each (rows 16-byte aligned): A as matrices {rows 0-7, 8-15} x
+  // {k 0-7, 8-15} in register order, B as {k 0-7, 8-15} of rows n 0-7.
+  __device__ __forceinline__ static void load_a_ldsm(FragA& f, const S* a, int ld) {
+    const int lane = threadIdx.x & 31;
+    ldsm_x4(f.r, a + (lane & 7) * ld + ((lane >> 3) & 1) * 8 * ld + (lane >> 4) * 8);
+  }
+  __device__ __forceinline__ static void load_b_ldsm(FragB& f, const S* b, int ld) {
+    const int lane = threadIdx.x & 31;
+    ldsm_x2(f.r, b + (lane & 7) * ld + ((lane >> 3) & 1) * 8);
   }
   __device__ __forceinline__ static void mma(float (&c)[4], const FragA& a, const FragB& b);
 };
@@ -257,10 +302,13 @@ struct SimtF32 {
 
 template <class Op> struct IsSimt { static constexpr bool value = false; };
 template <> struct IsSimt<SimtF32> { static constexpr bool value = true; };
+template <class Op> struct HasLdsm { static constexpr bool value = false; };  // 16-bit fragments
+template <typename T> struct HasLdsm<Mma16816<T>> { static constexpr bool value = true; };
 
 // acc[MT][NT] (16x8 tiles) += A[MT*16][kBK] * B[NT*8][kBK]^T; `a` and `b` point at the warp's
-// first row and the stage's first k.
-template <class Op, int MT, int NT>
+// first row and the stage's first k. LDSM: fragments by ldmatrix where the op has them (every row of
+// both operands 16-byte aligned), else by 32-bit shared loads.
+template <class Op, int MT, int NT, bool LDSM = false>
 __device__ __forceinline__ void warp_tile_mma(float (&acc)[MT][NT][4], const typename Op::S* a, int lda,
                                               const typename Op::S* b, int ldb) {
   if constexpr (IsSimt<Op>::value) {
@@ -294,9 +342,15 @@ __device__ __forceinline__ void warp_tile_mma(float (&acc)[MT][NT][4], const typ
       typename Op::FragA fa[MT];
       typename Op::FragB fb[NT];
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) Op::load_a(fa[mt], a + mt * 16 * lda + k, lda);
+      for (int mt = 0; mt < MT; ++mt) {
+        if constexpr (LDSM && HasLdsm<Op>::value) Op::load_a_ldsm(fa[mt], a + mt * 16 * lda + k, lda);
+        else Op::load_a(fa[mt], a + mt * 16 * lda + k, lda);
+      }
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) Op::load_b(fb[nt], b + nt * 8 * ldb + k, ldb);
+      for (int nt = 0; nt < NT; ++nt) {
+        if constexpr (LDSM && HasLdsm<Op>::value) Op::load_b_ldsm(fb[nt], b + nt * 8 * ldb + k, ldb);
+        else Op::load_b(fb[nt], b + nt * 8 * ldb + k, ldb);
+      }
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll

@@ -6,7 +6,7 @@
 //   * __syncthreads: a barrier over the block's live threads (arrivals counted under a mutex, the
 //     waiters sleep on an atomic generation counter). A thread that returns from the kernel drops
 //     out of later barriers (as on the hardware).
-//   * Warp collectives (__shfl_xor_sync, mma.sync): the 32 lanes deposit their registers in a
+//   * Warp collectives (__shfl_xor_sync, mma.sync, ldmatrix): the 32 lanes deposit their registers in a
 //     per-warp exchange (its own mutex, so warps never synchronise each other outside a barrier:
 //     ThreadSanitizer sees exactly the CUDA ordering between warps). A collective that can never
 //     complete (a lane waiting at __syncthreads or exited, or lanes in different collectives)
@@ -62,6 +62,14 @@ uint32_t shfl_xor_u32(unsigned mask, uint32_t value, int lane_mask, int width);
 // `shape_types`: the instruction suffix after "mma.sync.aligned." (see ADAPTERKERN_MMA_SYNC).
 void mma_sync(const char* shape_types, float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
 uint32_t cvt_rna_tf32_f32(float value);
+// cp.async.cg.shared.global (cp_bytes = 16): queued per thread; a group's copies are done (src[0, src_bytes)
+// copied, the rest zero-filled) when cp_async_wait lets at most `pending_groups` newer groups stay in flight.
+// Misaligned addresses abort (the hardware faults), and a thread may not exit with copies outstanding.
+void cp_async(void* smem, const void* gmem, int cp_bytes, int src_bytes);
+void cp_async_commit();
+void cp_async_wait(int pending_groups);
+// ldmatrix.sync.aligned.m8n8.x{nmat}.shared.b16 (nmat 2 or 4): a warp collective on the row addresses.
+void ldmatrix(int nmat, const void* row_address, uint32_t* out);
 
 // ---- called by the launch hook (ADAPTERKERN_LAUNCH in csrc/launch_util.h) -----------------------
 // Runs body() on every thread of every block; returns (and records as the last error) a launch error.
