@@ -4,20 +4,27 @@
 #  * every csrc/*.cu is compiled with nvcc (-c, into a temp dir) for each arch in
 #    $ADAPTERKERN_CHECK_ARCHS (default "80 90"), with the ptxas resource report (-Xptxas -v);
 #  * csrc/bindings.cpp is compiled (host code, via nvcc) against the installed torch's headers (works with a CPU
-#    torch build; skipped with a note when torch or its headers are missing);
+#    torch build; skipped with a note when torch or its headers are missing, and in CHECK_CUDA_SOURCES runs);
 #  * the report goes to benchmarks/results/ptxas_report.txt (raw ptxas lines + a per-kernel table);
 #  * fails on any compile error, and on any kernel that spills (nonzero "bytes spill stores/loads")
-#    unless a comment in csrc/ says `SPILL-OK: <kernel name> <reason>`.
+#    unless a comment in csrc/ says `SPILL-OK: <kernel name> <reason>`;
+#  * disassembles every object (cuobjdump -sass), writes per-kernel instruction-class counts to
+#    sass_report.txt beside the ptxas report, and fails on a broken or stale
+#    `SASS-PROMISE: <kernel-glob> [@sm_NN ...] <CLASS><op><N> ...` comment (syntax: .ci/sass_report.py).
+#    Promises are read from csrc/, or from the CHECK_CUDA_SOURCES files when those replace it.
 #
 # Env: ADAPTERKERN_CHECK_ARCHS ("80 90"), CHECK_CUDA_JOBS (parallel nvcc jobs, default 2),
-#      CHECK_CUDA_NVCC_EXTRA (extra nvcc flags), CHECK_CUDA_REPORT (report path override),
-#      CHECK_CUDA_SOURCES (replace the .cu list; tests use it to prove a spill fails the check),
-#      PYTHON (interpreter whose torch to use; default .venv/bin/python, else python3),
+#      CHECK_CUDA_NVCC_EXTRA (extra nvcc flags),
+#      CHECK_CUDA_REPORT (ptxas report path override; sass_report.txt is written beside it),
+#      CHECK_CUDA_SOURCES (replace the .cu list and the promise files; tests use it to prove the gates fail),
+#      CHECK_CUDA_SASS=skip (no SASS step, noted in the report; otherwise no cuobjdump fails the check),
+#      CUOBJDUMP (default: on PATH, beside nvcc, else the triton wheel's; it needs nvdisasm beside it or on PATH),
+#      PYTHON (interpreter whose torch to use and that runs sass_report.py; default .venv/bin/python, else python3),
 #      NVCC (default: nvcc on PATH, else $CUDA_HOME/bin/nvcc).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
+cd "$ROOT" || exit 2
 ARCHS="${ADAPTERKERN_CHECK_ARCHS:-80 90}"
 JOBS="${CHECK_CUDA_JOBS:-2}"
 REPORT_DIR="$ROOT/benchmarks/results"
@@ -45,8 +52,11 @@ mkdir -p "$REPORT_DIR"
 
 shopt -s nullglob
 SOURCES=(csrc/*.cu)
+PROMISE_PATHS=(csrc)
 # shellcheck disable=SC2206
-if [[ -n "${CHECK_CUDA_SOURCES:-}" ]]; then SOURCES=(${CHECK_CUDA_SOURCES}); fi  # self-test hook
+if [[ -n "${CHECK_CUDA_SOURCES:-}" ]]; then  # self-test hook; csrc/'s promises would all be stale here
+  SOURCES=(${CHECK_CUDA_SOURCES}); PROMISE_PATHS=("${SOURCES[@]}")
+fi
 if (( ${#SOURCES[@]} == 0 )); then echo "check_cuda: FAIL: no csrc/*.cu sources" >&2; exit 2; fi
 
 echo "check_cuda: $("$NVCC" --version | tail -n 2 | head -n 1)"
@@ -66,10 +76,13 @@ for arch in $ARCHS; do
 done
 wait
 compile_fail=0
+objects=()
 for entry in "${names[@]}"; do
   label="${entry%%|*}"; base="${entry##*|}"
   rc="$(cat "$TMP/$base.rc" 2>/dev/null || echo 1)"
-  if [[ "$rc" != 0 ]]; then
+  if [[ "$rc" == 0 ]]; then
+    objects+=("$TMP/$base.o")
+  else
     compile_fail=1
     echo "check_cuda: FAIL: nvcc error compiling $label:" >&2
     grep -v "^ptxas info" "$TMP/$base.log" | head -n 40 >&2
@@ -78,7 +91,10 @@ done
 
 # --- bindings.cpp syntax check against torch's headers --------------------------------------
 bind_status="skipped"
-if [[ -f csrc/bindings.cpp ]]; then
+# A CHECK_CUDA_SOURCES run checks those sources only (self-tests: this compile would be most of their time).
+if [[ -n "${CHECK_CUDA_SOURCES:-}" ]]; then
+  bind_status="skipped (CHECK_CUDA_SOURCES)"
+elif [[ -f csrc/bindings.cpp ]]; then
   incs="$("$PYTHON" - <<'PY' 2>/dev/null
 import sysconfig
 from torch.utils.cpp_extension import include_paths
@@ -109,9 +125,10 @@ cat "$TMP"/*_sm*.log 2>/dev/null | grep -E "^ptxas (info|warning|error)|bytes st
 DEMANGLE="$(command -v cu++filt || command -v c++filt || echo cat)"
 "$DEMANGLE" <"$TMP/ptxas_raw.txt" >"$TMP/ptxas_demangled.txt"
 
-python3 - "$TMP/ptxas_demangled.txt" "$REPORT" "$ROOT/csrc" "$bind_status" "$("$NVCC" --version | tail -n 2 | head -n 1)" <<'PY'
+python3 - "$TMP/ptxas_demangled.txt" "$REPORT" "$ROOT/csrc" "$bind_status" "$("$NVCC" --version | tail -n 2 | head -n 1)" \
+    "$TMP/ptxas_kernels.tsv" <<'PY'
 import re, sys, pathlib, datetime
-raw_path, report_path, csrc, bind_status, nvcc_version = sys.argv[1:6]
+raw_path, report_path, csrc, bind_status, nvcc_version, tsv_path = sys.argv[1:7]
 lines = pathlib.Path(raw_path).read_text().splitlines()
 kernels = []  # dicts: name, arch, regs, smem, stack, spill_st, spill_ld
 cur = None
@@ -138,6 +155,9 @@ def short(name):  # "void ns::kernel<Args>(Params)" -> "kernel<Args>"
     name = re.sub(r"^void ", "", name)
     name = re.sub(r"\(.*\)$", "", name)
     return name.replace("adapterkern::", "")
+# For sass_report.py: the REGS column, and the short names its promises match (the same as this table's).
+pathlib.Path(tsv_path).write_text("".join(f"{k['arch']}\t{k['regs']}\t{short(k['name'])}\t{k['name']}\n"
+                                          for k in kernels))
 def base(name):
     return re.sub(r"<.*$", "", short(name))
 def spill_ok(name):
@@ -177,7 +197,14 @@ sys.exit(1 if bad else 0)
 PY
 spill_rc=$?
 
-echo "check_cuda: report written to ${REPORT#$ROOT/} ($(( $(date +%s) - start )) s)"
+# --- SASS census, SASS-PROMISE gate -------------------------------------------------------------
+SASS_REPORT="$REPORT_DIR/sass_report.txt"
+"$PYTHON" "$ROOT/.ci/sass_report.py" --report "$SASS_REPORT" --ptxas-kernels "$TMP/ptxas_kernels.tsv" \
+  --nvcc "$NVCC" --demangle "$DEMANGLE" --promises "${PROMISE_PATHS[@]}" --objects "${objects[@]}"
+sass_rc=$?
+
+echo "check_cuda: reports written to ${REPORT#"$ROOT"/}, ${SASS_REPORT#"$ROOT"/} ($(( $(date +%s) - start )) s)"
 if (( compile_fail )); then echo "check_cuda: RESULT: FAIL (compile errors)"; exit 1; fi
 if (( spill_rc )); then echo "check_cuda: RESULT: FAIL (spills or no kernels)"; exit 1; fi
+if (( sass_rc )); then echo "check_cuda: RESULT: FAIL (SASS: broken or stale SASS-PROMISE, or no SASS tools)"; exit 1; fi
 echo "check_cuda: RESULT: OK"

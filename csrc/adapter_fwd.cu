@@ -6,8 +6,9 @@
 //
 // What the vectorised kernels' SASS must hold (checked by .ci/check_cuda.sh): x, the weights and the residual
 // by cp.async only (the scalar global loads left are the biases, the scale and the decode partials), y and pre
-// in 16-byte stores (scalar ones only in the tails), fragments by ldmatrix, no generic or local memory.
-// SASS-PROMISE: adapter_fwd_kernel<*, true> LDGSTS>=1 LDG.128==0 STG.128>=1 LD==0 ST==0 LDL==0 STL==0 REGS<=192
+// in 16-byte stores (scalar ones only in the tails), fragments by ldmatrix, no generic or local memory, and
+// fewer registers than the scalar kernels (155-193 on sm_90).
+// SASS-PROMISE: adapter_fwd_kernel<*, true> LDGSTS>=1 LDG.128==0 STG.128>=1 LD==0 ST==0 LDL==0 STL==0 REGS<=128
 // SASS-PROMISE: adapter_fwd_kernel<Mma16816<*>, *, true> LDSM>=1 LDG.U16<=16 STG.U16<=2
 #include <algorithm>
 #include <cstdint>

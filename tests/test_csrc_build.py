@@ -1,9 +1,11 @@
 """Compile-time checks of the CUDA C++ kernels (csrc/), runnable without a GPU.
 
 Runs .ci/check_cuda.sh: every csrc/*.cu compiled with nvcc for sm_80 and sm_90 (no errors, no
-register spills without a `SPILL-OK:` comment), csrc/bindings.cpp compiled against torch's headers,
-and the ptxas report written. A second run forces a spill (-maxrregcount) to prove the spill check
-can fail. Skipped when nvcc is not on PATH. About 1-2 minutes on 2 cores.
+register spills without a `SPILL-OK:` comment, every `SASS-PROMISE:` kept), csrc/bindings.cpp compiled
+against torch's headers, and the ptxas and SASS reports written. Further runs on tiny kernels of their
+own (CHECK_CUDA_SOURCES, sm_90 only, a few seconds each) prove the gates can fail: a forced spill
+(-maxrregcount), a broken, stale or malformed promise, no SASS tools. Skipped when nvcc is not on PATH.
+About 2-3 minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -36,6 +38,10 @@ def test_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
         for kernel in ("adapter_fwd_kernel", "adapter_bwd_token_kernel", "adapter_wgrad_kernel"):
             assert any(line.startswith(arch) and kernel in line for line in report.splitlines()), (arch, kernel, report)
     assert "bindings.cpp: ok" in report or "bindings.cpp: skipped" in report, report
+    sass = (tmp_path / "sass_report.txt").read_text()
+    for arch in ("sm_80", "sm_90"):
+        for kernel in ("adapter_fwd_kernel", "adapter_bwd_token_kernel", "adapter_wgrad_kernel"):
+            assert any(line.startswith(arch) and kernel in line for line in sass.splitlines()), (arch, kernel, sass)
 
 
 SPILLY_KERNEL = r"""
@@ -60,6 +66,59 @@ def test_spill_check_fails_on_a_spilling_kernel(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
     assert "spilly_kernel" in out and "SPILL-OK" in out, out
+
+
+# One 128-bit load and store (float4) and one 16-bit load and store (__half): known SASS counts.
+TINY_KERNEL = r"""
+#include <cuda_fp16.h>
+__global__ void tiny_copy_kernel(const float4* __restrict__ in, float4* __restrict__ out,
+                                 const __half* __restrict__ h, __half* __restrict__ ho) {
+  out[threadIdx.x] = in[threadIdx.x];
+  ho[threadIdx.x] = h[threadIdx.x];
+}
+"""
+
+
+def _run_promise(tmp_path: Path, promise: str, **env: str) -> tuple[subprocess.CompletedProcess, str]:
+    """check_cuda.sh on TINY_KERNEL for sm_90 only, with `promise` as its SASS-PROMISE comment."""
+    src = tmp_path / "tiny.cu"
+    src.write_text(f"// SASS-PROMISE: {promise}\n" + TINY_KERNEL)
+    proc = _run(tmp_path, ADAPTERKERN_CHECK_ARCHS="90", CHECK_CUDA_SOURCES=str(src), **env)
+    return proc, proc.stdout + proc.stderr
+
+
+def test_sass_promise_kept_passes(tmp_path):
+    proc, out = _run_promise(tmp_path, "tiny_copy_* LDG.128>=1 STG.128==1 LDG.U16==1 LDG.32==0 LDGSTS==0 REGS<=64")
+    assert proc.returncode == 0, out
+    report = (tmp_path / "sass_report.txt").read_text()
+    assert "tiny_copy_* LDG.128>=1 STG.128==1 LDG.U16==1 LDG.32==0 LDGSTS==0 REGS<=64: kept" in report, report
+    row = next(line.split() for line in report.splitlines() if line.startswith("sm_90"))
+    head = next(line.split() for line in report.splitlines() if line.startswith("arch"))
+    counts = dict(zip(head, row))
+    got = (counts["kernel"], counts["LDG.128"], counts["STG.128"], counts["LDG.U16"], counts["STG.U16"])
+    assert got == ("tiny_copy_kernel", "1", "1", "1", "1"), report
+
+
+@pytest.mark.parametrize("promise,message", [
+    ("tiny_copy_kernel LDG.128>=1 LDG.U16==0",
+     "SASS-PROMISE broken: tiny_copy_kernel (sm_90): LDG.U16 = 1, promised == 0"),
+    ("tiny_copy_kernel @sm_90 REGS<=4", "SASS-PROMISE broken: tiny_copy_kernel (sm_90): REGS = "),
+    ("renamed_copy_kernel<*> LDG.128>=1", "stale SASS-PROMISE at"),
+    ("tiny_copy_kernel LDG.128>1", "malformed SASS-PROMISE at"),
+])
+def test_sass_promise_broken_stale_or_malformed_fails(tmp_path, promise, message):
+    proc, out = _run_promise(tmp_path, promise)
+    assert proc.returncode != 0, out
+    assert message in out and "RESULT: FAIL (SASS" in out, out
+
+
+def test_sass_check_fails_without_cuobjdump_unless_skipped(tmp_path):
+    proc, out = _run_promise(tmp_path, "tiny_copy_kernel LDG.128>=1", CUOBJDUMP=str(tmp_path / "no-cuobjdump"))
+    assert proc.returncode != 0 and "no cuobjdump" in out and "CHECK_CUDA_SASS=skip" in out, out
+    proc, out = _run_promise(tmp_path, "tiny_copy_kernel LDG.128>=1", CUOBJDUMP=str(tmp_path / "no-cuobjdump"),
+                             CHECK_CUDA_SASS="skip")
+    assert proc.returncode == 0, out
+    assert "SASS check skipped (CHECK_CUDA_SASS=skip)" in (tmp_path / "sass_report.txt").read_text()
 
 
 # ----------------------------------------------------------------------------------------------
