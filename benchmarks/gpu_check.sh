@@ -28,7 +28,7 @@
 #     fault is sticky); a backend that fails in bf16, faults or runs out of time is dropped from
 #     every later stage (benchmarks, sanitizer, and the tests via -k / ADAPTERKERN_BACKEND)
 #   bench-priority 130/40: T=16384,64,1,8 d=4096 r=64, fwd and fwd_bwd: eager, adapters, every kernel
-#     backend with its old and new kernels (-nodecode, -scalar), and their CUDA graphs; bench-compile 70/30: torch.compile at the same points (its cold
+#     backend with its old and new kernels (-nodecode, -scalar, -nocluster), and their CUDA graphs; bench-compile 70/30: torch.compile at the same points (its cold
 #     compiles, ~5-15 s a point, kept out of the way of the kernels' numbers)
 #   tests 150/45: the suite without the CPU-only checks CI runs (Triton/nvcc compiles, the kernels'
 #     host emulation, this script's dry run), two Triton configs per kernel
@@ -370,11 +370,12 @@ if [[ " ${DROPPED[*]} " == *" triton "* ]]; then
 fi
 # The grid's implementations but torch.compile (a stage of its own), the kernel backends those that
 # passed their smoke check; triton's decode kernels (T <= 64) beside its one-row-tile kernel (-nodecode);
-# cuda's decode path beside its one-launch forward (-nodecode), its vectorised forward beside the scalar one (-scalar).
+# cuda's decode path beside its one-launch forward (-nodecode), its vectorised forward beside the scalar one
+# (-scalar), its cluster kernel (x read once at large d) beside the one-block kernel (-nocluster).
 IMPLS="eager,adapters,adapterkern-torch"
 for b in "${OK_BACKENDS[@]}"; do IMPLS+=",adapterkern-$b"; done
 if [[ " ${OK_BACKENDS[*]} " == *" triton "* ]]; then IMPLS+=",adapterkern-triton-nodecode"; fi
-if [[ " ${OK_BACKENDS[*]} " == *" cuda "* ]]; then IMPLS+=",adapterkern-cuda-nodecode,adapterkern-cuda-scalar"; fi
+if [[ " ${OK_BACKENDS[*]} " == *" cuda "* ]]; then IMPLS+=",adapterkern-cuda-nodecode,adapterkern-cuda-scalar,adapterkern-cuda-nocluster"; fi
 
 # ---------------------------------------------------------------------------------------------- bench
 if [ "$DRY" = 1 ]; then

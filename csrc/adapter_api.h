@@ -46,6 +46,9 @@ struct FwdArgs {
   // (x, res, the weights, y and pre 16-byte aligned, unit column stride, row strides a multiple of 16 bytes);
   // false: always the scalar kernel (the binding's ADAPTERKERN_CUDA_VECTOR=off, so that benchmarks time both).
   bool vectorized = true;
+  // With the vectorised kernel on an sm_90+ device, a 64-token tile whose x does not fit in one block's shared
+  // memory is split over a thread-block cluster (x read once); false: the one-block kernel (ADAPTERKERN_CUDA_CLUSTER=off).
+  bool clusters = true;
 };
 // The decode path (few token blocks, one r chunk): the down-projection split over ksplit d-ranges
 // into an fp32 workspace of partial_floats floats; ksplit == 1: no workspace, the one-launch forward.

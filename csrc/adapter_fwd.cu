@@ -2,14 +2,20 @@
 // and the column split, then launches adapter_fwd_kernel (csrc/kernels/adapter_fwd.cuh); with few token
 // blocks and a workspace (adapter_fwd_plan), adapter_fwd_partial_kernel first splits the down-projection over
 // d-ranges. Instantiates the kernel for {fp16, bf16} x tensor-core mma.sync, fp32 x {IEEE FMA, TF32 mma.sync},
-// BT in {16, 64} and both memory paths.
+// BT in {16, 64} and both memory paths, plus the vectorised 64-token kernel with thread-block clusters (x read
+// once at large d: each block of a cluster stages one slice of d of the cluster's token tile, the partial
+// down-projections are summed over distributed shared memory).
 //
 // What the vectorised kernels' SASS must hold (checked by .ci/check_cuda.sh): x, the weights and the residual
 // by cp.async only (the scalar global loads left are the biases, the scale and the decode partials), y and pre
-// in 16-byte stores (scalar ones only in the tails), fragments by ldmatrix, no generic or local memory, and
-// fewer registers than the scalar kernels (155-193 on sm_90).
-// SASS-PROMISE: adapter_fwd_kernel<*, true> LDGSTS>=1 LDG.128==0 STG.128>=1 LD==0 ST==0 LDL==0 STL==0 REGS<=128
-// SASS-PROMISE: adapter_fwd_kernel<Mma16816<*>, *, true> LDSM>=1 LDG.U16<=16 STG.U16<=2
+// in 16-byte stores (scalar ones only in the tails), fragments by ldmatrix, no local memory, and
+// fewer registers than the scalar kernels (155-193 on sm_90); generic loads only in the cluster kernels' reads
+// of the other blocks' partials (distributed shared memory).
+// (Template arguments <Op, BT, VEC, CLUSTER>; the cluster kernels are only built for real on sm_90.)
+// SASS-PROMISE: adapter_fwd_kernel<*, true, false> LDGSTS>=1 LDG.128==0 STG.128>=1 LD==0 ST==0 LDL==0 STL==0 REGS<=128
+// SASS-PROMISE: adapter_fwd_kernel<*, true, true> @sm_90 LDGSTS>=1 LDG.128==0 STG.128>=1 ST==0 LDL==0 STL==0 REGS<=128
+// SASS-PROMISE: adapter_fwd_kernel<Mma16816<*>, *, true, false> LDSM>=1 LDG.U16<=16 STG.U16<=2
+// SASS-PROMISE: adapter_fwd_kernel<Mma16816<*>, *, true, true> @sm_90 LDSM>=1 LDG.U16<=16 STG.U16<=2
 #include <algorithm>
 #include <cstdint>
 
@@ -28,8 +34,19 @@ cudaError_t launch_fwd(const FwdKParams& kp, dim3 grid, size_t smem, cudaStream_
   return cudaGetLastError();
 }
 
+// The cluster kernel: grid.y = the cluster (one slice of d per block).
+template <class Op>
+cudaError_t launch_fwd_cluster(const FwdKParams& kp, dim3 grid, size_t smem, cudaStream_t stream) {
+  cudaError_t e = allow_max_smem<adapter_fwd_kernel<Op, 64, true, true>>(smem);
+  if (e != cudaSuccess) return e;
+  e = ADAPTERKERN_LAUNCH_CLUSTER(grid, kThreads, smem, stream, dim3(1, grid.y, 1), adapter_fwd_kernel<Op, 64, true, true>)(kp);
+  if (e != cudaSuccess) return e;
+  return cudaGetLastError();
+}
+
 template <class Op>
 cudaError_t launch_fwd(const FwdKParams& kp, int bt, dim3 grid, size_t smem, cudaStream_t stream) {
+  if (kp.cluster > 1) return launch_fwd_cluster<Op>(kp, grid, smem, stream);
   if (kp.vec) return bt == 64 ? launch_fwd<Op, 64, true>(kp, grid, smem, stream) : launch_fwd<Op, 16, true>(kp, grid, smem, stream);
   return bt == 64 ? launch_fwd<Op, 64, false>(kp, grid, smem, stream) : launch_fwd<Op, 16, false>(kp, grid, smem, stream);
 }
@@ -100,6 +117,24 @@ cudaError_t fwd_shape(const DevInfo& info, int64_t T, int d, int r, bool vec, Fw
   return cudaSuccess;
 }
 
+// The cluster kernel's shape (its cluster size, 0 when it does not apply, and the slice of d of each block)
+// for a vectorised 64-token forward with one r chunk of at most kClusterMaxRank whose whole x tile does not
+// fit in shared memory: the smallest cluster (at most 8 blocks, the portable limit) whose slice does.
+template <typename S>
+int cluster_shape(const DevInfo& info, const FwdShape& f, int d, int r, bool separate_res, int* slice) {
+  if (!info.clusters || f.bt != 64 || f.nsplit != 1 || f.ksplit != 1 || round_up(r, kTileN) > kClusterMaxRank ||
+      f.rc < r || fwd_smem_bytes<S>(64, d, r, true, true, separate_res) <= (size_t)info.smem_optin)
+    return 0;
+  for (int c = 2; c <= 8; ++c) {
+    const int cols = round_up((int)ceil_div64(d, c), kTileN);
+    if (fwd_smem_bytes<S>(64, cols, r, true, true, separate_res, true) <= (size_t)info.smem_optin) {
+      *slice = cols;
+      return (int)ceil_div64(d, cols);
+    }
+  }
+  return 0;
+}
+
 template <class Op>
 cudaError_t run_fwd(const FwdArgs& a, cudaStream_t stream) {
   using S = typename Op::S;
@@ -122,6 +157,9 @@ cudaError_t run_fwd(const FwdArgs& a, cudaStream_t stream) {
     vec = fwd_shape<S>(info, a.T, a.d, a.r, true, &fv) == cudaSuccess && fv.bt == f.bt;
     if (vec) f = fv;
   }
+  int slice = 0;
+  const int cluster = vec && a.clusters ? cluster_shape<S>(info, f, a.d, a.r, a.res.p != nullptr, &slice) : 0;
+  if (cluster > 1) f.nsplit = cluster, f.cols = slice;
   const int bt = f.bt, rc = f.rc, cols = f.cols;
   const int64_t nblocks = f.nblocks;
   const dim3 grid((unsigned)nblocks, (unsigned)f.nsplit);
@@ -139,8 +177,9 @@ cudaError_t run_fwd(const FwdArgs& a, cudaStream_t stream) {
   for (int c0 = 0; c0 < a.r; c0 += rc) {
     const int r = std::min(rc, a.r - c0);
     const bool separate_res = c0 > 0 || a.res.p != nullptr;
-    const bool stage = fwd_smem_bytes<S>(bt, a.d, r, true, vec, separate_res) <= (size_t)info.smem_optin;
-    const size_t smem = fwd_smem_bytes<S>(bt, a.d, r, stage, vec, separate_res);
+    const bool stage = cluster > 1 || fwd_smem_bytes<S>(bt, a.d, r, true, vec, separate_res) <= (size_t)info.smem_optin;
+    const size_t smem = cluster > 1 ? fwd_smem_bytes<S>(bt, cols, r, true, true, separate_res, true)
+                                    : fwd_smem_bytes<S>(bt, a.d, r, stage, vec, separate_res);
     FwdKParams kp;
     kp.x = a.x.p; kp.sx0 = a.x.s0; kp.sx1 = a.x.s1;
     if (c0 == 0) { kp.res = a.res.p; kp.sr0 = a.res.s0; kp.sr1 = a.res.s1; }
@@ -157,6 +196,7 @@ cudaError_t run_fwd(const FwdArgs& a, cudaStream_t stream) {
     kp.stage_x = stage ? 1 : 0;
     kp.cols_per_split = cols;
     kp.vec = vec ? 1 : 0;
+    kp.cluster = cluster;
     kp.partial = decode ? a.partial_ws : nullptr; kp.ksplit = decode ? f.ksplit : 0;
     e = launch_fwd<Op>(kp, bt, grid, smem, stream);
     if (e != cudaSuccess) return e;

@@ -157,6 +157,8 @@ std::tuple<at::Tensor, at::Tensor> cuda_adapter_fwd(const at::Tensor& x, const a
   // ADAPTERKERN_CUDA_VECTOR=off: the scalar-memory kernel even where the vectorised one applies (timed beside it).
   const char* vector_env = std::getenv("ADAPTERKERN_CUDA_VECTOR");
   a.vectorized = !(vector_env != nullptr && std::string(vector_env) == "off");
+  const char* cluster_env = std::getenv("ADAPTERKERN_CUDA_CLUSTER");  // off: no thread-block clusters
+  a.clusters = !(cluster_env != nullptr && std::string(cluster_env) == "off");
   at::Tensor partial_ws;
   if (decode && plan.partial_floats > 0) {
     partial_ws = at::empty({plan.partial_floats}, x.options().dtype(at::kFloat));

@@ -4,21 +4,59 @@
 
 #include <cuda_runtime.h>
 
+#include <utility>
+
 // `ADAPTERKERN_LAUNCH(grid, block, smem, stream, kernel)(args...)` is the kernel launch
 // `kernel<<<grid, block, smem, stream>>>(args...)` (the kernel last: a template-id's commas are
 // fine there). Under the host emulation (csrc/README.md, "Host emulation") it runs the kernel on
 // host threads with the same launch checks.
+// `ADAPTERKERN_LAUNCH_CLUSTER(grid, block, smem, stream, cluster, kernel)(args...)`: the same launch with
+// thread-block clusters of shape `cluster` (cudaLaunchKernelEx with a cluster-dimension attribute).
 #ifdef ADAPTERKERN_HOST_EMULATION
 #define ADAPTERKERN_LAUNCH(grid, block, smem, stream, ...) ::emu::Launch(__VA_ARGS__, grid, block, smem, stream)
+#define ADAPTERKERN_LAUNCH_CLUSTER(grid, block, smem, stream, cluster, ...) \
+  ::emu::Launch(__VA_ARGS__, grid, block, smem, stream, cluster)
 #else
 #define ADAPTERKERN_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define ADAPTERKERN_LAUNCH_CLUSTER(grid, block, smem, stream, cluster, ...) \
+  ::adapterkern::ClusterLaunch(__VA_ARGS__, grid, block, smem, stream, cluster)
 #endif
 
 namespace adapterkern {
 
+#ifndef ADAPTERKERN_HOST_EMULATION
+template <class... P>
+class ClusterLaunch {
+ public:
+  ClusterLaunch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, dim3 cluster)
+      : kernel_(kernel) {
+    attr_.id = cudaLaunchAttributeClusterDimension;
+    attr_.val.clusterDim.x = cluster.x;
+    attr_.val.clusterDim.y = cluster.y;
+    attr_.val.clusterDim.z = cluster.z;
+    config_.gridDim = grid;
+    config_.blockDim = block;
+    config_.dynamicSmemBytes = smem;
+    config_.stream = stream;
+    config_.attrs = &attr_;
+    config_.numAttrs = 1;
+  }
+  template <class... A>
+  cudaError_t operator()(A&&... args) {
+    return cudaLaunchKernelEx(&config_, kernel_, std::forward<A>(args)...);
+  }
+
+ private:
+  void (*kernel_)(P...);
+  cudaLaunchAttribute attr_{};
+  cudaLaunchConfig_t config_{};
+};
+#endif
+
 struct DevInfo {
   int sms = 0;         // multiprocessor count
   int smem_optin = 0;  // max dynamic shared memory per block (bytes) after opting in
+  bool clusters = false;  // thread-block cluster launches (sm_90+)
 };
 
 // Properties of the current device, queried once per device (cudaDeviceGetAttribute is cheap,
@@ -36,6 +74,10 @@ inline cudaError_t current_dev_info(DevInfo* out, int* dev_out = nullptr) {
   if (e != cudaSuccess) return e;
   e = cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (e != cudaSuccess) return e;
+  int clusters = 0;
+  e = cudaDeviceGetAttribute(&clusters, cudaDevAttrClusterLaunch, dev);
+  if (e != cudaSuccess) return e;
+  info.clusters = clusters != 0;
   if (dev < kMaxDev) cache[dev] = info;
   *out = info;
   return cudaSuccess;

@@ -23,6 +23,8 @@ Names (``--impl`` takes a comma-separated list of these or of glob patterns such
 ``adapterkern-cuda-scalar``  the cuda backend's scalar-memory forward kernel (``ADAPTERKERN_CUDA_VECTOR=off``:
                            2-byte loads and stores, register-staged k-stages) where the vectorised one
                            (16-byte cp.async, ldmatrix, 16-byte epilogue) would run.
+``adapterkern-cuda-nocluster``  the cuda backend without thread-block clusters (``ADAPTERKERN_CUDA_CLUSTER=off``):
+                           at large d the vectorised one-block kernel, which re-reads x for the residual.
 ``<impl>+graph``           CUDA only, T <= ``--graph-max-tokens``: the same calls captured in a CUDA graph.
 =========================  ======================================================================
 """
@@ -187,6 +189,7 @@ def all_impls(device: torch.device, full: bool = False) -> Tuple[List[Impl], Lis
         if b == "cuda":  # the d-split decode path against the one-launch forward; both memory paths
             impls.append(Impl("adapterkern-cuda-nodecode", _fused(b, {"ADAPTERKERN_CUDA_DECODE": "off"})))
             impls.append(Impl("adapterkern-cuda-scalar", _fused(b, {"ADAPTERKERN_CUDA_VECTOR": "off"})))
+            impls.append(Impl("adapterkern-cuda-nocluster", _fused(b, {"ADAPTERKERN_CUDA_CLUSTER": "off"})))
         if device.type == "cpu" and b == "triton":
             on_request += impls
             notes.append("adapterkern-triton: not run by default on CPU (Triton interpreter); name it in --impl to run")

@@ -4,7 +4,8 @@
 //   * Pool::m_                       host thread <-> the block's threads, at a block's start and end;
 //   * Block::m, Block::generation    all threads of a block, at each __syncthreads;
 //   * Warp::m, Warp::round           the lanes of one warp, at each collective (shuffle, mma.sync, ldmatrix);
-//   * Block::static_m                the first use of each static __shared__ array (kernel entry).
+//   * Block::static_m                the first use of each static __shared__ array (kernel entry);
+//   * Cluster::m, Cluster::generation  all threads of a cluster's blocks, at each cluster_sync.
 // mma.sync operands are decoded per the PTX ISA fragment layouts (section "Matrix Fragments for
 // mma.m16n8k16 with floating point type" and "... for mma.m16n8k8", .tf32), independently of the
 // kernels' load_a/load_b, so a kernel whose fragments disagree with the hardware computes wrong numbers.
@@ -163,7 +164,16 @@ struct AsyncCopy {
 thread_local std::vector<AsyncCopy> t_async_copies;
 thread_local std::vector<size_t> t_async_group_ends;
 
+// The blocks of one cluster launch together; `live` counts their threads still running (cluster_sync).
+struct Cluster {
+  std::vector<Block*> blocks;  // by rank (the block's linear index inside the cluster)
+  std::mutex m;
+  int live = 0, arrived = 0;
+  std::atomic<uint32_t> generation{0};
+};
+
 thread_local Block* t_block = nullptr;
+thread_local Cluster* t_cluster = nullptr;
 thread_local int t_lane = 0, t_warp = 0;
 thread_local size_t t_static_index = 0;
 
@@ -242,42 +252,70 @@ void exit_thread() {
     w.state[t_lane] = Lane::kExited;
     if (w.in_collective > 0) check_warp_can_progress(b, w, t_warp);
   }
-  std::unique_lock<std::mutex> lk(b.m);
-  --b.live;
-  if (b.arrived > 0 && b.arrived == b.live) {
-    b.arrived = 0;
-    b.generation.fetch_add(1, std::memory_order_release);
+  {
+    std::unique_lock<std::mutex> lk(b.m);
+    --b.live;
+    if (b.arrived > 0 && b.arrived == b.live) {
+      b.arrived = 0;
+      b.generation.fetch_add(1, std::memory_order_release);
+      lk.unlock();
+      b.generation.notify_all();
+    }
+  }
+  Cluster& c = *t_cluster;
+  std::unique_lock<std::mutex> lk(c.m);
+  --c.live;
+  if (c.arrived > 0 && c.arrived == c.live) {
+    c.arrived = 0;
+    c.generation.fetch_add(1, std::memory_order_release);
     lk.unlock();
-    b.generation.notify_all();
+    c.generation.notify_all();
   }
 }
 
-void run_block(dim3 grid, dim3 block_dim, uint3 block_idx, size_t dynamic_bytes, size_t smem_limit,
-               const std::function<void()>& body) {
-  Block b;
-  b.nthreads = (int)(block_dim.x * block_dim.y * block_dim.z);
-  b.live = b.nthreads;
-  const int nwarps = (b.nthreads + 31) / 32;
-  b.warps.reset(new Warp[nwarps]);
-  for (int w = 0; w < nwarps; ++w) b.warps[w].size = std::min(32, b.nthreads - 32 * w);
-  b.dynamic = alloc_smem(dynamic_bytes);
-  b.dynamic_bytes = dynamic_bytes;
-  b.smem_limit = smem_limit;
-  g_pool.run(b.nthreads, [&](int tid) {
-    t_block = &b;
+// Runs the blocks of one cluster (cluster_dim blocks from block `origin`; one block without clusters) at
+// the same time: worker i plays thread i % nthreads of block i / nthreads.
+void run_cluster(dim3 grid, dim3 block_dim, dim3 cluster_dim, uint3 origin, size_t dynamic_bytes, size_t smem_limit,
+                 const std::function<void()>& body) {
+  const int nthreads = (int)(block_dim.x * block_dim.y * block_dim.z);
+  const int nblocks = (int)(cluster_dim.x * cluster_dim.y * cluster_dim.z);
+  std::vector<std::unique_ptr<Block>> blocks;
+  Cluster cluster;
+  for (int i = 0; i < nblocks; ++i) {
+    auto b = std::make_unique<Block>();
+    b->nthreads = nthreads;
+    b->live = nthreads;
+    const int nwarps = (nthreads + 31) / 32;
+    b->warps.reset(new Warp[nwarps]);
+    for (int w = 0; w < nwarps; ++w) b->warps[w].size = std::min(32, nthreads - 32 * w);
+    b->dynamic = alloc_smem(dynamic_bytes);
+    b->dynamic_bytes = dynamic_bytes;
+    b->smem_limit = smem_limit;
+    cluster.blocks.push_back(b.get());
+    blocks.push_back(std::move(b));
+  }
+  cluster.live = nthreads * nblocks;
+  g_pool.run(nthreads * nblocks, [&](int id) {
+    const int rank = id / nthreads, tid = id % nthreads;
+    t_block = cluster.blocks[rank];
+    t_cluster = &cluster;
     t_lane = tid & 31;
     t_warp = tid >> 5;
     t_static_index = 0;
     threadIdx = uint3{tid % block_dim.x, (tid / block_dim.x) % block_dim.y, tid / (block_dim.x * block_dim.y)};
-    blockIdx = block_idx;
+    blockIdx = uint3{origin.x + rank % cluster_dim.x, origin.y + (rank / cluster_dim.x) % cluster_dim.y,
+                     origin.z + rank / (cluster_dim.x * cluster_dim.y)};
     blockDim = block_dim;
     gridDim = grid;
     body();
     exit_thread();
     t_block = nullptr;
+    t_cluster = nullptr;
   });
-  std::free(b.dynamic);
-  for (auto& s : b.statics) std::free(s.first);
+  for (auto& b : blocks) {
+    std::free(b->dynamic);
+    for (auto& st : b->statics) std::free(st.first);
+  }
 }
 
 // ------------------------------------------------------------------------------ PTX operands
@@ -320,8 +358,9 @@ cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int v
 
 // ------------------------------------------------------------------------------ public: launch
 cudaError_t launch(const void* kernel, dim3 grid, dim3 block_dim, size_t dynamic_bytes,
-                   const std::function<void()>& body) {
+                   const std::function<void()>& body, dim3 cluster) {
   size_t limit = 0, block_limit = 0;
+  bool clusters = false;
   {
     std::lock_guard<std::mutex> lk(g_devices_m);
     Device* d = configured_device(t_device);
@@ -330,6 +369,7 @@ cudaError_t launch(const void* kernel, dim3 grid, dim3 block_dim, size_t dynamic
     auto it = d->max_dynamic_smem.find(kernel);
     limit = it != d->max_dynamic_smem.end() ? (size_t)it->second : std::min(kDefaultSmemLimit, optin);
     block_limit = std::max(kDefaultSmemLimit, optin);
+    clusters = d->config.clusters;
   }
   const uint64_t threads = (uint64_t)block_dim.x * block_dim.y * block_dim.z;
   if (threads == 0 || threads > 1024 || block_dim.x > 1024 || block_dim.y > 1024 || block_dim.z > 64)
@@ -337,10 +377,14 @@ cudaError_t launch(const void* kernel, dim3 grid, dim3 block_dim, size_t dynamic
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535)
     return t_last_error = cudaErrorInvalidConfiguration;
   if (dynamic_bytes > limit) return t_last_error = cudaErrorInvalidValue;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x)
-        run_block(grid, block_dim, uint3{x, y, z}, dynamic_bytes, block_limit, body);
+  const uint64_t cluster_blocks = (uint64_t)cluster.x * cluster.y * cluster.z;
+  if (cluster_blocks == 0 || cluster_blocks > 8 || grid.x % cluster.x || grid.y % cluster.y || grid.z % cluster.z ||
+      (cluster_blocks > 1 && !clusters))
+    return t_last_error = cudaErrorInvalidConfiguration;
+  for (unsigned z = 0; z < grid.z; z += cluster.z)
+    for (unsigned y = 0; y < grid.y; y += cluster.y)
+      for (unsigned x = 0; x < grid.x; x += cluster.x)
+        run_cluster(grid, block_dim, cluster, uint3{x, y, z}, dynamic_bytes, block_limit, body);
   return cudaSuccess;
 }
 
@@ -376,6 +420,44 @@ void syncthreads() {
 }
 
 unsigned char* dynamic_smem() { return block().dynamic; }
+
+// barrier.cluster.arrive.release + barrier.cluster.wait.acquire over every live thread of the cluster.
+void cluster_sync() {
+  Block& b = block();
+  Warp& w = b.warps[t_warp];
+  {
+    std::lock_guard<std::mutex> lk(w.m);  // a lane here while others wait in a collective: deadlock
+    w.state[t_lane] = Lane::kBarrier;
+    w.barrier_generation[t_lane] = b.generation.load(std::memory_order_relaxed);
+    if (w.in_collective > 0) check_warp_can_progress(b, w, t_warp);
+  }
+  Cluster& c = *t_cluster;
+  {
+    std::unique_lock<std::mutex> lk(c.m);
+    const uint32_t open = c.generation.load(std::memory_order_relaxed);
+    if (++c.arrived == c.live) {
+      c.arrived = 0;
+      c.generation.fetch_add(1, std::memory_order_release);
+      lk.unlock();
+      c.generation.notify_all();
+    } else {
+      lk.unlock();
+      wait_for_change(c.generation, open);
+    }
+  }
+  std::lock_guard<std::mutex> lk(w.m);
+  w.state[t_lane] = Lane::kRunning;
+}
+
+void* map_shared_rank(const void* p, unsigned rank) {
+  const Block& b = block();
+  const Cluster& c = *t_cluster;
+  const auto* q = static_cast<const unsigned char*>(p);
+  if (!(q >= b.dynamic && q < b.dynamic + b.dynamic_bytes))
+    die("map_shared_rank: %p is not inside this block's dynamic shared memory", p);
+  if (rank >= c.blocks.size()) die("map_shared_rank: rank %u of a cluster of %zu blocks", rank, c.blocks.size());
+  return c.blocks[rank]->dynamic + (q - b.dynamic);
+}
 
 void* static_smem(size_t bytes) {
   Block& b = block();
@@ -526,6 +608,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
   switch (attr) {
     case cudaDevAttrMultiProcessorCount: *value = d->config.sms; return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = d->config.smem_optin; return cudaSuccess;
+    case cudaDevAttrClusterLaunch: *value = d->config.clusters ? 1 : 0; return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlock:
       *value = std::min((int)emu::kDefaultSmemLimit, d->config.smem_optin);
       return cudaSuccess;

@@ -132,7 +132,7 @@ struct Tensor {
 };
 
 // ------------------------------------------------------------------------------ cases
-enum Device { kOneSm = 0, kManySms = 1, kTinySmem = 2, kSmallSmem = 3, kMidSmem = 4, kOneSmLarge = 5 };
+enum Device { kOneSm = 0, kManySms = 1, kTinySmem = 2, kSmallSmem = 3, kMidSmem = 4, kOneSmLarge = 5, kClusters = 6 };
 const emu::DeviceConfig kDevices[] = {
     {1, 99 * 1024},    // kOneSm: BT = 64 from T = 32 on
     {132, 227 * 1024}, // kManySms: H100-like; column splits and many wgrad splits for small T
@@ -140,6 +140,7 @@ const emu::DeviceConfig kDevices[] = {
     {2, 24 * 1024},    // kSmallSmem (fictional): BT = 64 with r chunks of 64 (16-bit types)
     {4, 48 * 1024},    // kMidSmem (fictional): the vectorised forward with r chunks of 256, x unstaged from d > 640 (16-bit, BT = 16)
     {1, 227 * 1024},   // kOneSmLarge: BT = 64 from T = 32 on with an H100's shared memory (the vectorised 64-token forward)
+    {2, 120 * 1024, true},  // kClusters (fictional sm_90): BT = 64 from T = 64; x unstaged from d > 576, so clusters
 };
 const char* kActNames[10] = {"relu", "gelu",    "gelu_tanh", "quick_gelu", "silu",
                              "tanh", "sigmoid", "leaky",     "relu6",      "linear"};
@@ -151,7 +152,8 @@ struct Needs {
 // The launch configuration a case must exercise (0 or -1: not checked).
 struct Expect {
   int fwd_bt = 0, fwd_split = 0, fwd_chunks = 0, staged = -1, tok_bt = 0, tok_chunks = 0, wg_split = 0, fwd_ksplit = 0;
-  int vec = -1;  // 1: the vectorised forward kernel, 0: the scalar one
+  int vec = -1;      // 1: the vectorised forward kernel, 0: the scalar one
+  int cluster = -1;  // blocks per thread-block cluster of the forward (0: no clusters)
 };
 struct Case {
   const char* name;
@@ -196,6 +198,8 @@ const Case kCases[] = {
      .x = Layout::kRowAligned, .res = Layout::kRowAligned, .aligned_rows = true, .expect = {.vec = 1}, .tsan = true},
     {.name = "vec-simt-f32", .dt = Dt::F32, .dev = kOneSmLarge, .T = 80, .d = 52, .r = 12, .act = 3, .save_pre = false,
      .expect = {.fwd_bt = 64, .vec = 1}},
+    {.name = "cluster2-bf16", .dt = Dt::BF16, .dev = kClusters, .T = 70, .d = 768, .r = 24, .act = 1, .bwd = false,
+     .expect = {.fwd_bt = 64, .fwd_split = 2, .staged = 1, .vec = 1, .cluster = 2}, .tsan = true},
     {.name = "decode-bf16", .dt = Dt::BF16, .dev = kManySms, .T = 3, .d = 100, .r = 7, .act = 1, .bd = false,
      .bu = false, .separate_res = true, .scale = Scale::kHost, .x = Layout::kEveryOther, .res = Layout::kRowPadded,
      .expect = {.fwd_ksplit = 4}},
@@ -253,6 +257,14 @@ const Case kCases[] = {
      .expect = {.fwd_bt = 16, .fwd_chunks = 2, .staged = 1, .vec = 1}},
     {.name = "vec-tf32", .dt = Dt::TF32, .dev = kManySms, .T = 33, .d = 30, .r = 9, .act = 5,
      .x = Layout::kRowAligned, .aligned_rows = true, .expect = {.vec = 1}},
+    // Thread-block clusters (x read once where its 64-token tile does not fit one block; 2 blocks in the early
+    // cases): 6 blocks (a separate residual needs its ring: smaller slices), and r over two 64-column chunks of
+    // the partials with d and r off the vector width.
+    {.name = "cluster6-f16", .dt = Dt::F16, .dev = kClusters, .T = 130, .d = 768, .r = 24, .act = 4, .bwd = false,
+     .separate_res = true, .expect = {.fwd_bt = 64, .fwd_split = 6, .staged = 1, .vec = 1, .cluster = 6}},
+    {.name = "cluster-r128-tail-bf16", .dt = Dt::BF16, .dev = kClusters, .T = 66, .d = 700, .r = 120, .act = 7,
+     .bwd = false,
+     .x = Layout::kRowAligned, .aligned_rows = true, .expect = {.fwd_bt = 64, .fwd_split = 4, .vec = 1, .cluster = 4}},
     // One operand off the vectorised path's requirements sends the whole forward down the scalar one.
     {.name = "vec-off-res-f16", .dt = Dt::F16, .dev = kManySms, .T = 20, .d = 64, .r = 16, .act = 1,
      .separate_res = true, .res = Layout::kRowPadded, .expect = {.vec = 0}},
@@ -383,6 +395,10 @@ std::string run_forward(const Case& c, Rng& rng, const Inputs& in, Checker& chk)
   const int bt = first ? token_tile(c.T, first->grid.x) : 0, split = first ? (int)first->grid.y : 0;
   const int staged = kps.empty() ? -1 : kps[0].stage_x;
   const int vec = kps.empty() ? -1 : kps[0].vec;
+  const int cluster = kps.empty() ? -1 : kps[0].cluster;
+  if (first != nullptr && cluster > 1)
+    chk.require(first->cluster.y == (unsigned)cluster && first->grid.y == (unsigned)cluster,
+                "the cluster kernel launched without its clusters spanning grid.y");
   for (const auto& kp : kps) chk.require(kp.vec == vec, "the r chunks of one forward took different memory paths");
   expect_eq(chk, "forward BT", c.expect.fwd_bt, bt);
   expect_eq(chk, "forward column splits", c.expect.fwd_split, split);
@@ -391,6 +407,8 @@ std::string run_forward(const Case& c, Rng& rng, const Inputs& in, Checker& chk)
   expect_eq(chk, "forward d-splits (decode path)", c.expect.fwd_ksplit,
             partials.empty() ? 1 : (int)first_of(log, typeid(adapterkern::FwdPartialParams))->grid.y);  // also below
   chk.require(partials.size() <= 1 && (partials.empty() || plan.ksplit > 1), "decode path launched without a plan");
+  if (c.expect.cluster >= 0 && cluster != c.expect.cluster)
+    chk.fail("configuration: cluster = " + std::to_string(cluster) + ", the case expects " + std::to_string(c.expect.cluster));
   if (c.expect.vec >= 0 && vec != c.expect.vec)
     chk.fail("configuration: vectorised = " + std::to_string(vec) + ", the case expects " + std::to_string(c.expect.vec));
   if (c.expect.staged >= 0 && staged != c.expect.staged)
@@ -409,8 +427,8 @@ std::string run_forward(const Case& c, Rng& rng, const Inputs& in, Checker& chk)
   }
   char buf[96];
   const int ksplit = partials.empty() ? 1 : (int)first_of(log, typeid(adapterkern::FwdPartialParams))->grid.y;
-  std::snprintf(buf, sizeof buf, "fwd bt=%d split=%d chunks=%zu staged=%d ksplit=%d vec=%d", bt, split, kps.size(), staged,
-                ksplit, vec);
+  std::snprintf(buf, sizeof buf, "fwd bt=%d split=%d chunks=%zu staged=%d ksplit=%d vec=%d cluster=%d", bt, split,
+                kps.size(), staged, ksplit, vec, cluster);
   return buf;
 }
 

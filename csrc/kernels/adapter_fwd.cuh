@@ -5,8 +5,9 @@
 //
 // Shapes: x (T, d) with any strides; wd (r, d); wu (d, r); y (T, d) row stride ldy; pre (T, r).
 // Grid: (ceil(T / BT), nsplit). Every block computes all of h for its tokens (phase 1), then the
-// output columns [blockIdx.y * cols_per_split, ...) (phase 2). nsplit > 1 only for small T, where it
-// buys parallelism at the price of re-reading wd from L2 once per split.
+// output columns [blockIdx.y * cols_per_split, ...) (phase 2). nsplit > 1 for small T, where it buys
+// parallelism at the price of re-reading wd from L2 once per split, and for the CLUSTER kernel, whose
+// grid.y is one thread-block cluster (its blocks share one token tile, one slice of d each: see below).
 //
 // Shared memory (dynamic, element type S = the input dtype):
 //   Hs [BT][rpad + pad]          h for every r (rpad = r rounded up to 64)
@@ -23,7 +24,11 @@
 // from Hs in 16-byte stores, and phase 2 writes s * (acc + bu) to an fp32 tile Ys [BT][kTileN + 8] so that
 // y moves in 16-byte stores; the residual tile (unless it is the staged x) arrives by cp.async in a
 // kStages-slot ring Rs [BT][kTileN + pad], a tile ahead. Shared memory: Hs, Xs (staged, or kStages
-// x-stages), kStages weight stages, Ys, Rs.
+// x-stages), kStages weight stages, Ys, Rs (unless x is staged and res = x), Ps (CLUSTER).
+// CLUSTER (sm_90+): block c of the cluster stages x[:, slice c] only, writes its partial x @ wd^T over that
+// slice to the fp32 tile Ps [BT][rpad + 4]; after a cluster barrier every block sums the cluster's partials
+// in rank order from distributed shared memory, so x is read from HBM once even where a token tile's whole
+// x would not fit in one block.
 // Bounds: every load outside [0,T) x [0,d) x [0,r) is zero-filled, every store is masked, so any T >= 0,
 // d >= 1, r >= 1 works.
 #pragma once
@@ -49,6 +54,7 @@ struct FwdKParams {
   int stage_x;          // 1: whole x tile in shared memory
   int cols_per_split;   // multiple of 64
   int vec;              // 1: launched as the VEC kernel (the launcher's choice, recorded for the emulation tests)
+  int cluster;          // > 1: the cluster kernel, clusters of this many blocks along grid.y (recorded likewise)
   // Decode (few token blocks): pre = sum over ksplit of partial[s][t][i] (adapter_fwd_partial_kernel,
   // fp32, layout (ksplit, T, round_up(r, 64))) + bd, in split order, instead of phase 1's k-loop.
   const float* partial; int ksplit;
@@ -124,17 +130,21 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_fwd_partial_kernel(const 
 // block, ~24 KiB per SM at two blocks per SM (Little's law at ~4.3 TB/s and ~0.7 us: ~23 KiB per SM).
 constexpr int kStages = 4;
 constexpr int kLdy = kTileN + 8;  // Ys row stride (fp32): 8 (mod 32) words, conflict-free 8-byte fragment stores
+constexpr int kPartialPad = 4;    // row padding of the cluster kernel's fp32 partials Ps [BT][rpad + 4]
+constexpr int kClusterMaxRank = 128;  // the cluster kernel: rpad <= 128 (its partials stay small)
 
-// Bytes of dynamic shared memory of adapter_fwd_kernel<Op, BT, vec>; separate_res: res != nullptr (VEC
-// then needs its residual ring even when x is staged).
+// Bytes of dynamic shared memory of adapter_fwd_kernel<Op, BT, vec, cluster>; separate_res: res != nullptr
+// (VEC then needs its residual ring even when x is staged); with cluster, d is the block's column slice.
 template <typename S>
-__host__ __device__ constexpr size_t fwd_smem_bytes(int BT, int d, int r, bool stage_x, bool vec, bool separate_res) {
+__host__ __device__ constexpr size_t fwd_smem_bytes(int BT, int d, int r, bool stage_x, bool vec, bool separate_res,
+                                                    bool cluster = false) {
   const size_t ring = vec ? kStages : 1;
   const bool residual_ring = vec && (!stage_x || separate_res);
   return sizeof(S) * ((size_t)BT * (round_up(r, kTileN) + smem_pad<S>()) +
                       (stage_x ? (size_t)BT * (round_up(d, kTileN) + smem_pad<S>()) : ring * BT * (kBK + smem_pad<S>())) +
                       ring * kTileN * (kBK + smem_pad<S>())) +
-         (vec ? sizeof(float) * BT * kLdy : 0) + (residual_ring ? sizeof(S) * kStages * BT * (kTileN + smem_pad<S>()) : 0);
+         (vec ? sizeof(float) * BT * kLdy : 0) + (residual_ring ? sizeof(S) * kStages * BT * (kTileN + smem_pad<S>()) : 0) +
+         (cluster ? sizeof(float) * BT * (round_up(r, kTileN) + kPartialPad) : 0);
 }
 
 // 16 bytes of elements, for one vector load or store (LDG.128 / STG.128 / LDS.128 on aligned addresses).
@@ -170,8 +180,9 @@ __device__ __forceinline__ void copy_chunk_async(S* dst, const S* src, int valid
 // The decode path runs with 16-token tiles only; the 64-token kernel keeps no code for it (registers).
 template <int BT> inline constexpr bool kDecodeCapable = BT == 16;
 
-template <class Op, int BT, bool VEC>
+template <class Op, int BT, bool VEC, bool CLUSTER = false>
 __global__ void __launch_bounds__(kThreads, 2) adapter_fwd_kernel(const FwdKParams p) {
+  static_assert(!CLUSTER || (VEC && BT == 64), "the cluster kernel is the vectorised 64-token one");
   using S = typename Op::S;
   using L = WarpLayout<BT>;
   constexpr int PAD = smem_pad<S>();
@@ -182,7 +193,12 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_fwd_kernel(const FwdKPara
   ADAPTERKERN_DYNAMIC_SMEM(smem_raw);
   const int rpad = round_up(p.r, kTileN);
   const int ldh = rpad + PAD;
-  const int ldx = p.stage_x ? round_up(p.d, kTileN) + PAD : kBK + PAD;
+  // Output columns of this block: a column split, or (CLUSTER) the block's slice of d, which is also the
+  // k-range of its phase 1 and all its staged x tile holds.
+  const int j_begin = blockIdx.y * p.cols_per_split;
+  const int j_end = min(p.d, j_begin + p.cols_per_split);
+  const int x_col0 = CLUSTER ? j_begin : 0, k_end = CLUSTER ? j_end : p.d;
+  const int ldx = p.stage_x ? round_up(CLUSTER ? p.cols_per_split : p.d, kTileN) + PAD : kBK + PAD;
   S* Hs = reinterpret_cast<S*>(smem_raw);
   S* Xs = Hs + BT * ldh;
   S* Ws = Xs + (p.stage_x ? BT * ldx : kRing * BT * LDW);
@@ -197,6 +213,9 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_fwd_kernel(const FwdKPara
   const S* res = static_cast<const S*>(p.res);  // may alias y (r-chunk chaining): no __restrict__
   S* y = static_cast<S*>(p.y);
   S* __restrict__ pre = static_cast<S*>(p.pre);
+  const bool from_xs = res == nullptr && p.stage_x;  // the residual is the staged x tile
+  float* Ps = reinterpret_cast<float*>(Rs + (from_xs ? 0 : kStages * BT * (kTileN + PAD)));  // CLUSTER: [BT][rpad + 4]
+  const int ldp = rpad + kPartialPad;
 
   const S zero = from_f<S>(0.0f);
   const int64_t t0 = (int64_t)blockIdx.x * BT;
@@ -233,12 +252,21 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_fwd_kernel(const FwdKPara
     zero_acc(acc);
     if constexpr (VEC) {
       // k-stage k0 of x (unless staged by an earlier r chunk) and wd into ring slot (k0 / kBK) % kStages.
-      const bool load_x = !p.stage_x || n0 == 0;
+      // CLUSTER: the whole x slice is issued with the first stage instead (it has its own place in the staged
+      // tile, not a ring slot), so all of it is in flight at once: at one block per SM a 3-stage window of x
+      // would not keep DRAM busy.
+      const bool load_x = (!p.stage_x || n0 == 0) && !CLUSTER;
+      if constexpr (CLUSTER) {
+        const int per_row = round_up(k_end - x_col0, kBK) / V;  // every column the MMAs read (zeros past d)
+        if (n0 == 0)
+          for (int c = threadIdx.x; c < BT * per_row; c += kThreads)
+            copy_x_chunk(Xs + (c / per_row) * ldx + (c % per_row) * V, c / per_row, x_col0 + (c % per_row) * V);
+      }
       auto issue = [&](int k0) {
-        if (k0 < p.d) {
-          const int slot = (k0 / kBK) % kStages;
+        if (k0 < k_end) {
+          const int slot = ((k0 - x_col0) / kBK) % kStages;
           if (load_x) {
-            S* xs = p.stage_x ? Xs + k0 : Xs + slot * BT * LDW;
+            S* xs = p.stage_x ? Xs + (k0 - x_col0) : Xs + slot * BT * LDW;
             const int ld = p.stage_x ? ldx : LDW;
             for_each_stage_chunk<BT, S>([&](int row, int col) { copy_x_chunk(xs + row * ld + col, row, k0 + col); });
           }
@@ -252,13 +280,13 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_fwd_kernel(const FwdKPara
       };
       if (!skip_down) {
 #pragma unroll
-        for (int s = 0; s < kStages - 1; ++s) issue(s * kBK);
-        for (int k0 = 0; k0 < p.d; k0 += kBK) {
+        for (int s = 0; s < kStages - 1; ++s) issue(x_col0 + s * kBK);
+        for (int k0 = x_col0; k0 < k_end; k0 += kBK) {
           cp_async_wait<kStages - 2>();
           __syncthreads();                      // stage k0 visible; the slot refilled next was consumed
           issue(k0 + (kStages - 1) * kBK);
-          const int slot = (k0 / kBK) % kStages;
-          const S* a = p.stage_x ? Xs + wm0 * ldx + k0 : Xs + slot * BT * LDW + wm0 * LDW;
+          const int slot = ((k0 - x_col0) / kBK) % kStages;
+          const S* a = p.stage_x ? Xs + wm0 * ldx + (k0 - x_col0) : Xs + slot * BT * LDW + wm0 * LDW;
           warp_tile_mma<Op, L::MT, L::NT, true>(acc, a, p.stage_x ? ldx : LDW, Ws + slot * kTileN * LDW + wn0 * LDW, LDW);
         }
         cp_async_wait<0>();
@@ -287,35 +315,56 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_fwd_kernel(const FwdKPara
         }
       }
     }
-    float bcol[L::NT][2];  // bd of the 2*NT bottleneck columns this thread owns
+    if constexpr (CLUSTER) {  // this block's partial pre over its slice of d; summed across the cluster below
+      for_each_frag<L::MT, L::NT>(wm0, wn0, [&](int mt, int nt, int e, int row, int col) {
+        Ps[row * ldp + n0 + col] = acc[mt][nt][e];
+      });
+    } else {
+      float bcol[L::NT][2];  // bd of the 2*NT bottleneck columns this thread owns
 #pragma unroll
-    for (int nt = 0; nt < L::NT; ++nt)
+      for (int nt = 0; nt < L::NT; ++nt)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int i = n0 + wn0 + nt * 8 + 2 * (threadIdx.x & 3) + h;
-        bcol[nt][h] = (i < p.r && bd != nullptr) ? to_f(bd[i * p.sbd]) : 0.0f;
-      }
-    for_each_frag<L::MT, L::NT>(wm0, wn0, [&](int mt, int nt, int e, int row, int col) {
-      const int i = n0 + col;  // < rpad, inside Hs
-      const int64_t t = t0 + row;
-      S pv = zero;  // padded bottleneck columns stay exactly 0 (wu is zero-filled there too)
-      if (i < p.r) {
-        float v = acc[mt][nt][e];
-        if constexpr (kDecodeCapable<BT>) {
-          if (p.partial != nullptr && t < p.T) {  // the splits in order: deterministic
-            v = 0.0f;
-            for (int sp = 0; sp < p.ksplit; ++sp) v += p.partial[((int64_t)sp * p.T + t) * rpad + i];
-          }
+        for (int h = 0; h < 2; ++h) {
+          const int i = n0 + wn0 + nt * 8 + 2 * (threadIdx.x & 3) + h;
+          bcol[nt][h] = (i < p.r && bd != nullptr) ? to_f(bd[i * p.sbd]) : 0.0f;
         }
-        pv = from_f<S>(v + bcol[nt][e & 1]);
-        if (!VEC && pre != nullptr && t < p.T) pre[t * p.ldpre + i] = pv;  // VEC: copied from Hs below
+      for_each_frag<L::MT, L::NT>(wm0, wn0, [&](int mt, int nt, int e, int row, int col) {
+        const int i = n0 + col;  // < rpad, inside Hs
+        const int64_t t = t0 + row;
+        S pv = zero;  // padded bottleneck columns stay exactly 0 (wu is zero-filled there too)
+        if (i < p.r) {
+          float v = acc[mt][nt][e];
+          if constexpr (kDecodeCapable<BT>) {
+            if (p.partial != nullptr && t < p.T) {  // the splits in order: deterministic
+              v = 0.0f;
+              for (int sp = 0; sp < p.ksplit; ++sp) v += p.partial[((int64_t)sp * p.T + t) * rpad + i];
+            }
+          }
+          pv = from_f<S>(v + bcol[nt][e & 1]);
+          if (!VEC && pre != nullptr && t < p.T) pre[t * p.ldpre + i] = pv;  // VEC: copied from Hs below
+        }
+        Hs[row * ldh + i] = pv;
+      });
+    }
+  }
+  if constexpr (CLUSTER) {
+    // pre = the cluster's partials summed in rank order (deterministic) + bd, from distributed shared
+    // memory; padding columns 0. Every block keeps its partials until the cluster's last barrier.
+    cluster_sync();
+    for (int idx = threadIdx.x; idx < BT * rpad; idx += kThreads) {
+      const int row = idx / rpad, i = idx % rpad;
+      S pv = zero;
+      if (i < p.r) {
+        float v = 0.0f;
+        for (unsigned c = 0; c < gridDim.y; ++c) v += map_shared_rank(Ps, c)[row * ldp + i];
+        pv = from_f<S>(v + (bd != nullptr ? to_f(bd[i * p.sbd]) : 0.0f));
       }
       Hs[row * ldh + i] = pv;
-    });
+    }
   }
   __syncthreads();
-  if constexpr (VEC) {  // pre = Hs (before the activation), 16 bytes at a time
-    if (pre != nullptr) {
+  if constexpr (VEC) {  // pre = Hs (before the activation), 16 bytes at a time; one block of a cluster
+    if (pre != nullptr && (!CLUSTER || blockIdx.y == 0)) {
       const int per_row = (int)ceil_div64(p.r, V);
       for (int c = threadIdx.x; c < BT * per_row; c += kThreads) {
         const int row = c / per_row, i = (c % per_row) * V;
@@ -342,8 +391,6 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_fwd_kernel(const FwdKPara
 
   // ---- phase 2: y = res + scale * (Hs @ wu^T + bu) for this block's columns -------------------
   const int kr = round_up(p.r, kBK);
-  const int j_begin = blockIdx.y * p.cols_per_split;
-  const int j_end = min(p.d, j_begin + p.cols_per_split);
   // bu and scale of the 2*NT output columns this thread owns in the tile at n0
   auto column_terms = [&](int n0, float (&bcol)[L::NT][2], float (&scol)[L::NT][2]) {
 #pragma unroll
@@ -361,7 +408,6 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_fwd_kernel(const FwdKPara
     // m % kStages: its previous tile's copy-out ended before the barrier of a step at least one before.
     constexpr int kPerRow = kTileN / V;
     constexpr int LDR = kTileN + PAD;
-    const bool from_xs = res == nullptr && p.stage_x;
     const int ksteps = kr / kBK;
     const int total = (int)ceil_div64(j_end - j_begin, kTileN) * ksteps;
     auto issue = [&](int q) {
@@ -420,7 +466,7 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_fwd_kernel(const FwdKPara
         const int64_t t = t0 + row;
         if (t >= p.T || j >= j_end) continue;
         const float* v = Ys + row * kLdy + (j - n0);
-        const S* rp = from_xs ? Xs + row * ldx + j : rs + row * LDR + (j - n0);
+        const S* rp = from_xs ? Xs + row * ldx + (j - x_col0) : rs + row * LDR + (j - n0);
         S* yp = y + t * p.ldy + j;
         if (j + V <= j_end) {
           const Vec16<S> rv = *reinterpret_cast<const Vec16<S>*>(rp);
@@ -435,6 +481,7 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_fwd_kernel(const FwdKPara
       }
     }
     cp_async_wait<0>();  // the trailing groups are empty: no copy outlives the block
+    if constexpr (CLUSTER) cluster_sync();  // the other blocks are done reading this block's partials
   } else {
     for (int n0 = j_begin; n0 < j_end; n0 += kTileN) {
       float acc[L::MT][L::NT][4];  // Hs @ wu[n0:n0+64, :]^T; wu[j][i] is contiguous in i

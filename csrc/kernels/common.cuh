@@ -18,6 +18,9 @@
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#ifndef ADAPTERKERN_HOST_EMULATION
+#include <cooperative_groups.h>
+#endif
 
 // Host emulation hooks (csrc/README.md, "Host emulation"): built by g++ with
 // -DADAPTERKERN_HOST_EMULATION against csrc/emu/include, the inline PTX and the shared-memory
@@ -195,6 +198,29 @@ __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row) {
 }
 __device__ __forceinline__ void ldsm_x2(uint32_t (&r)[2], const void* row) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(row)));
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Thread-block clusters (sm_90+; the kernels that use them compile their bodies for sm_90 only):
+//   cluster_sync()              barrier over every thread of the cluster, with release/acquire of
+//                               shared memory (distributed shared memory writes visible after it)
+//   map_shared_rank(p, rank)    the address of *p in the shared memory of the cluster's block `rank`
+#ifdef ADAPTERKERN_HOST_EMULATION
+__device__ __forceinline__ void cluster_sync() { ::emu::cluster_sync(); }
+template <typename T> __device__ __forceinline__ T* map_shared_rank(T* p, unsigned rank) {
+  return static_cast<T*>(::emu::map_shared_rank(p, rank));
+}
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void cluster_sync() { cooperative_groups::this_cluster().sync(); }
+template <typename T> __device__ __forceinline__ T* map_shared_rank(T* p, unsigned rank) {
+  return cooperative_groups::this_cluster().map_shared_rank(p, rank);
+}
+#else  // below sm_90 and in the host pass: never launched there (the launcher needs cudaDevAttrClusterLaunch)
+__device__ __forceinline__ void cluster_sync() { __trap(); }
+template <typename T> __device__ __forceinline__ T* map_shared_rank(T* p, unsigned) {
+  __trap();
+  return p;
 }
 #endif
 

@@ -1,6 +1,7 @@
 // Interface of the host emulator of the CUDA execution model (implementation: csrc/emu/emu.cpp).
 //
-// Thread model: a launch runs its blocks one after another; each block runs on blockDim OS threads
+// Thread model: a launch runs its blocks (its clusters, when launched with clusters) one after another;
+// each block runs on blockDim OS threads
 // (a pool reused across blocks and launches), one per CUDA thread, warp w = linear thread ids
 // [32w, 32w + 32). `threadIdx`, `blockIdx`, `blockDim`, `gridDim` are thread_local.
 //   * __syncthreads: a barrier over the block's live threads (arrivals counted under a mutex, the
@@ -49,6 +50,7 @@ constexpr size_t kDefaultSmemLimit = 48 * 1024;  // dynamic shared memory withou
 struct DeviceConfig {
   int sms = 0;         // cudaDevAttrMultiProcessorCount
   int smem_optin = 0;  // cudaDevAttrMaxSharedMemoryPerBlockOptin, bytes
+  bool clusters = false;  // cudaDevAttrClusterLaunch (sm_90+): launches with thread-block clusters
 };
 // Once per device id, before the first launch on it (the launchers cache properties per id).
 void configure_device(int device, DeviceConfig config);
@@ -70,15 +72,23 @@ void cp_async_commit();
 void cp_async_wait(int pending_groups);
 // ldmatrix.sync.aligned.m8n8.x{nmat}.shared.b16 (nmat 2 or 4): a warp collective on the row addresses.
 void ldmatrix(int nmat, const void* row_address, uint32_t* out);
+// Thread-block clusters: the blocks of a cluster run at the same time (their threads together), so that
+// cluster_sync (barrier.cluster arrive + wait: every live thread of the cluster) and distributed shared
+// memory work; map_shared_rank(p, rank) is the address of the same byte of block `rank`'s dynamic
+// shared memory (p must point into this block's). A block's shared memory lives until its whole cluster ends.
+void cluster_sync();
+void* map_shared_rank(const void* p, unsigned rank);
 
 // ---- called by the launch hook (ADAPTERKERN_LAUNCH in csrc/launch_util.h) -----------------------
 // Runs body() on every thread of every block; returns (and records as the last error) a launch error.
+// cluster: the cluster shape (1, 1, 1: none); the grid must be a multiple of it, at most 8 blocks, on a
+// device with `clusters` (else cudaErrorInvalidConfiguration).
 cudaError_t launch(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem_bytes,
-                   const std::function<void()>& body);
+                   const std::function<void()>& body, dim3 cluster = dim3(1, 1, 1));
 
 // Every launch is logged per host thread, so that a test can check which configuration it exercised.
 struct LaunchRecord {
-  dim3 grid, block;
+  dim3 grid, block, cluster;
   size_t dynamic_smem = 0;
   cudaError_t result = cudaSuccess;
   const std::type_info* param_type = nullptr;  // the kernel's parameter type, when it takes exactly one
@@ -87,34 +97,40 @@ struct LaunchRecord {
 void record_launch(LaunchRecord record);
 std::vector<LaunchRecord> take_launch_log();  // this thread's launches since the previous call
 
-// `Launch(kernel, grid, block, smem, stream)(args...)` stands for `kernel<<<grid, block, smem, stream>>>(args...)`.
+// `Launch(kernel, grid, block, smem, stream)(args...)` stands for `kernel<<<grid, block, smem, stream>>>(args...)`;
+// with a trailing `cluster` shape, for cudaLaunchKernelEx with a cluster-dimension attribute.
 template <class... P>
 class Launch {
  public:
-  Launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t /*stream*/)
-      : kernel_(kernel), grid_(grid), block_(block), smem_(smem) {}
+  Launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t /*stream*/,
+         dim3 cluster = dim3(1, 1, 1))
+      : kernel_(kernel), grid_(grid), block_(block), cluster_(cluster), smem_(smem) {}
   template <class... A>
-  void operator()(A&&... args) const {
+  cudaError_t operator()(A&&... args) const {
     const std::tuple<std::remove_cvref_t<P>...> params(std::forward<A>(args)...);  // by value, as CUDA
     LaunchRecord rec;
-    rec.grid = grid_, rec.block = block_, rec.dynamic_smem = smem_;
+    rec.grid = grid_, rec.block = block_, rec.cluster = cluster_, rec.dynamic_smem = smem_;
     rec.result = launch(reinterpret_cast<const void*>(kernel_), grid_, block_, smem_,
-                        [&] { std::apply(kernel_, params); });
+                        [&] { std::apply(kernel_, params); }, cluster_);
     if constexpr (sizeof...(P) == 1) {
       const auto& p = std::get<0>(params);
       const auto* bytes = reinterpret_cast<const unsigned char*>(&p);
       rec.param_type = &typeid(p);
       rec.param.assign(bytes, bytes + sizeof p);
     }
+    const cudaError_t result = rec.result;
     record_launch(std::move(rec));
+    return result;
   }
 
  private:
   void (*kernel_)(P...);
-  dim3 grid_, block_;
+  dim3 grid_, block_, cluster_;
   size_t smem_;
 };
 template <class... P>
 Launch(void (*)(P...), dim3, dim3, size_t, cudaStream_t) -> Launch<P...>;
+template <class... P>
+Launch(void (*)(P...), dim3, dim3, size_t, cudaStream_t, dim3) -> Launch<P...>;
 
 }  // namespace emu
