@@ -5,25 +5,36 @@ misuse); this catches them on a CPU-only machine. The compiles run in worker pro
 TRITON_INTERPRET (under the interpreter the kernels are not compilable objects), and need the NVIDIA
 backend and ptxas that ship with Triton's Linux wheel.
 
-What is compiled (:func:`jobs`), for each of the three kernels, with a config the autotuner can pick
-(``language.FWD_CONFIGS`` / ``BWD_CONFIGS`` after ``language.PRUNE``), the cheapest to compile of those
-(:func:`pick_config`: a compile's cost grows with the tile over the warps, and ptxas at R_PAD=512 with
-4 warps takes minutes cold on a busy 2-core machine, with 8 warps seconds):
+What is compiled (:func:`jobs`), for each of the three kernels: the forward with a config its autotuner
+can pick (its configs after its prune), the cheapest to compile of those (:func:`pick_config`: a compile's
+cost grows with the tile over the warps, and ptxas at R_PAD=512 with 4 warps takes minutes cold on a busy
+2-core machine, with 8 warps seconds); the two backward kernels with **every** config their prunes keep
+for the case (:func:`backward_configs`: their spaces are tables of where each config is spill-free, see
+``language._BWD_MAIN_SPACE``, and this is their check):
 
 * every flavour (bf16, fp16, fp32 IEEE, fp32 TF32, fp64 for gradcheck) on both archs at R_PAD=16,
   the smallest dots (every dim 16 where the configs allow it); the batched form (GATHER, no residual)
   for bf16 and fp32, the stack form with the residual for the others; the ten activations spread
   over these (each one in all three kernels), HAS_S on and off;
-* sm_90's wgmma (Hopper tensor-core) path: a config with 64-row tiles, bf16 and TF32 (the small tiles
-  above lower to mma.sync);
+* sm_90's wgmma (Hopper tensor-core) path: a forward config with 64-row tiles, bf16 and TF32 (the small
+  tiles above lower to mma.sync; the backward kernels keep no 64-row 4-warp tile, it spills, but their
+  weight-gradient dots with 64 or more rows, R_PAD or BLOCK_D, take wgmma);
 * R_PAD=512, the widest bottleneck (``functional.MAX_FOLDED_RANK``): bf16 on both archs, fp32 IEEE on
   sm_90 only (IEEE fp32 and fp64 dots lower to FMA loops, the same code on both archs); the wide fp32
-  backward where shared memory is tightest: IEEE at R_PAD=256 on sm_80, TF32 at R_PAD=512 on sm_90.
+  backward where shared memory is tightest: IEEE at R_PAD=256 on sm_80, TF32 at R_PAD=512 on sm_90;
+* the backward kernels at the widths between, where their spaces change: bf16 (batched form) at R_PAD 64
+  (the target shape's r), 128 and 256 on both archs, fp32 IEEE (sm_80) and TF32 (sm_90) at 64.
 
 Each compile also reports its shared memory, checked against the arch's per-block limit: a kernel that
 compiles but needs more cannot launch (Triton raises OutOfResources), and the autotuner skips it; the
 config checked is one it can pick, so every case has one that launches. And its registers per thread and
-register spills (``ptxas -v`` on its PTX): a spill is a failure.
+register spills (``ptxas -v`` on its PTX): a spill is a failure, but for the few known ones of
+:data:`SPILLS_ALLOWED` (and add_norm_kernel's, listed). The compiles take the kernels' arguments unspecialized
+(no stride of 1, no divisibility by 16): every element its own address, more registers than a contiguous
+launch, whose strides the JIT specializes (the case every tensor layout can reach).
+
+Which compiles there are depends on the product's configs, which the interpreter replaces: the list is
+made in a worker (never under TRITON_INTERPRET) and handed to the driver.
 
 No per-test timeout: a busy machine makes compiles slow, not wrong. ``HANG_GUARD_S`` only ends a run
 that hangs. ``python tests/test_backends_triton_compile.py [--procs N]`` runs the same outside pytest.
@@ -37,8 +48,8 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from dataclasses import asdict, dataclass, replace
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 
@@ -47,7 +58,9 @@ ARCHS = (80, 90)
 # flavour -> (pointer dtype of the tensors, PRECISION): the dtypes torch hands the kernels
 FLAVOURS = {"bf16": ("bf16", None), "fp16": ("fp16", None), "fp32": ("fp32", "ieee"), "tf32": ("fp32", "tf32"),
             "fp64": ("fp64", None)}
+ELEMENT_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 KERNELS = ("fwd_kernel", "bwd_dh_kernel", "bwd_main_kernel")
+BACKWARD = KERNELS[1:]
 ADD_NORM = "add_norm_kernel"  # adapterkern.backends.triton.add_norm: the inference op
 DECODE = ("decode_down_kernel", "decode_up_kernel")  # the split-d forward for T <= 64 (fixed BLOCK_D, 4 warps)
 # Shared memory per block, opt-in maximum (what Triton's launcher checks): A100 163 KiB, H100/H200 227 KiB.
@@ -55,9 +68,16 @@ SMEM_LIMIT = {80: 166912, 90: 232448}
 HANG_GUARD_S = 3600  # not a budget: only a hung worker gets near it
 MAX_PROCS = 2
 _INT_ARGS = {"T", "D", "R", "T_BUCKET", "SPLITS", "CHUNK", "D_PER_PROGRAM"}
-# Kernels whose every compile must be spill-free; the backward kernels and add_norm at wide R_PAD still
-# spill (issue 18's open item: their autotune space), which spill_report lists without failing.
-SPILL_FREE = ("fwd_kernel",) + DECODE
+# Kernels whose every compile must be spill-free (add_norm_kernel at R_PAD 512 on sm_80 is not, listed by
+# spill_report), but for SPILLS_ALLOWED.
+SPILL_FREE = KERNELS + DECODE
+# (kernel, R_PAD, flavour or None for all) -> why its spills are not failures (listed by spill_report).
+SPILLS_ALLOWED = {
+    ("bwd_main_kernel", 512, None): "every config spills: its two (R_PAD, BLOCK_D) fp32 accumulators and the "
+    "w_down / w_up dot operands (each warp its own copy) live across the token loop; the 16-row ones spill least",
+    ("bwd_main_kernel", 256, "bf16"): "no config is spill-free on sm_80 (the mma.sync operand copies; 16x32 "
+    "tiles with 8 warps: 192 bytes); sm_90 and fp32 are",
+}
 
 
 @dataclass(frozen=True)
@@ -72,24 +92,46 @@ class Job:
     wgmma: bool = False  # sm_90: a config with 64-row tiles (Hopper's wgmma), else the cheapest
     rms: bool = False  # add_norm_kernel: RMSNorm, else LayerNorm
     t_pad: int = 64  # the decode kernels' token tile (T <= 64 padded to a power of two >= 16)
+    config: Tuple[int, ...] = ()  # backward kernels: (BLOCK_T, BLOCK_D, warps, stages), one of backward_configs
 
     def __str__(self):
         return (f"sm_{self.arch} {self.kernel} {self.flavour} R_PAD={self.r_pad} GATHER={int(self.gather)} "
                 f"ACT={self.act} HAS_S={int(self.has_s)}" + (" RMS" if self.rms else "") + (" wgmma-tile" if self.wgmma else "")
-                + (f" T_PAD={self.t_pad}" if self.kernel in DECODE else ""))
+                + (f" T_PAD={self.t_pad}" if self.kernel in DECODE else "")
+                + (" config={}x{}/{}w/{}s".format(*self.config) if self.config else ""))
+
+
+ALL_CONFIGS_ENV = "ADAPTERKERN_TRITON_ALL_CONFIGS"
+
+
+def every_config(job: Job) -> bool:
+    """Whether ``job`` is compiled in every config its autotuner can pick (else in the first of them): the
+    backward kernels where spills were seen (bwd_main_kernel always, bwd_dh_kernel from R_PAD 64 on) and
+    the target (sm_90 bf16); ``ADAPTERKERN_TRITON_ALL_CONFIGS=1``: every backward job (about 255 compiles,
+    4-5 min cold on 2 cores; the default set keeps the suite's share near 2 min)."""
+    if job.kernel not in BACKWARD:
+        return False
+    if os.environ.get(ALL_CONFIGS_ENV) == "1":
+        return True
+    return job.kernel == "bwd_main_kernel" or job.r_pad >= 64 or (job.arch == 90 and job.flavour == "bf16")
 
 
 def jobs() -> List[Job]:
-    """Every compile, the slowest first (so two workers finish together)."""
+    """Every compile, the slowest first (so two workers finish together); in a worker (see _serve)."""
     out = []
     for k, (arch, flavour) in enumerate((a, f) for a in ARCHS for f in FLAVOURS):
         for kernel in KERNELS:  # activation k in all three kernels: the ten (arch, flavour) pairs cover all ten
             out.append(Job(arch, flavour, kernel, 16, gather=flavour in ("bf16", "fp32"), act=k, has_s=k % 2 == 0))
-    for flavour in ("bf16", "tf32"):
-        out += [Job(90, flavour, kernel, 16, wgmma=True) for kernel in KERNELS]
+    out += [Job(90, flavour, "fwd_kernel", 16, wgmma=True) for flavour in ("bf16", "tf32")]
     for arch, flavour in ((80, "bf16"), (90, "bf16"), (90, "fp32")):
         out += [Job(arch, flavour, kernel, 512) for kernel in KERNELS]
-    out += [Job(80, "fp32", "bwd_main_kernel", 256), Job(90, "tf32", "bwd_main_kernel", 512)]
+    out += [Job(80, "fp32", kernel, 256) for kernel in BACKWARD] + [Job(90, "tf32", "bwd_main_kernel", 512)]
+    out += [Job(arch, "bf16", kernel, r_pad, gather=True)
+            for r_pad in (64, 128, 256) for arch in ARCHS for kernel in BACKWARD]
+    out += [Job(arch, flavour, kernel, 64, gather=True)
+            for arch, flavour in ((80, "fp32"), (90, "tf32")) for kernel in BACKWARD]
+    out = [replace(j, config=c) for j in out
+           for c in (backward_configs(j) if every_config(j) else backward_configs(j)[:1] if j.kernel in BACKWARD else [()])]
     # The inference kernel: LayerNorm and RMSNorm, every flavour but fp64 at R_PAD=16, bf16 at 512.
     out += [Job(arch, flavour, ADD_NORM, 16, act=k, has_s=k % 2 == 0, rms=k % 2 == 1)
             for k, (arch, flavour) in enumerate((a, f) for a in ARCHS for f in ("bf16", "fp16", "fp32", "tf32"))]
@@ -114,24 +156,34 @@ class _Operand:
         return self.size
 
 
-def pick_config(kernel_name: str, r_pad: int, wgmma: bool = False, element_size: int = 2):
-    """The cheapest config to compile of those the autotuner can pick at ``r_pad`` (for some T): the
-    product's configs after its prune rule, smallest tile per warp first, then fewest stages. With
-    ``wgmma``: the cheapest with 64-row tiles and 4 warps (one warpgroup), and 64-wide D blocks for
-    bwd_main_kernel (whose weight-gradient dots have D rows)."""
-    from adapterkern.backends.triton import language
+def _autotuner(kernel_name: str):
+    from adapterkern.backends.triton import add_norm, kernels, language
 
-    configs = language.FWD_CONFIGS if kernel_name in ("fwd_kernel", ADD_NORM) else language.BWD_CONFIGS
-    named = {"R_PAD": r_pad, "T_BUCKET": 16384}
-    if kernel_name not in ("fwd_kernel", ADD_NORM):
-        named["DY"] = _Operand(element_size)  # the backward kernels' tile bytes depend on it
-    pickable = language.PRUNE["early_config_prune"](configs, named)
+    assert not language.INTERPRET, "the product's configs are read without TRITON_INTERPRET"
+    return (add_norm if kernel_name == ADD_NORM else kernels).__dict__[kernel_name]
+
+
+def pick_config(kernel_name: str, r_pad: int, wgmma: bool = False):
+    """The cheapest config to compile of those the autotuner of fwd_kernel / add_norm_kernel can pick at
+    ``r_pad`` (for some T): its configs after its prune, smallest tile per warp first, then fewest stages.
+    With ``wgmma``: the cheapest with 64-row tiles and 4 warps (one warpgroup)."""
+    tuner = _autotuner(kernel_name)
+    pickable = tuner.early_config_prune(tuner.configs, {"R_PAD": r_pad, "T_BUCKET": 16384})
     if wgmma:
-        pickable = [c for c in pickable if c.kwargs["BLOCK_T"] >= 64 and c.num_warps == 4
-                    and (kernel_name != "bwd_main_kernel" or c.kwargs["BLOCK_D"] >= 64)]
+        pickable = [c for c in pickable if c.kwargs["BLOCK_T"] >= 64 and c.num_warps == 4]
     assert pickable, f"no pickable config for {kernel_name} R_PAD={r_pad} wgmma={wgmma}"
     return min(pickable, key=lambda c: (c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_D"] / c.num_warps, c.num_stages,
                                         c.kwargs["BLOCK_T"], c.kwargs["BLOCK_D"]))
+
+
+def backward_configs(job: Job) -> List[Tuple[int, ...]]:
+    """Every (BLOCK_T, BLOCK_D, warps, stages) the autotuner of a backward kernel can pick for ``job``'s
+    R_PAD and element size (for some T: 16-row tiles for short T are among those for long T)."""
+    tuner = _autotuner(job.kernel)
+    named = {"R_PAD": job.r_pad, "T_BUCKET": 16384, "DY": _Operand(ELEMENT_SIZE[FLAVOURS[job.flavour][0]])}
+    pickable = tuner.early_config_prune(tuner.configs, named)
+    assert pickable, f"no pickable config for {job}"
+    return [(c.kwargs["BLOCK_T"], c.kwargs["BLOCK_D"], c.num_warps, c.num_stages) for c in pickable]
 
 
 def _signature(jit, dtype: str) -> Dict[str, str]:
@@ -171,8 +223,11 @@ def compile_job(job: Job) -> dict:
 
         config = triton.Config({"BLOCK_D": DECODE_BLOCK_D, "T_PAD": job.t_pad, "BLOCK_T": job.t_pad},
                                num_warps=decode_warps(job.t_pad, job.r_pad))
+    elif job.config:
+        block_t, block_d, warps, stages = job.config
+        config = triton.Config({"BLOCK_T": block_t, "BLOCK_D": block_d}, num_warps=warps, num_stages=stages)
     else:
-        config = pick_config(job.kernel, job.r_pad, job.wgmma, {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}[dtype])
+        config = pick_config(job.kernel, job.r_pad, job.wgmma)
     constexprs = dict(ACT=job.act, PRECISION=precision, ACC=tl.float64 if dtype == "fp64" else tl.float32,
                       R_PAD=job.r_pad, HAS_S=job.has_s, **config.kwargs)
     if job.kernel in DECODE:
@@ -238,12 +293,15 @@ def ptxas_usage(ptx: str, arch: int) -> dict:
 
 
 def _serve() -> int:
-    """Worker: compile the job of each index read from stdin, one JSON line per job on stdout."""
+    """Worker: the list of jobs (their names, one JSON line), then compile the job of each index read from
+    stdin, one JSON line per job on stdout."""
     sys.path.insert(0, ROOT)  # the tree under test
     results = os.fdopen(os.dup(1), "w")  # the protocol's channel; anything else printed goes to stderr
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     every = jobs()
+    results.write(json.dumps([str(j) for j in every]) + "\n")
+    results.flush()
     for line in sys.stdin:
         results.write(json.dumps(compile_job(every[int(line)])) + "\n")
         results.flush()
@@ -261,9 +319,28 @@ def _worker_env() -> Dict[str, str]:
 
 def run_all(procs: Optional[int] = None, log=None) -> List[dict]:
     """Compile every job in ``procs`` worker processes (default: up to MAX_PROCS, one per core), the
-    jobs handed out one at a time as workers finish; one result per job, in job order."""
-    every = jobs()
-    procs = max(1, min(procs or min(MAX_PROCS, os.cpu_count() or 1), len(every)))
+    jobs handed out one at a time as workers finish; one result per job, in job order. The jobs are
+    the workers' list (:func:`jobs` reads the product's configs, which this process may see through
+    the interpreter)."""
+    procs = max(1, procs or min(MAX_PROCS, os.cpu_count() or 1))
+    workers = []
+    for _ in range(procs):
+        errfile = open(_tmpfile(), "w+")
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve"], cwd=ROOT, env=_worker_env(),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errfile, text=True, bufsize=1)
+        workers.append((proc, errfile))
+    listed = [proc.stdout.readline() for proc, _ in workers]
+    if not all(listed) or len(set(listed)) != 1:
+        errfile = workers[listed.index("")][1] if "" in listed else workers[0][1]
+        errfile.seek(0)
+        why = errfile.read()[-3000:]
+        for proc, errfile in workers:
+            proc.kill()
+            proc.wait()
+            errfile.close()
+            os.unlink(errfile.name)
+        raise RuntimeError("compile workers gave no job list, or different ones: " + why)
+    every = json.loads(listed[0])
     todo: "queue.Queue[int]" = queue.Queue()
     for i in range(len(every)):
         todo.put(i)
@@ -285,7 +362,7 @@ def run_all(procs: Optional[int] = None, log=None) -> List[dict]:
             if not line:  # the worker died on this job: say so, leave the rest to the others
                 errfile.seek(0)
                 with lock:
-                    results[i] = dict(what=str(every[i]), ok=False, shared=None, wgmma=False, config="",
+                    results[i] = dict(what=every[i], ok=False, shared=None, wgmma=False, config="",
                                       error="worker died: " + errfile.read()[-3000:], seconds=0)
                 break
             result = json.loads(line)
@@ -298,14 +375,10 @@ def run_all(procs: Optional[int] = None, log=None) -> List[dict]:
         except OSError:
             pass
 
-    workers = []
-    for _ in range(procs):
-        errfile = open(_tmpfile(), "w+")
-        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve"], cwd=ROOT, env=_worker_env(),
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errfile, text=True, bufsize=1)
-        thread = threading.Thread(target=drive, args=(proc, errfile), daemon=True)
+    workers = [(proc, threading.Thread(target=drive, args=(proc, errfile), daemon=True), errfile)
+               for proc, errfile in workers]
+    for _, thread, _ in workers:
         thread.start()
-        workers.append((proc, thread, errfile))
     deadline = time.monotonic() + HANG_GUARD_S
     for proc, thread, _ in workers:
         thread.join(max(0.0, deadline - time.monotonic()))
@@ -320,7 +393,7 @@ def run_all(procs: Optional[int] = None, log=None) -> List[dict]:
         raise RuntimeError(f"compile workers still running after {HANG_GUARD_S} s (hang guard); done: "
                            f"{len(results)} of {len(every)}")
     for i in range(len(every)):  # jobs never handed out (every worker died)
-        results.setdefault(i, dict(what=str(every[i]), ok=False, shared=None, wgmma=False, config="",
+        results.setdefault(i, dict(what=every[i], ok=False, shared=None, wgmma=False, config="",
                                    error="not run: no worker left", seconds=0))
     return [results[i] for i in range(len(every))]
 
@@ -342,16 +415,22 @@ def _line(r: dict) -> str:
         "" if r["ok"] else f"\n     {r['error']}")
 
 
+def _must_not_spill(job: dict) -> bool:
+    return job["kernel"] in SPILL_FREE and not any(
+        (kernel, r_pad) == (job["kernel"], job["r_pad"]) and flavour in (None, job["flavour"])
+        for kernel, r_pad, flavour in SPILLS_ALLOWED)
+
+
 def problems(results: List[dict]) -> List[str]:
-    """What is wrong with a run: compile failures, shared memory over the arch's limit, and no wgmma
-    anywhere on sm_90."""
-    out = []
+    """What is wrong with a run: compile failures, register spills (but SPILLS_ALLOWED's), shared memory
+    over the arch's limit, a job twice, and no wgmma anywhere on sm_90."""
+    out = [f"twice: {what}" for what in {r["what"] for r in results} if [r["what"] for r in results].count(what) > 1]
     for r in results:
         if not r["ok"]:
             out.append(_line(r))
             continue
         job = r["job"]
-        if r.get("spill_bytes") and job["kernel"] in SPILL_FREE:
+        if r.get("spill_bytes") and _must_not_spill(job):
             out.append(f"SPILL {r['what']}: {r['spill_bytes']} bytes of register spills ({r['registers']} registers)")
         if r["shared"] > SMEM_LIMIT[job["arch"]]:
             out.append(f"SMEM {r['what']}: {r['shared']} bytes of shared memory, sm_{job['arch']} has "
@@ -363,9 +442,9 @@ def problems(results: List[dict]) -> List[str]:
 
 
 def spill_report(results: List[dict]) -> List[str]:
-    """The compiles of kernels outside SPILL_FREE that spill registers (reported, not failed)."""
+    """The compiles that spill registers where it is not a failure (kernels outside SPILL_FREE, SPILLS_ALLOWED)."""
     return [f"spills: {r['what']}: {r['spill_bytes']} bytes ({r['registers']} registers)" for r in results
-            if r.get("spill_bytes") and r["job"]["kernel"] not in SPILL_FREE]
+            if r.get("spill_bytes") and not _must_not_spill(r["job"])]
 
 
 def test_triton_kernels_compile():
@@ -379,7 +458,8 @@ def test_triton_kernels_compile():
 
 
 def test_problems_are_caught():
-    """The verdict on results (no compiling): a failure, a shared-memory overflow, and no wgmma are each caught."""
+    """The verdict on results (no compiling): a failure, a spill, a shared-memory overflow, a job twice, and no
+    wgmma are each caught; the allowed spills are reported instead."""
     def result(job, ok=True, shared=1024, wgmma=False):
         return dict(job=asdict(job), what=str(job), ok=ok, error="" if ok else "CompilationError: x", shared=shared,
                     wgmma=wgmma, config="", seconds=0)
@@ -391,9 +471,17 @@ def test_problems_are_caught():
     assert "wgmma" in problems([result(wide)])[0]
     spilling = dict(result(small, wgmma=False), registers=255, spill_bytes=64)
     assert problems([spilling, result(wide, wgmma=True)])[0].startswith("SPILL")
-    backward = dict(result(Job(90, "bf16", "bwd_main_kernel", 16)), registers=255, spill_bytes=64)
-    assert problems([backward]) == [] and len(spill_report([backward])) == 1
-    assert len({str(j) for j in jobs()}) == len(jobs())  # no job twice
+    for kernel in ("bwd_dh_kernel", "bwd_main_kernel"):
+        backward = dict(result(Job(90, "bf16", kernel, 16, config=(32, 32, 8, 2))), registers=255, spill_bytes=64)
+        assert problems([backward])[0].startswith("SPILL") and spill_report([backward]) == []
+    for job in (Job(80, "bf16", "bwd_main_kernel", 256, config=(16, 32, 8, 1)),
+                Job(90, "tf32", "bwd_main_kernel", 512, config=(16, 16, 8, 1))):
+        allowed = dict(result(job), registers=255, spill_bytes=192)
+        assert problems([allowed]) == [] and len(spill_report([allowed])) == 1
+    fp32_256 = dict(result(Job(80, "fp32", "bwd_main_kernel", 256, config=(16, 16, 8, 1))), registers=255,
+                    spill_bytes=8)
+    assert problems([fp32_256])[0].startswith("SPILL")  # the allowance at 256 is bf16's only
+    assert problems([result(small), result(small), result(wide, wgmma=True)])[0].startswith("twice")
 
 
 if __name__ == "__main__":  # python tests/test_backends_triton_compile.py [--procs N]

@@ -44,16 +44,30 @@ def _scale_args(scale: Optional[torch.Tensor], scale_value: float, like: torch.T
     return scale, (0 if scale.shape[1] == 1 else scale.stride(1)), scale.stride(0), 1.0, True
 
 
-def _num_splits(num_tokens: int, d: int, device: torch.device) -> int:
-    """How many T-splits the weight-gradient kernel uses: enough programs to fill the GPU, with at
-    least ~4 tiles of 64 tokens per split so the partial-sum buffers stay small next to x."""
+# A T-split's fp32 partials (dw_down and dw_up: 2 x r x BLOCK_D x 4 bytes) are 2 r / tokens of the bf16 dy
+# and x it reads (half as much again at r = 64 and 256 tokens), and the host reads them once more to sum them.
+MIN_SPLIT_TOKENS = 256
+
+
+def bwd_splits(num_tokens: int, programs_per_split: int, block_t: int, programs: int, min_tokens: int) -> int:
+    """T-splits of bwd_main_kernel for one config: as many as keep its grid (``programs_per_split`` per
+    split: d-blocks x the adapters of a stack) within ``programs``, so the last wave is nearly whole; at
+    least one, and at most one per ``max(block_t, min_tokens)`` tokens (never more splits than token
+    blocks, nor partials that outweigh their tokens)."""
+    return max(1, min(programs // programs_per_split, triton.cdiv(num_tokens, max(block_t, min_tokens))))
+
+
+def bwd_split_count(num_tokens: int, d: int, adapters: int, device: torch.device):
+    """bwd_main_kernel's T-split count as a function of a config's meta-parameters (``meta["BLOCK_T"]``,
+    ``meta["BLOCK_D"]``): ``adapters`` x cdiv(d, BLOCK_D) programs per split, aiming at two programs per
+    SM on a GPU; in the interpreter at a small "GPU" and no token floor, so the tests' small shapes take
+    several uneven (some empty) T-splits."""
     if device.type == "cuda":
-        programs_wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        programs, min_tokens = 2 * torch.cuda.get_device_properties(device).multi_processor_count, MIN_SPLIT_TOKENS
     else:
-        programs_wanted = 3  # interpreter: small, uneven splits exercise the split logic in tests
-    d_blocks = triton.cdiv(d, 64)
-    splits = triton.cdiv(programs_wanted, d_blocks)
-    return max(1, min(splits, triton.cdiv(num_tokens, 256 if device.type == "cuda" else 32)))
+        programs, min_tokens = 8, 1
+    return lambda meta: bwd_splits(num_tokens, triton.cdiv(d, meta["BLOCK_D"]) * adapters, meta["BLOCK_T"],
+                                   programs, min_tokens)
 
 
 DECODE_MAX_TOKENS = 64  # at most this many tokens: the split-d decode kernels (one BLOCK_T row tile otherwise)
@@ -262,16 +276,28 @@ def multi_adapter_backward(
     # One adapter: dx in the kernel. A stack: dx = sum_n dh[n] @ w_down[n] is one (T, N r) x (N r, d)
     # matmul over the concatenated bottleneck, done after the kernel.
     fused_dx = need_dx and (n_adapters == 1 or gather)
-    splits = _num_splits(num_tokens, d, dev)
+    # The T-split count depends on the config (its BLOCK_D sets the grid's d-blocks): the kernel reads it
+    # off its grid, and the partial-sum workspaces (N x `most` rows) have room for the most any config
+    # takes. A batch's groups share the T tokens (one adapter's work in all); a stack's adapters each
+    # take all of them.
+    splits_of = bwd_split_count(num_tokens, d, 1 if gather else n_adapters, dev)
+    most = max(splits_of(c.kwargs) for c in bwd_main_kernel.configs)
+    workspace = lambda *shape: torch.empty((n_adapters * most,) + shape, dtype=f32, device=dev)  # noqa: E731
     dx = torch.empty((num_tokens, d), dtype=dtype, device=dev) if fused_dx else None
-    dwd_p = torch.empty((n_adapters, splits, r, d), dtype=f32, device=dev) if need_dwd else None
-    dbd_p = torch.empty((n_adapters, splits, r), dtype=f32, device=dev) if need_dbd else None
-    dwu_p = torch.empty((n_adapters, splits, d, r), dtype=f32, device=dev) if need_dwu else None
-    dbu_p = torch.empty((n_adapters, splits, d), dtype=f32, device=dev) if need_dbu else None
-    ds_p = torch.empty((n_adapters, splits, d), dtype=f32, device=dev) if need_ds else None
+    dwd_p = workspace(r, d) if need_dwd else None
+    dbd_p = workspace(r) if need_dbd else None
+    dwu_p = workspace(d, r) if need_dwu else None
+    dbu_p = workspace(d) if need_dbu else None
+    ds_p = workspace(d) if need_ds else None
+    launched = {}  # the split count of the last grid: the autotuner times every config first, then launches its pick
+
+    def grid(meta):
+        launched["splits"] = splits_of(meta)
+        return triton.cdiv(d, meta["BLOCK_D"]), launched["splits"], n_groups
+
     if fused_dx or need_dwd or need_dbd or need_dwu or need_dbu or need_ds:
         dummy = preact
-        bwd_main_kernel[lambda meta: (triton.cdiv(d, meta["BLOCK_D"]), splits, n_groups)](
+        bwd_main_kernel[grid](
             dy, dy.stride(1), dy.stride(2),
             x, x.stride(0), x.stride(1),
             preact,
@@ -284,7 +310,7 @@ def multi_adapter_backward(
             *(p if p is not None else dummy for p in (dwd_p, dbd_p, dwu_p, dbu_p, ds_p)),
             0 if gather else dy.stride(0), w_down.stride(0), w_up.stride(0), 0 if b_up is None else b_up.stride(0),
             stride_s_n, perm, counts, starts,
-            num_tokens, d, r, tokens_key, splits,
+            num_tokens, d, r, tokens_key,
             GATHER=gather,
             ACT=activation_id,
             HAS_BU=b_up is not None,
@@ -300,14 +326,19 @@ def multi_adapter_backward(
         if residual_is_x:
             dx += dy.sum(0, dtype=f32).to(dtype)
 
-    # Fixed-order reductions over the T-splits: deterministic.
-    dw_down = dwd_p.sum(1).to(dtype) if need_dwd else None
-    db_down = dbd_p.sum(1).to(dtype) if need_dbd else None
-    dw_up = dwu_p.sum(1).to(dtype) if need_dwu else None
-    db_up = dbu_p.sum(1).to(dtype) if need_dbu else None
+    def summed(partials):
+        """The kernel's partials, the first N x splits rows of a workspace as (N, splits, ...), summed over
+        the splits in a fixed order: deterministic."""
+        splits = launched["splits"]
+        return partials[: n_adapters * splits].view(n_adapters, splits, *partials.shape[1:]).sum(1)
+
+    dw_down = summed(dwd_p).to(dtype) if need_dwd else None
+    db_down = summed(dbd_p).to(dtype) if need_dbd else None
+    dw_up = summed(dwu_p).to(dtype) if need_dwu else None
+    db_up = summed(dbu_p).to(dtype) if need_dbu else None
     dscale = None
     if need_ds:
-        ds = ds_p.sum(1)  # (N, d)
+        ds = summed(ds_p)  # (N, d)
         dscale = (ds.sum(1, keepdim=True) if scale.shape[1] == 1 else ds).to(scale.dtype)
     return dx, dw_down, db_down, dw_up, db_up, dscale
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .language import BWD_CONFIGS, FWD_CONFIGS, PRUNE, act, act_grad, dot, down_projection, group_bounds, group_tile, up_slab
+from .language import (
+    BWD_DH_CONFIGS, BWD_DH_PRUNE, BWD_MAIN_CONFIGS, BWD_MAIN_PRUNE, FWD_CONFIGS, PRUNE, act, act_grad, dot,
+    down_projection, group_bounds, group_tile, up_slab,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Forward
@@ -203,7 +206,7 @@ def decode_up_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=["D", "R_PAD", "T_BUCKET"], prune_configs_by=PRUNE)
+@triton.autotune(configs=BWD_DH_CONFIGS, key=["D", "R_PAD", "T_BUCKET"], prune_configs_by=BWD_DH_PRUNE)
 @triton.jit
 def bwd_dh_kernel(
     DY, stride_dyt, stride_dyd,  # (T, D)
@@ -275,11 +278,12 @@ def _bwd_dh_tile(
 
 # ----------------------------------------------------------------------------------------------
 # Backward kernel 2: dx, and per-T-split partial sums of every parameter gradient.
-# Grid: (cdiv(D, BLOCK_D), SPLITS); program (pid_d, pid_s) walks its contiguous range of T tiles.
+# Grid: (cdiv(D, BLOCK_D), SPLITS, groups); program (pid_d, pid_s, g) walks its contiguous range of T tiles.
+# The split count is read off the grid: the host picks it per config (from BLOCK_T and BLOCK_D).
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=["D", "R_PAD", "T_BUCKET"], prune_configs_by=PRUNE)
+@triton.autotune(configs=BWD_MAIN_CONFIGS, key=["D", "R_PAD", "T_BUCKET"], prune_configs_by=BWD_MAIN_PRUNE)
 @triton.jit
 def bwd_main_kernel(
     DY, stride_dyt, stride_dyd,  # (T, D)
@@ -291,14 +295,14 @@ def bwd_main_kernel(
     BU,  # (D,)
     S, stride_s, scale_value,
     DX,  # (T, D) contiguous output
-    DWD_P,  # (SPLITS, R, D) partials in ACC dtype
-    DBD_P,  # (SPLITS, R) fp32 partials
-    DWU_P,  # (SPLITS, D, R) fp32 partials
-    DBU_P,  # (SPLITS, D) fp32 partials
-    DS_P,  # (SPLITS, D) fp32 partials of sum_T dy * u
+    DWD_P,  # (N, SPLITS, R, D) partials in ACC dtype (a stack's adapters, also for a batch's groups 1..N)
+    DBD_P,  # (N, SPLITS, R) partials in ACC dtype
+    DWU_P,  # (N, SPLITS, D, R) partials in ACC dtype
+    DBU_P,  # (N, SPLITS, D) partials in ACC dtype
+    DS_P,  # (N, SPLITS, D) partials in ACC dtype of sum_T dy * u
     stride_dy_n, stride_wd_n, stride_wu_n, stride_bu_n, stride_s_n,  # adapter axis (grid axis 2)
     PERM, COUNTS, STARTS,  # token groups (GATHER only)
-    T, D, R, T_BUCKET, SPLITS,
+    T, D, R, T_BUCKET,
     GATHER: tl.constexpr,
     ACT: tl.constexpr,
     HAS_BU: tl.constexpr,
@@ -319,6 +323,7 @@ def bwd_main_kernel(
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     g = tl.program_id(2)
+    splits = tl.num_programs(1)
     # Adapter n: its dy, pre-activation, dh, weights and partial sums. dx of a stack (the sum over
     # adapters) is left to the host (NEED_DX is only set for one adapter, or for a batch, where every
     # token row belongs to one group).
@@ -334,7 +339,7 @@ def bwd_main_kernel(
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     num_tiles = tl.cdiv(count, BLOCK_T)
-    tiles_per_split = tl.cdiv(num_tiles, SPLITS)
+    tiles_per_split = tl.cdiv(num_tiles, splits)
     tile_lo = pid_s * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
     if n < 0:
@@ -353,8 +358,8 @@ def bwd_main_kernel(
             DY, stride_dyt, stride_dyd, X, stride_xt, stride_xd, H, DH,
             WD + n * stride_wd_n, stride_wd_r, stride_wd_d, WU + n * stride_wu_n, stride_wu_d, stride_wu_r,
             BU + n * stride_bu_n, S + n * stride_s_n, stride_s, scale_value, DX,
-            DWD_P + n * SPLITS * R * D, DBD_P + n * SPLITS * R, DWU_P + n * SPLITS * D * R,
-            DBU_P + n * SPLITS * D, DS_P + n * SPLITS * D,
+            DWD_P + n * splits * R * D, DBD_P + n * splits * R, DWU_P + n * splits * D * R,
+            DBU_P + n * splits * D, DS_P + n * splits * D,
             PERM, COUNTS, STARTS, g, pid_d, pid_s, tile_lo, tile_hi, T, D, R, GATHER,
             ACT, HAS_BU, HAS_S, RES_IS_X, NEED_DX, NEED_DWD, NEED_DBD, NEED_DWU, NEED_DBU, NEED_DS,
             PRECISION, ACC, R_PAD, BLOCK_T, BLOCK_D,

@@ -207,49 +207,97 @@ def _configs(block_t, block_d, warps, stages):
     ]
 
 
-# ADAPTERKERN_TRITON_CONFIGS=few: two configs per kernel instead of the full sweep, for running the test
-# suite on a GPU (every new shape key would otherwise compile and time 48 configs; gpu_check.sh sets it
-# for its test stage only, the benchmarks autotune fully). Two, so the choice logic still runs.
+# ADAPTERKERN_TRITON_CONFIGS=few: two configs per kernel instead of the full sweep (the backward kernels:
+# one or two per width and element size, _FEW_BWD), for running the test suite on a GPU (every new shape
+# key would otherwise compile and time 48 configs; gpu_check.sh sets it for its test stage only, the
+# benchmarks autotune fully). Two, so the choice logic still runs.
 _FEW_CONFIGS = os.environ.get("ADAPTERKERN_TRITON_CONFIGS", "") == "few"
 
-# The backward of a wide bottleneck (R_PAD >= 256) in fp32 / fp64 stages tiles of 4- and 8-byte
-# operands: every multi-stage config needs more shared memory than an A100 (163 KiB) or an H100 /
-# H200 (227 KiB) has (332 KiB at R_PAD 512), so those launches also get single-stage 16-row configs,
-# which fit (tests/test_backends_triton_compile.py compiles them and checks). Only they keep them.
-_WIDE_BWD_R_PAD = 256
+# The backward kernels' spaces: (BLOCK_T, BLOCK_D, warps, stages) -> {operand element size (2: bf16 /
+# fp16, 4: fp32, 8: fp64): (narrowest, widest) R_PAD the prune gives it at}: where ptxas allocates it
+# without register spills on sm_80 and sm_90 (ptxas -v on AOT compiles of the general kernel, no stride
+# specialized; tests/test_backends_triton_compile.py compiles every config the prunes keep, bf16 and fp32
+# at the widths where these tables change, fp16 and fp64 at 16, and fails on a spill).
+# bwd_main_kernel keeps two (R_PAD, BLOCK_D) fp32 accumulators and the w_down / w_up tiles (dot operands,
+# a copy per warp) live across its token loop, beside each step's (BLOCK_T, BLOCK_D) and (BLOCK_T, R_PAD)
+# tiles: 64-row tiles on 4 warps (one warpgroup: wgmma) and 128-wide D blocks spill even at R_PAD 16,
+# fp32 / fp64 fit only 16-row tiles, and from R_PAD 128 so does bf16 / fp16. At R_PAD 512 no config is
+# spill-free (nor at 256 in bf16 / fp16 on sm_80): the 16-row ones there spill least (the test's
+# allow-list), and the autotuner takes the faster. bwd_dh_kernel keeps one (BLOCK_T, R_PAD) accumulator:
+# tiles up to 64 x 64 on 8 warps fit to R_PAD 128, 32 x 32 to 256, 16 x 32 on 8 warps at 512.
+# Every width has a 16-row config (a short T takes it: no tile longer than the tokens, see _bwd_prune);
+# they take one stage: wide fp32 / fp64 tiles in several stages overflow shared memory.
+_ANY = 1 << 30  # no widest R_PAD
+_BWD_MAIN_SPACE = {
+    (32, 32, 4, 2): {2: (16, 16)},
+    (64, 32, 8, 2): {2: (16, 16)},
+    (32, 32, 8, 2): {2: (16, 64)},
+    (32, 64, 8, 2): {2: (16, 64)},
+    (16, 64, 8, 1): {4: (16, 16)},
+    (16, 32, 8, 1): {2: (16, _ANY), 4: (16, 64)},
+    (16, 16, 8, 1): {2: (512, _ANY), 4: (128, _ANY), 8: (16, _ANY)},
+}
+_BWD_DH_SPACE = {
+    **{(bt, bd, 8, s): {2: (16, 128), 4: (16, 16)} for bt, bd in ((32, 64), (64, 32)) for s in (2, 3)},
+    **{(bt, bd, 8, s): {2: (16, 64), 4: (16, 16)} for bt, bd in ((64, 64), (32, 128)) for s in (2, 3)},
+    **{(32, 64, 4, s): {2: (16, 64), 4: (16, 16)} for s in (2, 3)},
+    **{(32, 32, 8, s): {2: (16, 256), 4: (16, 256), 8: (16, 16)} for s in (2, 3)},
+    (16, 32, 4, 1): {2: (16, 256), 4: (16, 256), 8: (16, 256)},
+    (16, 32, 8, 1): {2: (512, _ANY), 4: (512, _ANY), 8: (512, _ANY)},
+}
+_FEW_BWD = {(32, 32, 8, 2), (16, 32, 8, 1), (16, 16, 8, 1), (16, 32, 4, 1)}
+
+
+def _space(table):
+    keys = [k for k in table if not _FEW_CONFIGS or k in _FEW_BWD]
+    return [triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=w, num_stages=s) for bt, bd, w, s in keys]
+
 
 if INTERPRET:
     FWD_CONFIGS = _configs([32], [32], [4], [1])
-    BWD_CONFIGS = _configs([32], [32], [4], [1])
-    _WIDE_BWD_CONFIGS = []
+    BWD_MAIN_CONFIGS = BWD_DH_CONFIGS = _configs([32], [32], [4], [1])
 elif _FEW_CONFIGS:
     FWD_CONFIGS = _configs([16, 64], [32], [4], [2])
-    _WIDE_BWD_CONFIGS = _configs([16], [32], [4], [1])
-    BWD_CONFIGS = _configs([32, 64], [32], [4], [2]) + _WIDE_BWD_CONFIGS
+    BWD_MAIN_CONFIGS, BWD_DH_CONFIGS = _space(_BWD_MAIN_SPACE), _space(_BWD_DH_SPACE)
 else:
     FWD_CONFIGS = _configs([16, 32, 64, 128], [32, 64, 128], [4, 8], [2, 3])
-    _WIDE_BWD_CONFIGS = _configs([16], [32], [4, 8], [1])
-    BWD_CONFIGS = _configs([32, 64], [32, 64, 128], [4, 8], [2, 3]) + _WIDE_BWD_CONFIGS
-_WIDE_BWD_IDS = {id(c) for c in _WIDE_BWD_CONFIGS}
+    BWD_MAIN_CONFIGS, BWD_DH_CONFIGS = _space(_BWD_MAIN_SPACE), _space(_BWD_DH_SPACE)
 
 
 def _prune(configs, named_args, **kwargs):
     r_pad = named_args["R_PAD"] if "R_PAD" in named_args else kwargs["R_PAD"]
     t_bucket = named_args["T_BUCKET"]
-    dy = named_args.get("DY")  # the backward kernels' first tensor; its element size sets the tile bytes
-    wide = dy is not None and dy.element_size() >= 4 and r_pad >= _WIDE_BWD_R_PAD
     kept = [
         c
         for c in configs
         if c.kwargs["BLOCK_T"] * r_pad <= 128 * 128  # accumulator registers
         and c.kwargs["BLOCK_D"] * r_pad <= 128 * 128
         and (c.kwargs["BLOCK_T"] <= max(16, t_bucket))  # no 128-row tiles for decode-size T
-        and (wide or id(c) not in _WIDE_BWD_IDS)
     ]
     return kept or configs[:1]
 
 
+def _bwd_prune(table):
+    """The early prune of a backward kernel over ``table`` (see _BWD_MAIN_SPACE): the configs given at this
+    R_PAD and DY's element size, no tile longer than the tokens (a 16-row one is given at every width)."""
+
+    def given(config, r_pad, size):
+        lo, hi = table[(config.kwargs["BLOCK_T"], config.kwargs["BLOCK_D"], config.num_warps, config.num_stages)].get(
+            size, (0, -1))
+        return lo <= r_pad <= hi
+
+    def prune(configs, named_args, **kwargs):
+        r_pad = named_args["R_PAD"] if "R_PAD" in named_args else kwargs["R_PAD"]
+        size = named_args["DY"].element_size()
+        return [c for c in configs
+                if given(c, r_pad, size) and c.kwargs["BLOCK_T"] <= max(16, named_args["T_BUCKET"])]
+
+    return {"early_config_prune": prune}
+
+
 PRUNE = {"early_config_prune": _prune}
+BWD_MAIN_PRUNE = _bwd_prune(_BWD_MAIN_SPACE)
+BWD_DH_PRUNE = _bwd_prune(_BWD_DH_SPACE)
 
 
 def t_bucket(num_tokens: int) -> int:
