@@ -42,6 +42,7 @@ class Mutant:
     new: str
     variants: tuple[str, ...]  # where it must be caught
     why: str
+    core: bool = True  # in the suite's set (ADAPTERKERN_EMU_MUTANTS=1); the others with =all or this CLI
 
 
 MUTANTS = (
@@ -88,15 +89,15 @@ MUTANTS = (
     Mutant("vec-missing-barrier-ys", "kernels/adapter_fwd.cuh",
            "            *reinterpret_cast<float2*>(Ys + row * kLdy + col) = v;\n          }\n      __syncthreads();\n",
            "            *reinterpret_cast<float2*>(Ys + row * kLdy + col) = v;\n          }\n",
-           ("tsan",), "vectorised epilogue: the copy-out reads Ys without a barrier after the fragment stores"),
+           ("tsan",), "vectorised epilogue: the copy-out reads Ys without a barrier after the fragment stores", core=False),
     Mutant("vec-token-bound-off-by-one", "kernels/adapter_fwd.cuh",
            "copy_chunk_async(dst, x + t * p.sx0 + j, t < p.T ? p.d - j : 0, x);",
            "copy_chunk_async(dst, x + t * p.sx0 + j, t <= p.T ? p.d - j : 0, x);",
-           ("asan",), "vectorised x copies read token t = T (one past the last)"),
+           ("asan",), "vectorised x copies read token t = T (one past the last)", core=False),
     Mutant("vec-residual-ring-slot", "kernels/adapter_fwd.cuh",
            "          S* rs = Rs + (q / ksteps % kStages) * BT * LDR;",
            "          S* rs = Rs + ((q / ksteps + 1) % kStages) * BT * LDR;",
-           ("asan",), "vectorised epilogue: a tile's residual lands in the ring slot of the next tile"),
+           ("asan",), "vectorised epilogue: a tile's residual lands in the ring slot of the next tile", core=False),
     Mutant("cluster-missing-sync", "kernels/adapter_fwd.cuh",
            "    cluster_sync();\n    for (int idx = threadIdx.x; idx < BT * rpad; idx += kThreads) {",
            "    for (int idx = threadIdx.x; idx < BT * rpad; idx += kThreads) {",
@@ -104,7 +105,7 @@ MUTANTS = (
     Mutant("cluster-own-partials", "kernels/adapter_fwd.cuh",
            "v += map_shared_rank(Ps, c)[row * ldp + i];",
            "v += Ps[row * ldp + i];",
-           ("asan",), "cluster kernel: each block sums its own partial gridDim.y times instead of the cluster's"),
+           ("asan",), "cluster kernel: each block sums its own partial gridDim.y times instead of the cluster's", core=False),
     Mutant("divergent-barrier", "kernels/adapter_bwd.cuh",
            "      if (lane < 4) {\n#pragma unroll\n",
            "      if (lane < 4) {\n        __syncthreads();\n#pragma unroll\n",
@@ -114,6 +115,8 @@ MUTANTS = (
            "        bcol[nt][h] = 0.0f;\n",
            ("asan",), "the forward epilogue drops b_up"),
 )
+
+CORE = tuple(m for m in MUTANTS if m.core)
 
 VARIANT_ARGS = {"asan": ["--fail-fast"], "tsan": ["--subset=tsan", "--fail-fast"]}  # one failure is the verdict
 _REPORT = re.compile(r"^(emu: FATAL.*|.*ERROR: AddressSanitizer.*|.*runtime error.*|WARNING: ThreadSanitizer.*)$", re.M)
