@@ -2,10 +2,10 @@
 //
 // Synchronisation objects and what they order (ThreadSanitizer sees exactly these edges):
 //   * Pool::m_                       host thread <-> the block's threads, at a block's start and end;
-//   * Block::m, Block::generation    all threads of a block, at each __syncthreads;
+//   * Block::barrier (m, generation) all threads of a block, at each __syncthreads;
 //   * Warp::m, Warp::round           the lanes of one warp, at each collective (shuffle, mma.sync, ldmatrix);
 //   * Block::static_m                the first use of each static __shared__ array (kernel entry);
-//   * Cluster::m, Cluster::generation  all threads of a cluster's blocks, at each cluster_sync.
+//   * Cluster::barrier               all threads of a cluster's blocks, at each cluster_sync.
 // mma.sync operands are decoded per the PTX ISA fragment layouts (section "Matrix Fragments for
 // mma.m16n8k16 with floating point type" and "... for mma.m16n8k8", .tf32), independently of the
 // kernels' load_a/load_b, so a kernel whose fragments disagree with the hardware computes wrong numbers.
@@ -142,11 +142,38 @@ struct Warp {
   uint32_t slots[2][32][kSlotWords];     // double-buffered by round parity (see collective())
 };
 
-struct Block {
-  int nthreads = 0;
-  std::mutex m;  // __syncthreads bookkeeping
+// A barrier over the `live` threads of a block (__syncthreads) or of a cluster (barrier.cluster).
+struct Barrier {
+  std::mutex m;
   int live = 0, arrived = 0;
   std::atomic<uint32_t> generation{0};  // completed barriers; bumped under m, read relaxed by the deadlock check
+
+  void complete(std::unique_lock<std::mutex>& lk) {  // called with m held, as the last thread arrives
+    arrived = 0;
+    generation.fetch_add(1, std::memory_order_release);
+    lk.unlock();
+    generation.notify_all();
+  }
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lk(m);
+    const uint32_t open = generation.load(std::memory_order_relaxed);
+    if (++arrived == live) {
+      complete(lk);
+    } else {
+      lk.unlock();
+      wait_for_change(generation, open);
+    }
+  }
+  void leave() {  // a thread that exits: a barrier waiting only for it completes
+    std::unique_lock<std::mutex> lk(m);
+    --live;
+    if (arrived > 0 && arrived == live) complete(lk);
+  }
+};
+
+struct Block {
+  int nthreads = 0;
+  Barrier barrier;  // __syncthreads
   std::unique_ptr<Warp[]> warps;
   unsigned char* dynamic = nullptr;
   size_t dynamic_bytes = 0, smem_limit = 0;  // the block's total shared-memory limit
@@ -167,9 +194,7 @@ thread_local std::vector<size_t> t_async_group_ends;
 // The blocks of one cluster launch together; `live` counts their threads still running (cluster_sync).
 struct Cluster {
   std::vector<Block*> blocks;  // by rank (the block's linear index inside the cluster)
-  std::mutex m;
-  int live = 0, arrived = 0;
-  std::atomic<uint32_t> generation{0};
+  Barrier barrier;             // barrier.cluster
 };
 
 thread_local Block* t_block = nullptr;
@@ -194,7 +219,7 @@ unsigned char* alloc_smem(size_t bytes) {
 // others wait at a still-open barrier, or have exited, can never proceed.
 void check_warp_can_progress(const Block& b, const Warp& w, int warp) {
   if (w.in_collective == 0) return;
-  const uint32_t open_generation = b.generation.load(std::memory_order_relaxed);
+  const uint32_t open_generation = b.barrier.generation.load(std::memory_order_relaxed);
   for (int l = 0; l < w.size; ++l) {
     if (w.state[l] == Lane::kExited)
       die("warp %d: lane %d has exited while lanes wait in '%s' (a warp collective needs all 32 lanes)", warp, l,
@@ -252,25 +277,8 @@ void exit_thread() {
     w.state[t_lane] = Lane::kExited;
     if (w.in_collective > 0) check_warp_can_progress(b, w, t_warp);
   }
-  {
-    std::unique_lock<std::mutex> lk(b.m);
-    --b.live;
-    if (b.arrived > 0 && b.arrived == b.live) {
-      b.arrived = 0;
-      b.generation.fetch_add(1, std::memory_order_release);
-      lk.unlock();
-      b.generation.notify_all();
-    }
-  }
-  Cluster& c = *t_cluster;
-  std::unique_lock<std::mutex> lk(c.m);
-  --c.live;
-  if (c.arrived > 0 && c.arrived == c.live) {
-    c.arrived = 0;
-    c.generation.fetch_add(1, std::memory_order_release);
-    lk.unlock();
-    c.generation.notify_all();
-  }
+  b.barrier.leave();
+  t_cluster->barrier.leave();
 }
 
 // Runs the blocks of one cluster (cluster_dim blocks from block `origin`; one block without clusters) at
@@ -284,7 +292,7 @@ void run_cluster(dim3 grid, dim3 block_dim, dim3 cluster_dim, uint3 origin, size
   for (int i = 0; i < nblocks; ++i) {
     auto b = std::make_unique<Block>();
     b->nthreads = nthreads;
-    b->live = nthreads;
+    b->barrier.live = nthreads;
     const int nwarps = (nthreads + 31) / 32;
     b->warps.reset(new Warp[nwarps]);
     for (int w = 0; w < nwarps; ++w) b->warps[w].size = std::min(32, nthreads - 32 * w);
@@ -294,7 +302,7 @@ void run_cluster(dim3 grid, dim3 block_dim, dim3 cluster_dim, uint3 origin, size
     cluster.blocks.push_back(b.get());
     blocks.push_back(std::move(b));
   }
-  cluster.live = nthreads * nblocks;
+  cluster.barrier.live = nthreads * nblocks;
   g_pool.run(nthreads * nblocks, [&](int id) {
     const int rank = id / nthreads, tid = id % nthreads;
     t_block = cluster.blocks[rank];
@@ -393,61 +401,30 @@ void record_launch(LaunchRecord record) { t_launch_log.push_back(std::move(recor
 std::vector<LaunchRecord> take_launch_log() { return std::exchange(t_launch_log, {}); }
 
 // ------------------------------------------------------------------------------ public: device side
-void syncthreads() {
+namespace {
+// A lane waiting at `bar` (its block's or its cluster's): marked in its warp, so that a collective the other
+// lanes wait in is reported as a deadlock instead of hanging.
+void wait_at(Barrier& bar) {
   Block& b = block();
   Warp& w = b.warps[t_warp];
   {
     std::lock_guard<std::mutex> lk(w.m);
     w.state[t_lane] = Lane::kBarrier;
-    w.barrier_generation[t_lane] = b.generation.load(std::memory_order_relaxed);
+    w.barrier_generation[t_lane] = b.barrier.generation.load(std::memory_order_relaxed);
     if (w.in_collective > 0) check_warp_can_progress(b, w, t_warp);
   }
-  {
-    std::unique_lock<std::mutex> lk(b.m);
-    const uint32_t open = b.generation.load(std::memory_order_relaxed);
-    if (++b.arrived == b.live) {
-      b.arrived = 0;
-      b.generation.fetch_add(1, std::memory_order_release);
-      lk.unlock();
-      b.generation.notify_all();
-    } else {
-      lk.unlock();
-      wait_for_change(b.generation, open);
-    }
-  }
+  bar.arrive_and_wait();
   std::lock_guard<std::mutex> lk(w.m);
   w.state[t_lane] = Lane::kRunning;
 }
+}  // namespace
+
+void syncthreads() { wait_at(block().barrier); }
 
 unsigned char* dynamic_smem() { return block().dynamic; }
 
 // barrier.cluster.arrive.release + barrier.cluster.wait.acquire over every live thread of the cluster.
-void cluster_sync() {
-  Block& b = block();
-  Warp& w = b.warps[t_warp];
-  {
-    std::lock_guard<std::mutex> lk(w.m);  // a lane here while others wait in a collective: deadlock
-    w.state[t_lane] = Lane::kBarrier;
-    w.barrier_generation[t_lane] = b.generation.load(std::memory_order_relaxed);
-    if (w.in_collective > 0) check_warp_can_progress(b, w, t_warp);
-  }
-  Cluster& c = *t_cluster;
-  {
-    std::unique_lock<std::mutex> lk(c.m);
-    const uint32_t open = c.generation.load(std::memory_order_relaxed);
-    if (++c.arrived == c.live) {
-      c.arrived = 0;
-      c.generation.fetch_add(1, std::memory_order_release);
-      lk.unlock();
-      c.generation.notify_all();
-    } else {
-      lk.unlock();
-      wait_for_change(c.generation, open);
-    }
-  }
-  std::lock_guard<std::mutex> lk(w.m);
-  w.state[t_lane] = Lane::kRunning;
-}
+void cluster_sync() { wait_at(t_cluster->barrier); }
 
 void* map_shared_rank(const void* p, unsigned rank) {
   const Block& b = block();

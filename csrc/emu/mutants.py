@@ -43,6 +43,8 @@ class Mutant:
     variants: tuple[str, ...]  # where it must be caught
     why: str
     core: bool = True  # in the suite's set (ADAPTERKERN_EMU_MUTANTS=1); the others with =all or this CLI
+    cases: str = ""    # run only the cases whose description contains this (test_kernels --filter): the
+                       # vectorised / cluster paths' bugs need not wait for every scalar-path case
 
 
 MUTANTS = (
@@ -81,31 +83,31 @@ MUTANTS = (
     Mutant("vec-wait-one-stage-late", "kernels/adapter_fwd.cuh",
            "          cp_async_wait<kStages - 2>();\n          __syncthreads();                      // stage k0",
            "          cp_async_wait<kStages - 1>();\n          __syncthreads();                      // stage k0",
-           ("asan",), "vectorised phase 1: the MMAs read a k-stage whose cp.async group has not been waited for"),
+           ("asan",), "vectorised phase 1: the MMAs read a k-stage whose cp.async group has not been waited for", cases="vec-"),
     Mutant("vec-ldsm-row-order", "kernels/common.cuh",
            "ldsm_x4(f.r, a + (lane & 7) * ld + ((lane >> 3) & 1) * 8 * ld + (lane >> 4) * 8);",
            "ldsm_x4(f.r, a + (lane & 7) * ld + ((lane >> 3) & 1) * 8 + (lane >> 4) * 8 * ld);",
-           ("asan",), "ldmatrix A fragment: matrices 1 and 2 (rows 8-15 / columns 8-15) exchanged"),
+           ("asan",), "ldmatrix A fragment: matrices 1 and 2 (rows 8-15 / columns 8-15) exchanged", cases="vec-"),
     Mutant("vec-missing-barrier-ys", "kernels/adapter_fwd.cuh",
            "            *reinterpret_cast<float2*>(Ys + row * kLdy + col) = v;\n          }\n      __syncthreads();\n",
            "            *reinterpret_cast<float2*>(Ys + row * kLdy + col) = v;\n          }\n",
-           ("tsan",), "vectorised epilogue: the copy-out reads Ys without a barrier after the fragment stores", core=False),
+           ("tsan",), "vectorised epilogue: the copy-out reads Ys without a barrier after the fragment stores", core=False, cases="vec-"),
     Mutant("vec-token-bound-off-by-one", "kernels/adapter_fwd.cuh",
            "copy_chunk_async(dst, x + t * p.sx0 + j, t < p.T ? p.d - j : 0, x);",
            "copy_chunk_async(dst, x + t * p.sx0 + j, t <= p.T ? p.d - j : 0, x);",
-           ("asan",), "vectorised x copies read token t = T (one past the last)", core=False),
+           ("asan",), "vectorised x copies read token t = T (one past the last)", core=False, cases="vec-"),
     Mutant("vec-residual-ring-slot", "kernels/adapter_fwd.cuh",
            "          S* rs = Rs + (q / ksteps % kStages) * BT * LDR;",
            "          S* rs = Rs + ((q / ksteps + 1) % kStages) * BT * LDR;",
-           ("asan",), "vectorised epilogue: a tile's residual lands in the ring slot of the next tile", core=False),
+           ("asan",), "vectorised epilogue: a tile's residual lands in the ring slot of the next tile", core=False, cases="vec-"),
     Mutant("cluster-missing-sync", "kernels/adapter_fwd.cuh",
            "    cluster_sync();\n    for (int idx = threadIdx.x; idx < BT * rpad; idx += kThreads) {",
            "    for (int idx = threadIdx.x; idx < BT * rpad; idx += kThreads) {",
-           ("tsan",), "cluster kernel: the partials of the other blocks read over DSMEM before the cluster barrier"),
+           ("tsan",), "cluster kernel: the partials of the other blocks read over DSMEM before the cluster barrier", cases="cluster"),
     Mutant("cluster-own-partials", "kernels/adapter_fwd.cuh",
            "v += map_shared_rank(Ps, c)[row * ldp + i];",
            "v += Ps[row * ldp + i];",
-           ("asan",), "cluster kernel: each block sums its own partial gridDim.y times instead of the cluster's", core=False),
+           ("asan",), "cluster kernel: each block sums its own partial gridDim.y times instead of the cluster's", core=False, cases="cluster"),
     Mutant("divergent-barrier", "kernels/adapter_bwd.cuh",
            "      if (lane < 4) {\n#pragma unroll\n",
            "      if (lane < 4) {\n        __syncthreads();\n#pragma unroll\n",
@@ -131,10 +133,10 @@ class Result:
     seconds: float
 
 
-def run_variant(csrc: Path, variant: str, out: Path) -> tuple[int, str, float]:
+def run_variant(csrc: Path, variant: str, out: Path, cases: str = "") -> tuple[int, str, float]:
     start = time.monotonic()
     exe = build.build(variant, csrc, out)
-    proc = build.run(exe, VARIANT_ARGS[variant])
+    proc = build.run(exe, VARIANT_ARGS[variant] + ([f"--filter={cases}"] if cases else []))
     fail = next((ln for ln in proc.stdout.splitlines() if ln.startswith("FAIL ")), "")
     report = _REPORT.search(proc.stderr)
     line = " / ".join(x for x in (fail, report.group(1).strip() if report else "") if x) or "passes"
@@ -158,7 +160,7 @@ def check(mutants: tuple[Mutant, ...], out: Path = build.DEFAULT_OUT, baseline: 
                 raise RuntimeError(f"mutant {m.name}: the text to replace occurs {text.count(m.old)} times in {m.file}")
             target.write_text(text.replace(m.old, m.new))
             for variant in m.variants:
-                rc, line, secs = run_variant(csrc, variant, out)
+                rc, line, secs = run_variant(csrc, variant, out, m.cases)
                 results.append(Result(m.name, variant, rc != 0, line, secs))
     return results
 
