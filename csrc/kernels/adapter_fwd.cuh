@@ -183,6 +183,12 @@ template <int BT> inline constexpr bool kDecodeCapable = BT == 16;
 template <class Op, int BT, bool VEC, bool CLUSTER = false>
 __global__ void __launch_bounds__(kThreads, 2) adapter_fwd_kernel(const FwdKParams p) {
   static_assert(!CLUSTER || (VEC && BT == 64), "the cluster kernel is the vectorised 64-token one");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  if constexpr (CLUSTER) {  // never launched below sm_90 (no clusters): an empty body, nothing to compile
+    __trap();
+    return;
+  }
+#endif
   using S = typename Op::S;
   using L = WarpLayout<BT>;
   constexpr int PAD = smem_pad<S>();
