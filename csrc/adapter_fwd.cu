@@ -178,8 +178,7 @@ cudaError_t run_fwd(const FwdArgs& a, cudaStream_t stream) {
     const int r = std::min(rc, a.r - c0);
     const bool separate_res = c0 > 0 || a.res.p != nullptr;
     const bool stage = cluster > 1 || fwd_smem_bytes<S>(bt, a.d, r, true, vec, separate_res) <= (size_t)info.smem_optin;
-    const size_t smem = cluster > 1 ? fwd_smem_bytes<S>(bt, cols, r, true, true, separate_res, true)
-                                    : fwd_smem_bytes<S>(bt, a.d, r, stage, vec, separate_res);
+    const size_t smem = fwd_smem_bytes<S>(bt, cluster > 1 ? cols : a.d, r, stage, vec, separate_res, cluster > 1);
     FwdKParams kp;
     kp.x = a.x.p; kp.sx0 = a.x.s0; kp.sx1 = a.x.s1;
     if (c0 == 0) { kp.res = a.res.p; kp.sr0 = a.res.s0; kp.sr1 = a.res.s1; }

@@ -237,13 +237,17 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_fwd_kernel(const FwdKPara
     const int64_t t = t0 + row;
     copy_chunk_async(dst, x + t * p.sx0 + j, t < p.T ? p.d - j : 0, x);
   };
+  // VEC, x staged: columns [x_col0, x_col0 + ncols) of the tile into Xs in one go (zeros past d), uncommitted.
+  auto stage_x_columns = [&](int ncols) {
+    const int per_row = (int)ceil_div64(ncols, V);
+    for (int c = threadIdx.x; c < BT * per_row; c += kThreads)
+      copy_x_chunk(Xs + (c / per_row) * ldx + (c % per_row) * V, c / per_row, x_col0 + (c % per_row) * V);
+  };
 
   if (p.stage_x) {  // made visible by the first __syncthreads of the k-loop below
     if constexpr (VEC) {
       if (skip_down) {  // no k-loop streams x in: the residual still reads the staged tile
-        const int per_row = (int)ceil_div64(p.d, V);
-        for (int c = threadIdx.x; c < BT * per_row; c += kThreads)
-          copy_x_chunk(Xs + (c / per_row) * ldx + (c % per_row) * V, c / per_row, (c % per_row) * V);
+        stage_x_columns(p.d);
         cp_async_commit();
         cp_async_wait<0>();
       }
@@ -263,10 +267,7 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_fwd_kernel(const FwdKPara
       // would not keep DRAM busy.
       const bool load_x = (!p.stage_x || n0 == 0) && !CLUSTER;
       if constexpr (CLUSTER) {
-        const int per_row = round_up(k_end - x_col0, kBK) / V;  // every column the MMAs read (zeros past d)
-        if (n0 == 0)
-          for (int c = threadIdx.x; c < BT * per_row; c += kThreads)
-            copy_x_chunk(Xs + (c / per_row) * ldx + (c % per_row) * V, c / per_row, x_col0 + (c % per_row) * V);
+        if (n0 == 0) stage_x_columns(round_up(k_end - x_col0, kBK));  // every column the MMAs read
       }
       auto issue = [&](int k0) {
         if (k0 < k_end) {
