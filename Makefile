@@ -42,8 +42,8 @@ test: $(VENV)/.installed-test $(ADAPTERHUB_VENV)/.installed
 	$(MAKE) --no-print-directory test-adapterhub || rc=$$?; exit $$rc
 
 # In parallel (pytest-xdist, one worker per core up to 4): the Triton interpreter is CPU-bound.
-# ADAPTERKERN_EMU_MUTANTS=1: the planted bugs of csrc/emu/mutants.py must each fail the CUDA
-# kernels' host emulation (tests/test_csrc_emulation.py; about a CPU minute and a half).
+# ADAPTERKERN_EMU_MUTANTS=1: the core planted bugs of csrc/emu/mutants.py must each fail the CUDA
+# kernels' host emulation (tests/test_csrc_emulation.py; about a CPU minute).
 # ADAPTERKERN_REQUIRE_ADAPTERHUB_VENV: the AdapterHub file tests need .venv-adapterhub (it makes their
 # fixtures with the real library); make test builds it first, so a missing one is a failure here.
 test-main: $(VENV)/.installed-test $(ADAPTERHUB_VENV)/.installed
@@ -92,7 +92,7 @@ check-cuda: $(VENV)/.installed-test
 check-cuda-emu:
 	bash csrc/emu/run.sh
 
-# Each planted bug of csrc/emu/mutants.py must make the emulated test fail (~2 min cold).
+# Each planted bug of csrc/emu/mutants.py (all 17; make test runs its core six) must make the emulated test fail (~3 min cold).
 check-cuda-emu-mutants:
 	python3 csrc/emu/mutants.py
 

@@ -8,11 +8,11 @@ strides, needs; see the driver). Two builds, one test each (pytest-xdist runs th
 * AddressSanitizer + UndefinedBehaviorSanitizer, every case;
 * ThreadSanitizer, the race-prone subset (every barrier, shuffle and mma path).
 
-The planted-bug checks (csrc/emu/mutants.py: a swapped fragment layout, missing barriers, off-by-one
-bounds, a divergent barrier, a dropped b_up, a cp.async wait one stage late, ldmatrix rows exchanged, a
-missing cluster barrier must each fail) take a few CPU minutes cold; they run with ADAPTERKERN_EMU_MUTANTS=1,
-which `make test` (CI) sets (select them with ``-k planted_bug``); ADAPTERKERN_EMU_MUTANTS=all adds the
-mutants.py ones outside its CORE set (or run ``python csrc/emu/mutants.py``: all of them). Objects are cached under build/emu/. Skipped only when g++ is not installed.
+The planted-bug checks (csrc/emu/mutants.py: each must fail) run with ADAPTERKERN_EMU_MUTANTS=1, which
+`make test` (CI) sets (select them with ``-k planted_bug``): its CORE set, one bug per way the emulation
+catches one (about a CPU minute cold); ADAPTERKERN_EMU_MUTANTS=all adds the other eleven (a swapped fragment
+layout, ldmatrix rows exchanged, off-by-one bounds, the decode path's splits, ...), as does
+``python csrc/emu/mutants.py``. Objects are cached under build/emu/. Skipped only when g++ is not installed.
 """
 from __future__ import annotations
 

@@ -227,40 +227,44 @@ def test_damaged_files_leave_the_model_unchanged(fixtures, tmp_path, damage):
 _LIBRARY_READS = r"""
 import json, sys, torch, adapters, transformers
 from safetensors.torch import save_file
-base, directory, family, out = sys.argv[1:5]
-cls = {"bert": "BertModel", "roberta": "RobertaModel", "gpt2": "GPT2Model", "llama": "LlamaModel"}[family]
-model = getattr(transformers, cls).from_pretrained(base, attn_implementation="eager").eval()
-adapters.init(model)
-name = model.load_adapter(directory, use_safetensors=True)
-model.set_active_adapters(name)
-fixture = json.load(open(sys.argv[5]))
-with torch.no_grad():
-    y = model(input_ids=torch.tensor(fixture["input_ids"]), attention_mask=torch.tensor(fixture["attention_mask"]))
-save_file({"last_hidden_state": y.last_hidden_state.contiguous()}, out)
+classes = {"bert": "BertModel", "roberta": "RobertaModel", "gpt2": "GPT2Model", "llama": "LlamaModel"}
+for job in json.load(open(sys.argv[1])):
+    model = getattr(transformers, classes[job["family"]]).from_pretrained(job["base"], attn_implementation="eager").eval()
+    adapters.init(model)
+    name = model.load_adapter(job["directory"], use_safetensors=True)
+    model.set_active_adapters(name)
+    fixture = json.load(open(job["fixture"]))
+    with torch.no_grad():
+        y = model(input_ids=torch.tensor(fixture["input_ids"]), attention_mask=torch.tensor(fixture["attention_mask"]))
+    save_file({"last_hidden_state": y.last_hidden_state.contiguous()}, job["out"])
 """
 
 
 def test_save_adapterhub_is_read_back_by_the_library(fixtures, tmp_path):
     """Load each mappable kind, save it back with save_adapterhub, and let the library itself (its own
-    environment, transformers 4.57) load the files and compute: the library's original outputs."""
+    environment, transformers 4.57; one process for every case) load the files and compute: the library's
+    original outputs."""
     cases = [("bert", "seq_bn"), ("roberta", "custom_par"), ("gpt2", "custom_houlsby"), ("llama", "seq_bn"),
              ("bert", "double_seq_bn")]
+    jobs = []
     for family, config_name in cases:
         source = fixtures / family / config_name / "bin"
-        fixture_file = source / "fixture.json"
         model = _base(fixtures, family)
         ak.load_adapterhub(model, source)
         saved = ak.save_adapterhub(model, config_name, tmp_path / f"{family}-{config_name}")
         meta = json.loads((saved / "adapter_config.json").read_text())
         assert meta["version"].startswith("adapters.") and meta["name"] == config_name
-        out = tmp_path / f"{family}-{config_name}.safetensors"
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        done = subprocess.run([str(LIBRARY_PYTHON), "-c", _LIBRARY_READS, str(fixtures / family / "base"), str(saved),
-                               family, str(out), str(fixture_file)], capture_output=True, text=True, env=env, timeout=600)
-        assert done.returncode == 0, done.stdout + done.stderr
-        fixture = json.loads(fixture_file.read_text())
-        diff = _close(load_file(str(out))["last_hidden_state"],
-                      load_file(str(source / "expected_outputs.safetensors"))["last_hidden_state"],
+        jobs.append({"family": family, "base": str(fixtures / family / "base"), "directory": str(saved),
+                     "fixture": str(source / "fixture.json"), "out": str(tmp_path / f"{family}-{config_name}.safetensors"),
+                     "expected": str(source / "expected_outputs.safetensors")})
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([str(LIBRARY_PYTHON), "-c", _LIBRARY_READS, str(tmp_path / "jobs.json")],
+                          capture_output=True, text=True, env=env, timeout=1800)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for (family, config_name), job in zip(cases, jobs):
+        fixture = json.loads(Path(job["fixture"]).read_text())
+        diff = _close(load_file(job["out"])["last_hidden_state"], load_file(job["expected"])["last_hidden_state"],
                       torch.tensor(fixture["attention_mask"]))
         assert diff <= TOL, (family, config_name, diff)
 

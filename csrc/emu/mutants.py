@@ -2,8 +2,8 @@
 
 For every mutant, csrc/ is copied to a temporary directory, one source edit is applied (the edited
 text must occur exactly once), and the test program is built and run in the mutant's variants:
-``asan`` (ASan + UBSan, every case: numerics and memory errors) and/or ``tsan`` (ThreadSanitizer,
-the race-prone subset). The unmutated copy must pass both. Prints, per mutant and variant, whether
+``asan`` (AddressSanitizer, every case: numerics and memory errors; build.py's asan-only build) and/or
+``tsan`` (ThreadSanitizer, the race-prone subset). The unmutated copy must pass both. Prints, per mutant and variant, whether
 the bug was caught and the first line that says so.
 
     python3 csrc/emu/mutants.py                 # every mutant; exit status 1 if one survives
@@ -51,15 +51,15 @@ MUTANTS = (
     Mutant("swapped-fragment", "kernels/common.cuh",
            "    f.r[1] = ld_u32(a + (g + 8) * ld + 2 * t);\n    f.r[2] = ld_u32(a + g * ld + 2 * t + 8);\n",
            "    f.r[1] = ld_u32(a + g * ld + 2 * t + 8);\n    f.r[2] = ld_u32(a + (g + 8) * ld + 2 * t);\n",
-           ("asan",), "Mma16816::load_a: registers a2,a3 and a4,a5 exchanged (rows g+8 vs columns +8)"),
+           ("asan",), "Mma16816::load_a: registers a2,a3 and a4,a5 exchanged (rows g+8 vs columns +8)", core=False),
     Mutant("missing-barrier", "kernels/common.cuh",
            "    warp_tile_mma<Op, MT, NT>(acc, a + k0, lda, ws + wn0 * LDW, LDW);\n    __syncthreads();\n",
            "    warp_tile_mma<Op, MT, NT>(acc, a + k0, lda, ws + wn0 * LDW, LDW);\n",
-           ("tsan",), "smem_by_weight_mma: no barrier between the MMAs on a weight stage and the next stage's store"),
+           ("tsan",), "smem_by_weight_mma: no barrier between the MMAs on a weight stage and the next stage's store", core=False),
     Mutant("bound-off-by-one", "kernels/common.cuh",
            "      return (n < N && k < K) ? w[n * swn + k * swk] : zero;\n",
            "      return (n < N && k <= K) ? w[n * swn + k * swk] : zero;\n",
-           ("asan",), "smem_by_weight_mma: the weight load reads column k = K (one past the last)"),
+           ("asan",), "smem_by_weight_mma: the weight load reads column k = K (one past the last)", core=False),
     Mutant("missing-barrier-fwd", "kernels/adapter_fwd.cuh",
            "          warp_tile_mma<Op, L::MT, L::NT>(acc, a, ldx, Ws + wn0 * LDW, LDW);\n          __syncthreads();\n",
            "          warp_tile_mma<Op, L::MT, L::NT>(acc, a, ldx, Ws + wn0 * LDW, LDW);\n",
@@ -67,15 +67,15 @@ MUTANTS = (
     Mutant("missing-barrier-partial", "kernels/adapter_fwd.cuh",
            "      warp_tile_mma<Op, L::MT, L::NT>(acc, Xs + wm0 * LD, LD, Ws + wn0 * LD, LD);\n      __syncthreads();\n",
            "      warp_tile_mma<Op, L::MT, L::NT>(acc, Xs + wm0 * LD, LD, Ws + wn0 * LD, LD);\n",
-           ("tsan",), "decode down-projection: no barrier between a k-stage's MMAs and the next stage's stores"),
+           ("tsan",), "decode down-projection: no barrier between a k-stage's MMAs and the next stage's stores", core=False),
     Mutant("decode-drops-a-split", "kernels/adapter_fwd.cuh",
            "for (int sp = 0; sp < p.ksplit; ++sp)",
            "for (int sp = 1; sp < p.ksplit; ++sp)",
-           ("asan",), "the decode path's sum of the d-split partials leaves out the first split"),
+           ("asan",), "the decode path's sum of the d-split partials leaves out the first split", core=False),
     Mutant("decode-chunk-overlap", "kernels/adapter_fwd.cuh",
            "  const int k_end = min(p.d, k_begin + p.k_chunk);",
            "  const int k_end = min(p.d, k_begin + p.k_chunk + kBK);",
-           ("asan",), "the decode path's d-splits overlap by one k-stage (counted twice)"),
+           ("asan",), "the decode path's d-splits overlap by one k-stage (counted twice)", core=False),
     Mutant("token-bound-off-by-one", "kernels/adapter_fwd.cuh",
            "    return (t < p.T && col < p.d) ? x[t * p.sx0 + col * p.sx1] : zero;\n",
            "    return (t <= p.T && col < p.d) ? x[t * p.sx0 + col * p.sx1] : zero;\n",
@@ -87,7 +87,7 @@ MUTANTS = (
     Mutant("vec-ldsm-row-order", "kernels/common.cuh",
            "ldsm_x4(f.r, a + (lane & 7) * ld + ((lane >> 3) & 1) * 8 * ld + (lane >> 4) * 8);",
            "ldsm_x4(f.r, a + (lane & 7) * ld + ((lane >> 3) & 1) * 8 + (lane >> 4) * 8 * ld);",
-           ("asan",), "ldmatrix A fragment: matrices 1 and 2 (rows 8-15 / columns 8-15) exchanged", cases="vec-"),
+           ("asan",), "ldmatrix A fragment: matrices 1 and 2 (rows 8-15 / columns 8-15) exchanged", cases="vec-", core=False),
     Mutant("vec-missing-barrier-ys", "kernels/adapter_fwd.cuh",
            "            *reinterpret_cast<float2*>(Ys + row * kLdy + col) = v;\n          }\n      __syncthreads();\n",
            "            *reinterpret_cast<float2*>(Ys + row * kLdy + col) = v;\n          }\n",
@@ -118,6 +118,12 @@ MUTANTS = (
            ("asan",), "the forward epilogue drops b_up"),
 )
 
+# The suite's set (tests/test_csrc_emulation.py with ADAPTERKERN_EMU_MUTANTS=1): one planted bug per way the
+# emulation catches one, each rebuilding a single kernel translation unit: a wrong number (no-b_up), an
+# out-of-bounds read under ASan (token-bound-off-by-one), a race under TSan (missing-barrier-fwd), a barrier
+# not every thread reaches (divergent-barrier), shared memory read before its cp.async wait
+# (vec-wait-one-stage-late), a missing cluster barrier (cluster-missing-sync). The fragment and ldmatrix
+# layouts of common.cuh have their selftests besides (selftest.cpp, float64 tiles).
 CORE = tuple(m for m in MUTANTS if m.core)
 
 VARIANT_ARGS = {"asan": ["--fail-fast"], "tsan": ["--subset=tsan", "--fail-fast"]}  # one failure is the verdict
@@ -133,9 +139,14 @@ class Result:
     seconds: float
 
 
+# The build each kind of check uses: ASan without UBSan for the asan checks (build.py: half the compile time;
+# a bug it catches, the suite's ASan + UBSan build catches too), ThreadSanitizer for the tsan ones.
+BUILD_VARIANT = {"asan": "asan-only", "tsan": "tsan"}
+
+
 def run_variant(csrc: Path, variant: str, out: Path, cases: str = "") -> tuple[int, str, float]:
     start = time.monotonic()
-    exe = build.build(variant, csrc, out)
+    exe = build.build(BUILD_VARIANT[variant], csrc, out)
     proc = build.run(exe, VARIANT_ARGS[variant] + ([f"--filter={cases}"] if cases else []))
     fail = next((ln for ln in proc.stdout.splitlines() if ln.startswith("FAIL ")), "")
     report = _REPORT.search(proc.stderr)

@@ -132,7 +132,8 @@ struct Tensor {
 };
 
 // ------------------------------------------------------------------------------ cases
-enum Device { kOneSm = 0, kManySms = 1, kTinySmem = 2, kSmallSmem = 3, kMidSmem = 4, kOneSmLarge = 5, kClusters = 6 };
+enum Device { kOneSm = 0, kManySms = 1, kTinySmem = 2, kSmallSmem = 3, kMidSmem = 4, kOneSmLarge = 5, kClusters = 6,
+             kOneSmMid = 7 };
 const emu::DeviceConfig kDevices[] = {
     {1, 99 * 1024},    // kOneSm: BT = 64 from T = 32 on
     {132, 227 * 1024}, // kManySms: H100-like; column splits and many wgrad splits for small T
@@ -141,6 +142,7 @@ const emu::DeviceConfig kDevices[] = {
     {4, 48 * 1024},    // kMidSmem (fictional): the vectorised forward with r chunks of 256, x unstaged from d > 640 (16-bit, BT = 16)
     {1, 227 * 1024},   // kOneSmLarge: BT = 64 from T = 32 on with an H100's shared memory (the vectorised 64-token forward)
     {2, 120 * 1024, true},  // kClusters (fictional sm_90): BT = 64 from T = 64; x unstaged from d > 576, so clusters
+    {1, 112 * 1024},   // kOneSmMid (fictional): the vectorised 64-token forward with a separate residual, x unstaged from d > 192
 };
 const char* kActNames[10] = {"relu", "gelu",    "gelu_tanh", "quick_gelu", "silu",
                              "tanh", "sigmoid", "leaky",     "relu6",      "linear"};
@@ -248,7 +250,7 @@ const Case kCases[] = {
      .expect = {.fwd_bt = 64, .fwd_split = 2, .staged = 1, .vec = 1, .cluster = 2}, .tsan = true},
     // More of the vectorised forward: unstaged x, the decode path unstaged, r chunks, TF32, and one operand off
     // its requirements.
-    {.name = "vec-unstaged-f16", .dt = Dt::F16, .dev = kOneSmLarge, .T = 40, .d = 1096, .r = 24, .act = 4,
+    {.name = "vec-unstaged-f16", .dt = Dt::F16, .dev = kOneSmMid, .T = 40, .d = 200, .r = 24, .act = 4,
      .separate_res = true, .expect = {.fwd_bt = 64, .staged = 0, .vec = 1}, .tsan = true},
     {.name = "vec-decode-unstaged-bf16", .dt = Dt::BF16, .dev = kMidSmem, .T = 3, .d = 712, .r = 8, .act = 0,
      .scale = Scale::kHost, .expect = {.staged = 0, .fwd_ksplit = 4, .vec = 1}},
