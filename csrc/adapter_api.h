@@ -83,6 +83,11 @@ struct BwdTokArgs {
   float* dscale_ws = nullptr;            // (plan.nblocks, d) fp32 or nullptr
   int64_t T = 0;
   int d = 0, r = 0, act = 0;
+  // The vectorised kernel's operands: wu^T (r, d) and wd^T (d, r), row-major copies (p == nullptr: the
+  // scalar kernel). It runs where every operand meets its alignment (adapter_bwd.cu, tok_vec_shape).
+  StridedMat wut, wdt;
+  bool vectorized = true;  // false: always the scalar kernel (ADAPTERKERN_CUDA_VECTOR=off)
+  bool clusters = true;    // false: no thread-block clusters (ADAPTERKERN_CUDA_CLUSTER=off)
 };
 cudaError_t adapter_bwd_token(const BwdTokArgs& a, const BwdTokPlan& plan, DType dt, bool tf32,
                               cudaStream_t stream);

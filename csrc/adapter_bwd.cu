@@ -1,9 +1,18 @@
 // Backward launchers: the token-parallel kernel (dscale partials, dh, dx) and the split-K weight
-// gradient kernel + its ordered reduction. See csrc/kernels/adapter_bwd.cuh for the maths.
+// gradient kernel + its ordered reduction. See csrc/kernels/adapter_bwd.cuh for the maths. For 16-bit types
+// with aligned operands and one r chunk the token kernel is the vectorised one (adapter_bwd_vec.cuh): dy staged
+// in shared memory where the block's tile fits, else over a thread-block cluster (sm_90), else streamed twice.
+//
+// What the vectorised kernels' SASS must hold (checked by .ci/check_cuda.sh): every bulk load by cp.async
+// (the scalar global loads left: the biases and the scale), dx and dh in 16-byte stores, fragments by
+// ldmatrix, no local memory; generic loads only in the cluster kernel's reads of the other blocks' partials.
+// (Template arguments <Op, BT, CLUSTER>; the cluster kernel is only built for real on sm_90.)
+// SASS-PROMISE: adapter_bwd_token_vec_kernel<*, false> LDGSTS>=1 LDG.128==0 STG.128>=1 LDSM>=1 LD==0 ST==0 LDL==0 STL==0 LDG.U16<=16 STG.U16<=2 REGS<=136
+// SASS-PROMISE: adapter_bwd_token_vec_kernel<*, true> @sm_90 LDGSTS>=1 LDG.128==0 STG.128>=1 LDSM>=1 ST==0 LDL==0 STL==0 LDG.U16<=16 STG.U16<=2 REGS<=136
 #include <algorithm>
 
 #include "adapter_api.h"
-#include "kernels/adapter_bwd.cuh"
+#include "kernels/adapter_bwd_vec.cuh"
 #include "launch_util.h"
 
 namespace adapterkern {
@@ -31,6 +40,80 @@ cudaError_t launch_tok(const BwdTokKParams& kp, int64_t nblocks, size_t smem, cu
   return cudaGetLastError();
 }
 
+// The vectorised token kernel's shape at the plan's token tile: cluster 0 when it does not apply, else 1 (one
+// block per tile) or the blocks per cluster; cols, each block's slice of d; stage, dy kept in shared memory.
+struct TokVecShape {
+  int cluster = 0, cols = 0;
+  bool stage = false;
+};
+
+template <typename S>
+TokVecShape tok_vec_shape(const BwdTokArgs& a, const BwdTokPlan& plan, const DevInfo& info) {
+  const bool dscale = a.dscale_ws != nullptr;
+  const bool aligned =
+      a.vectorized && a.wut.p != nullptr && a.wdt.p != nullptr && vector_ok<S>(a.dy.p, a.dy.s0, a.dy.s1) &&
+      vector_ok<S>(a.pre.p, a.pre.s0, a.pre.s1) && vector_ok<S>(a.wut.p, a.wut.s0, a.wut.s1) &&
+      vector_ok<S>(a.wdt.p, a.wdt.s0, a.wdt.s1) && (!dscale || vector_ok<S>(a.wu.p, a.wu.s0, a.wu.s1)) &&
+      (a.dx == nullptr || vector_ok<S>(a.dx, a.lddx, 1)) && (a.dh == nullptr || vector_ok<S>(a.dh, a.lddh, 1)) &&
+      (a.add.p == nullptr || (a.add.p == a.dy.p && a.add.s0 == a.dy.s0 && a.add.s1 == a.dy.s1));
+  const size_t optin = (size_t)info.smem_optin;
+  const int all = round_up(a.d, kTileN);
+  if (!aligned) return {};
+  if (bwd_vec_smem_bytes<S>(plan.bt, a.d, a.r, true, dscale, false) <= optin) return {1, all, true};
+  if (a.clusters && info.clusters && plan.bt == 64 && round_up(a.r, kTileN) <= kClusterMaxRank) {
+    for (int c = 2; c <= 8; ++c) {  // the smallest cluster (the portable limit: 8) whose slices fit
+      const int cols = round_up((int)ceil_div64(a.d, c), kTileN);
+      if (bwd_vec_smem_bytes<S>(64, cols, a.r, true, dscale, true) <= optin)
+        return {(int)ceil_div64(a.d, cols), cols, true};
+    }
+  }
+  if (bwd_vec_smem_bytes<S>(plan.bt, a.d, a.r, false, dscale, false) <= optin) return {1, all, false};
+  return {};
+}
+
+template <class Op, int BT, bool CLUSTER>
+cudaError_t launch_tok_vec(const BwdTokKParams& kp, dim3 grid, size_t smem, cudaStream_t stream) {
+  cudaError_t e = allow_max_smem<adapter_bwd_token_vec_kernel<Op, BT, CLUSTER>>(smem);
+  if (e != cudaSuccess) return e;
+  if constexpr (CLUSTER) {
+    e = ADAPTERKERN_LAUNCH_CLUSTER(grid, kThreads, smem, stream, dim3(1, grid.y, 1),
+                                   adapter_bwd_token_vec_kernel<Op, BT, CLUSTER>)(kp);
+    if (e != cudaSuccess) return e;
+  } else {
+    ADAPTERKERN_LAUNCH(grid, kThreads, smem, stream, adapter_bwd_token_vec_kernel<Op, BT, CLUSTER>)(kp);
+  }
+  return cudaGetLastError();
+}
+
+// The vectorised token kernel (16-bit types) in the shape v, one r chunk.
+template <class Op>
+cudaError_t run_tok_vec(const BwdTokArgs& a, const BwdTokPlan& plan, const TokVecShape& v, cudaStream_t stream) {
+  using S = typename Op::S;
+  BwdTokKParams kp{};
+  kp.dy = a.dy.p; kp.sdy0 = a.dy.s0; kp.sdy1 = 1;
+  kp.pre = a.pre.p; kp.sp0 = a.pre.s0; kp.sp1 = 1;
+  kp.wd = a.wd.p; kp.swd0 = (int)a.wd.s0; kp.swd1 = (int)a.wd.s1;
+  kp.wu = a.wu.p; kp.swu0 = (int)a.wu.s0; kp.swu1 = (int)a.wu.s1;
+  kp.wut = a.wut.p; kp.swut = (int)a.wut.s0;
+  kp.wdt = a.wdt.p; kp.swdt = (int)a.wdt.s0;
+  kp.bu = a.bu; kp.sbu = (int)a.sbu;
+  kp.scale = ScaleRef{a.scale.p, a.scale.len, a.scale.value};
+  kp.dx = a.dx; kp.lddx = a.lddx;
+  kp.dh = a.dh; kp.lddh = a.lddh;
+  kp.dscale_ws = a.dscale_ws; kp.accumulate = 0;
+  kp.T = a.T; kp.d = a.d; kp.r = a.r; kp.act = a.act;
+  kp.residual = a.add.p != nullptr ? 1 : 0;
+  kp.stage_dy = v.stage ? 1 : 0;
+  kp.cols_per_split = v.cols;
+  kp.vec = 1;
+  kp.cluster = v.cluster > 1 ? v.cluster : 0;
+  const size_t smem = bwd_vec_smem_bytes<S>(plan.bt, v.cols, a.r, v.stage, a.dscale_ws != nullptr, v.cluster > 1);
+  const dim3 grid((unsigned)plan.nblocks, (unsigned)v.cluster);
+  if (v.cluster > 1) return launch_tok_vec<Op, 64, true>(kp, grid, smem, stream);
+  return plan.bt == 64 ? launch_tok_vec<Op, 64, false>(kp, grid, smem, stream)
+                       : launch_tok_vec<Op, 16, false>(kp, grid, smem, stream);
+}
+
 template <class Op>
 cudaError_t run_tok(const BwdTokArgs& a, const BwdTokPlan& plan, DType dt, cudaStream_t stream) {
   using S = typename Op::S;
@@ -38,6 +121,10 @@ cudaError_t run_tok(const BwdTokArgs& a, const BwdTokPlan& plan, DType dt, cudaS
   DevInfo info;
   cudaError_t e = current_dev_info(&info);
   if (e != cudaSuccess) return e;
+  if constexpr (HasLdsm<Op>::value) {
+    const TokVecShape v = tok_vec_shape<S>(a, plan, info);
+    if (v.cluster > 0) return run_tok_vec<Op>(a, plan, v, stream);
+  }
   const int chunk = tok_rank_chunk(dt, plan.bt, info.smem_optin);
   if (chunk < kTileN) return cudaErrorInvalidConfiguration;
   const int rc = std::min(round_up(a.r, kTileN), chunk);
@@ -45,7 +132,7 @@ cudaError_t run_tok(const BwdTokArgs& a, const BwdTokPlan& plan, DType dt, cudaS
     // Bottleneck chunks are independent except through dx (accumulated: dx = dh_c @ wd_c + dx) and
     // dscale (accumulated in the workspace; bu counted by the first chunk only).
     const int r = std::min(rc, a.r - c0);
-    BwdTokKParams kp;
+    BwdTokKParams kp{};
     kp.dy = a.dy.p; kp.sdy0 = a.dy.s0; kp.sdy1 = a.dy.s1;
     kp.pre = static_cast<const S*>(a.pre.p) + (int64_t)c0 * a.pre.s1; kp.sp0 = a.pre.s0; kp.sp1 = a.pre.s1;
     kp.wd = static_cast<const S*>(a.wd.p) + (int64_t)c0 * a.wd.s0; kp.swd0 = (int)a.wd.s0; kp.swd1 = (int)a.wd.s1;

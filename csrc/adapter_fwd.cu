@@ -51,13 +51,6 @@ cudaError_t launch_fwd(const FwdKParams& kp, int bt, dim3 grid, size_t smem, cud
   return bt == 64 ? launch_fwd<Op, 64, false>(kp, grid, smem, stream) : launch_fwd<Op, 16, false>(kp, grid, smem, stream);
 }
 
-// The vectorised kernel's requirement on a (rows, cols) operand: 16-byte aligned rows of unit column stride.
-template <typename S>
-bool vector_ok(const void* p, int64_t s0, int64_t s1) {
-  constexpr int64_t V = 16 / (int64_t)sizeof(S);
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && s1 == 1 && s0 % V == 0;
-}
-
 template <class Op>
 cudaError_t launch_partial(const FwdPartialParams& pp, dim3 grid, cudaStream_t stream) {
   using S = typename Op::S;

@@ -47,6 +47,13 @@ DType dtype_of(const at::Tensor& t) {
   }
 }
 
+// ADAPTERKERN_CUDA_{VECTOR,CLUSTER,DECODE}=off: the older kernel even where the newer one applies (the
+// benchmarks time both).
+bool env_off(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::string(v) == "off";
+}
+
 void check_launch(cudaError_t e, const char* what) {
   TORCH_CHECK(e == cudaSuccess, "adapterkern cuda: launching ", what, " failed: ", cudaGetErrorString(e));
 }
@@ -152,13 +159,9 @@ std::tuple<at::Tensor, at::Tensor> cuda_adapter_fwd(const at::Tensor& x, const a
   // The decode path's fp32 partial sums (few token blocks); the caching allocator keeps it cheap and
   // CUDA-graph safe. ADAPTERKERN_CUDA_DECODE=off: the one-launch forward (the benchmarks time both).
   const adapterkern::FwdPlan plan = adapterkern::adapter_fwd_plan(dtype_of(x), tf32, T, (int)d, (int)r);
-  const char* decode_env = std::getenv("ADAPTERKERN_CUDA_DECODE");
-  const bool decode = !(decode_env != nullptr && std::string(decode_env) == "off");
-  // ADAPTERKERN_CUDA_VECTOR=off: the scalar-memory kernel even where the vectorised one applies (timed beside it).
-  const char* vector_env = std::getenv("ADAPTERKERN_CUDA_VECTOR");
-  a.vectorized = !(vector_env != nullptr && std::string(vector_env) == "off");
-  const char* cluster_env = std::getenv("ADAPTERKERN_CUDA_CLUSTER");  // off: no thread-block clusters
-  a.clusters = !(cluster_env != nullptr && std::string(cluster_env) == "off");
+  const bool decode = !env_off("ADAPTERKERN_CUDA_DECODE");
+  a.vectorized = !env_off("ADAPTERKERN_CUDA_VECTOR");
+  a.clusters = !env_off("ADAPTERKERN_CUDA_CLUSTER");
   at::Tensor partial_ws;
   if (decode && plan.partial_floats > 0) {
     partial_ws = at::empty({plan.partial_floats}, x.options().dtype(at::kFloat));
@@ -228,6 +231,17 @@ std::vector<at::Tensor> cuda_adapter_bwd(const at::Tensor& dy, const at::Tensor&
     a.wd = mat(wd);
     a.wu = mat(wu);
     if (residual_is_x && need_dx) a.add = mat(dy);
+    // The vectorised kernel's B operands, wu^T (r, d) and wd^T (d, r) row-major (2 r d elements, noise beside
+    // the T d of dy and dx); 16-bit types with aligned rows only, where the launcher may take that kernel.
+    a.vectorized = !env_off("ADAPTERKERN_CUDA_VECTOR");
+    a.clusters = !env_off("ADAPTERKERN_CUDA_CLUSTER");
+    at::Tensor wut, wdt;
+    if (a.vectorized && x.element_size() == 2 && d % 8 == 0 && r % 8 == 0) {
+      wut = wu.t().contiguous();
+      wdt = wd.t().contiguous();
+      a.wut = mat(wut);
+      a.wdt = mat(wdt);
+    }
     a.bu = ptr_or_null(bu); a.sbu = 1;
     a.scale = sa;
     a.dx = need_dx ? out[0].data_ptr() : nullptr; a.lddx = d;

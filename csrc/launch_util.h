@@ -4,6 +4,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <utility>
 
 // `ADAPTERKERN_LAUNCH(grid, block, smem, stream, kernel)(args...)` is the kernel launch
@@ -99,6 +100,14 @@ inline cudaError_t allow_max_smem(size_t needed) {
   e = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, info.smem_optin);
   if (e == cudaSuccess && dev < kMaxDev) done[dev] = true;
   return e;
+}
+
+// The vectorised kernels' requirement on a (rows, cols) operand of element type S: 16-byte aligned rows of
+// unit column stride.
+template <typename S>
+bool vector_ok(const void* p, int64_t s0, int64_t s1) {
+  constexpr int64_t V = 16 / (int64_t)sizeof(S);
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && s1 == 1 && s0 % V == 0;
 }
 
 }  // namespace adapterkern

@@ -20,11 +20,12 @@ Names (``--impl`` takes a comma-separated list of these or of glob patterns such
 ``adapterkern-triton-nodecode``  the triton backend with its decode kernels off (``ADAPTERKERN_TRITON_DECODE=off``):
                            the one-row-tile kernel at T <= 64 too, timed beside ``adapterkern-triton``.
 ``adapterkern-cuda-nodecode``  the cuda backend without its d-split decode launch (``ADAPTERKERN_CUDA_DECODE=off``).
-``adapterkern-cuda-scalar``  the cuda backend's scalar-memory forward kernel (``ADAPTERKERN_CUDA_VECTOR=off``:
-                           2-byte loads and stores, register-staged k-stages) where the vectorised one
-                           (16-byte cp.async, ldmatrix, 16-byte epilogue) would run.
+``adapterkern-cuda-scalar``  the cuda backend's scalar-memory forward and token-backward kernels
+                           (``ADAPTERKERN_CUDA_VECTOR=off``: 2-byte loads and stores, register-staged k-stages)
+                           where the vectorised ones (16-byte cp.async, ldmatrix, 16-byte epilogue) would run.
 ``adapterkern-cuda-nocluster``  the cuda backend without thread-block clusters (``ADAPTERKERN_CUDA_CLUSTER=off``):
-                           at large d the vectorised one-block kernel, which re-reads x for the residual.
+                           at large d the vectorised one-block kernels, which re-read x for the forward's
+                           residual and dy in the backward's second phase.
 ``<impl>+graph``           CUDA only, T <= ``--graph-max-tokens``: the same calls captured in a CUDA graph.
 =========================  ======================================================================
 """

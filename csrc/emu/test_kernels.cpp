@@ -133,7 +133,7 @@ struct Tensor {
 
 // ------------------------------------------------------------------------------ cases
 enum Device { kOneSm = 0, kManySms = 1, kTinySmem = 2, kSmallSmem = 3, kMidSmem = 4, kOneSmLarge = 5, kClusters = 6,
-             kOneSmMid = 7 };
+             kOneSmMid = 7, kOneSm128 = 8 };
 const emu::DeviceConfig kDevices[] = {
     {1, 99 * 1024},    // kOneSm: BT = 64 from T = 32 on
     {132, 227 * 1024}, // kManySms: H100-like; column splits and many wgrad splits for small T
@@ -143,11 +143,12 @@ const emu::DeviceConfig kDevices[] = {
     {1, 227 * 1024},   // kOneSmLarge: BT = 64 from T = 32 on with an H100's shared memory (the vectorised 64-token forward)
     {2, 120 * 1024, true},  // kClusters (fictional sm_90): BT = 64 from T = 64; x unstaged from d > 576, so clusters
     {1, 112 * 1024},   // kOneSmMid (fictional): the vectorised 64-token forward with a separate residual, x unstaged from d > 192
+    {1, 128 * 1024},   // kOneSm128 (fictional): the vectorised 64-token backward with dy unstaged from d > 448
 };
 const char* kActNames[10] = {"relu", "gelu",    "gelu_tanh", "quick_gelu", "silu",
                              "tanh", "sigmoid", "leaky",     "relu6",      "linear"};
 
-enum class Scale { kHost, kDeviceScalar, kPerChannel };
+enum class Scale { kHost, kDeviceScalar, kPerChannel, kHostOne };  // kHostOne: 1.0 (dz = dy)
 struct Needs {
   bool dx = true, dw_down = true, db_down = true, dw_up = true, db_up = true, dscale = true;
 };
@@ -156,6 +157,7 @@ struct Expect {
   int fwd_bt = 0, fwd_split = 0, fwd_chunks = 0, staged = -1, tok_bt = 0, tok_chunks = 0, wg_split = 0, fwd_ksplit = 0;
   int vec = -1;      // 1: the vectorised forward kernel, 0: the scalar one
   int cluster = -1;  // blocks per thread-block cluster of the forward (0: no clusters)
+  int tok_vec = -1, tok_staged = -1, tok_cluster = -1;  // the token kernel's: vectorised, dy staged, cluster size
 };
 struct Case {
   const char* name;
@@ -182,6 +184,7 @@ constexpr Needs kOnlyDwUp{false, false, false, true, false, false};
 constexpr Needs kOnlyBiases{false, false, true, false, true, false};
 constexpr Needs kOnlyDscale{false, false, false, false, false, true};
 constexpr Needs kDownAndDbUp{false, true, true, false, true, false};
+constexpr Needs kTokenOnly{true, true, false, false, false, true};  // dx, dh (for dw_down) and dscale
 
 // Every case runs the forward and the backward (all gradients unless `needs` says otherwise).
 // Shapes are chosen off every tile size (16, 32, 64); `expect` pins the configuration each case
@@ -266,6 +269,22 @@ const Case kCases[] = {
     {.name = "cluster-r128-tail-bf16", .dt = Dt::BF16, .dev = kClusters, .T = 66, .d = 700, .r = 120, .act = 7,
      .bwd = false,
      .x = Layout::kRowAligned, .aligned_rows = true, .expect = {.fwd_bt = 64, .fwd_split = 4, .vec = 1, .cluster = 4}},
+    // The vectorised token backward (16-bit types, d and r multiples of 8; every case above that meets its
+    // requirements takes it too): dy unstaged at BT = 64 with the residual and dscale, a cluster of 3 holding
+    // the dy tile, two 64-column chunks of r with a unit host scale (no dz pass), and the needs that skip its
+    // phases (names start with bvec-: mutants.py filters on them).
+    {.name = "bvec-unstaged-bt64-bf16", .dt = Dt::BF16, .dev = kOneSm128, .T = 70, .d = 584, .r = 40, .act = 1, .fwd = false,
+     .needs = kTokenOnly,
+     .expect = {.tok_bt = 64, .tok_vec = 1, .tok_staged = 0, .tok_cluster = 0}},
+    {.name = "bvec-cluster3-bf16", .dt = Dt::BF16, .dev = kClusters, .T = 64, .d = 704, .r = 24, .act = 2, .fwd = false,
+     .needs = kTokenOnly,
+     .expect = {.tok_bt = 64, .tok_vec = 1, .tok_staged = 1, .tok_cluster = 3}, .tsan = true},
+    {.name = "bvec-r72-f16", .dt = Dt::F16, .dev = kManySms, .T = 20, .d = 48, .r = 72, .act = 6,
+     .scale = Scale::kHostOne, .expect = {.tok_bt = 16, .tok_vec = 1, .tok_staged = 1}, .tsan = true},
+    {.name = "bvec-only-dscale-bf16", .dt = Dt::BF16, .dev = kManySms, .T = 21, .d = 72, .r = 16, .act = 7,
+     .needs = kOnlyDscale, .expect = {.tok_vec = 1}},
+    {.name = "bvec-dh-only-f16", .dt = Dt::F16, .dev = kManySms, .T = 19, .d = 40, .r = 8, .act = 5,
+     .needs = kDownAndDbUp, .expect = {.tok_vec = 1}},
     // One operand off the vectorised path's requirements sends the whole forward down the scalar one.
     {.name = "vec-off-res-f16", .dt = Dt::F16, .dev = kManySms, .T = 20, .d = 64, .r = 16, .act = 1,
      .separate_res = true, .res = Layout::kRowPadded, .expect = {.vec = 0}},
@@ -335,6 +354,12 @@ void expect_eq(Checker& chk, const char* what, int want, int got) {
     chk.fail(std::string("configuration: ") + what + " = " + std::to_string(got) + ", the case expects " +
              std::to_string(want));
 }
+// The same for a setting whose 0 is meaningful (want < 0: not checked).
+void expect_setting(Checker& chk, const char* what, int want, int got) {
+  if (want >= 0 && got != want)
+    chk.fail(std::string("configuration: ") + what + " = " + std::to_string(got) + ", the case expects " +
+             std::to_string(want));
+}
 
 // Inputs shared by the forward and backward of a case.
 struct Inputs {
@@ -355,9 +380,10 @@ Inputs make_inputs(const Case& c, Rng& rng) {
   in.bd.fill([&] { return rng.uniform(-0.5, 0.5); });
   in.bu.fill([&] { return rng.uniform(-1.0, 1.0); });
   in.scale.fill([&] { return rng.uniform(0.5, 1.5) * (rng.uniform(0, 1) < 0.3 ? -1 : 1); });
-  if (c.scale == Scale::kHost) {
-    in.scale_arg = {nullptr, 0, 0.75f};
-    in.scale_cols.assign((size_t)c.d, 0.75);
+  if (c.scale == Scale::kHost || c.scale == Scale::kHostOne) {
+    const float v = c.scale == Scale::kHost ? 0.75f : 1.0f;
+    in.scale_arg = {nullptr, 0, v};
+    in.scale_cols.assign((size_t)c.d, v);
   } else {
     in.scale_arg = {static_cast<const float*>(in.scale.ptr()), slen, 1.0f};
     for (int j = 0; j < c.d; ++j) in.scale_cols.push_back(in.scale.get(slen == 1 ? 0 : j, 0));
@@ -408,12 +434,9 @@ std::string run_forward(const Case& c, Rng& rng, const Inputs& in, Checker& chk)
   expect_eq(chk, "forward d-splits (decode path)", c.expect.fwd_ksplit,
             partials.empty() ? 1 : (int)first_of(log, typeid(adapterkern::FwdPartialParams))->grid.y);  // also below
   chk.require(partials.size() <= 1 && (partials.empty() || plan.ksplit > 1), "decode path launched without a plan");
-  if (c.expect.cluster >= 0 && cluster != c.expect.cluster)
-    chk.fail("configuration: cluster = " + std::to_string(cluster) + ", the case expects " + std::to_string(c.expect.cluster));
-  if (c.expect.vec >= 0 && vec != c.expect.vec)
-    chk.fail("configuration: vectorised = " + std::to_string(vec) + ", the case expects " + std::to_string(c.expect.vec));
-  if (c.expect.staged >= 0 && staged != c.expect.staged)
-    chk.fail("configuration: x staged = " + std::to_string(staged) + ", the case expects " + std::to_string(c.expect.staged));
+  expect_setting(chk, "cluster", c.expect.cluster, cluster);
+  expect_setting(chk, "vectorised", c.expect.vec, vec);
+  expect_setting(chk, "x staged", c.expect.staged, staged);
 
   const ref::Mat xv = in.x.values(), wdv = in.wd.values(), wuv = in.wu.values(), resv = res.values();
   const std::vector<double> bdv = in.bd.column(), buv = in.bu.column();
@@ -453,7 +476,7 @@ int run_wgrad(const Case& c, const Inputs& in, adapterkern::StridedMat a, int a_
 
 std::string run_backward(const Case& c, Rng& rng, const Inputs& in, Checker& chk) {
   const Needs& n = c.needs;
-  const bool need_dscale = n.dscale && c.scale != Scale::kHost, need_dh = n.dw_down || n.db_down;
+  const bool need_dscale = n.dscale && c.scale != Scale::kHost && c.scale != Scale::kHostOne, need_dh = n.dw_down || n.db_down;
   const Layout out_layout = c.padded_out ? Layout::kRowPadded : c.aligned_rows ? Layout::kRowAligned : Layout::kContig;
   Tensor dy(c.dt, c.T, c.d, c.dy), pre(c.dt, c.T, c.r, c.pre);
   dy.fill([&] { return rng.normal(); });
@@ -465,7 +488,8 @@ std::string run_backward(const Case& c, Rng& rng, const Inputs& in, Checker& chk
   Tensor dw_up(c.dt, c.d, c.r, Layout::kContig), db_up(c.dt, c.d, 1, Layout::kContig);
   Tensor dw_down(c.dt, c.r, c.d, Layout::kContig), db_down(c.dt, c.r, 1, Layout::kContig);
 
-  int tok_chunks = 0;
+  Tensor wut(c.dt, c.r, c.d, Layout::kContig), wdt(c.dt, c.d, c.r, Layout::kContig);
+  int tok_chunks = 0, tok_vec = 0, tok_staged = 0, tok_cluster = 0;
   emu::take_launch_log();
   if (n.dx || need_dh || need_dscale) {
     adapterkern::BwdTokArgs a;
@@ -477,12 +501,22 @@ std::string run_backward(const Case& c, Rng& rng, const Inputs& in, Checker& chk
     if (need_dh) a.dh = dh.ptr(), a.lddh = dh.s0;
     if (need_dscale) a.dscale_ws = static_cast<float*>(ws.ptr());
     a.T = c.T, a.d = c.d, a.r = c.r, a.act = c.act;
+    if (elem_bytes(c.dt) == 2 && c.d % 8 == 0 && c.r % 8 == 0) {  // as the binding: wu^T and wd^T, row-major
+      for (int i = 0; i < c.r; ++i)
+        for (int j = 0; j < c.d; ++j) wut.set(i, j, in.wu.get(j, i)), wdt.set(j, i, in.wd.get(i, j));
+      a.wut = wut.mat(), a.wdt = wdt.mat();
+    }
     const cudaError_t e = adapterkern::adapter_bwd_token(a, plan, api_dtype(c.dt), uses_tf32(c.dt), nullptr);
     chk.require(e == c.error, std::string("adapter_bwd_token returned ") + cudaGetErrorString(e));
     if (e != cudaSuccess) return "bwd error";
-    tok_chunks = (int)params_of<adapterkern::BwdTokKParams>(emu::take_launch_log()).size();
+    const auto kps = params_of<adapterkern::BwdTokKParams>(emu::take_launch_log());
+    tok_chunks = (int)kps.size();
+    if (!kps.empty()) tok_vec = kps[0].vec, tok_staged = kps[0].stage_dy, tok_cluster = kps[0].cluster;
     if (c.T == 0) chk.require(tok_chunks == 0, "adapter_bwd_token launched a kernel for T = 0");
   }
+  expect_setting(chk, "token kernel vectorised", c.expect.tok_vec, tok_vec);
+  expect_setting(chk, "token kernel dy staged", c.expect.tok_staged, tok_staged);
+  expect_setting(chk, "token kernel cluster", c.expect.tok_cluster, tok_cluster);
   expect_eq(chk, "token-kernel BT", c.expect.tok_bt, plan.bt);
   expect_eq(chk, "token-kernel r chunks", c.expect.tok_chunks, tok_chunks);
   int split_up = 0, split_down = 0;
@@ -527,7 +561,8 @@ std::string run_backward(const Case& c, Rng& rng, const Inputs& in, Checker& chk
     chk.compare(scalar ? "dscale(scalar)" : "dscale", got, w);
   }
   char buf[96];
-  std::snprintf(buf, sizeof buf, "tok bt=%d chunks=%d wg split=%d,%d", plan.bt, tok_chunks, split_up, split_down);
+  std::snprintf(buf, sizeof buf, "tok bt=%d chunks=%d vec=%d staged=%d cluster=%d wg split=%d,%d", plan.bt, tok_chunks,
+                tok_vec, tok_staged, tok_cluster, split_up, split_down);
   return buf;
 }
 

@@ -33,6 +33,13 @@ struct BwdTokKParams {
   int accumulate;          // dscale_ws += instead of = (r chunks after the first)
   int64_t T;
   int d, r, act;
+  // The vectorised kernel (adapter_bwd_vec.cuh) only:
+  const void* wut; int swut;  // wu^T (r, d), rows of stride swut (the binding's transposed copy)
+  const void* wdt; int swdt;  // wd^T (d, r), rows of stride swdt
+  int residual;               // dx += dy (the residual is x; `add` is then dy)
+  int stage_dy;               // 1: the block's whole dy tile in shared memory
+  int cols_per_split;         // the block's slice of d: all of d, or one cluster block's part
+  int vec, cluster;           // what the launcher chose, recorded for the emulation tests
 };
 
 // Shared memory: Hs [BT][rpad + pad] (h, then dh), Zs [BT][kBK + pad] (one k-stage of dz),

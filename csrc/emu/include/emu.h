@@ -44,7 +44,7 @@ extern thread_local dim3 gridDim;
 
 namespace emu {
 
-constexpr int kMaxDevices = 8;
+constexpr int kMaxDevices = 16;
 constexpr size_t kDefaultSmemLimit = 48 * 1024;  // dynamic shared memory without the opt-in
 
 struct DeviceConfig {

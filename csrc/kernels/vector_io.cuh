@@ -1,0 +1,48 @@
+// The vectorised memory path of the VEC kernels (adapter_fwd.cuh, adapter_bwd_vec.cuh): 16-byte chunks,
+// cp.async into kStages-deep rings, and the fp32 epilogue tile's row stride.
+#pragma once
+
+#include "common.cuh"
+
+namespace adapterkern {
+
+// cp.async pipeline depth of the VEC kernels: kStages - 1 = 3 stages in flight, 12 KiB of x per 64-token
+// block, ~24 KiB per SM at two blocks per SM (Little's law at ~4.3 TB/s and ~0.7 us: ~23 KiB per SM).
+constexpr int kStages = 4;
+constexpr int kLdy = kTileN + 8;  // Ys row stride (fp32): 8 (mod 32) words, conflict-free 8-byte fragment stores
+
+// 16 bytes of elements, for one vector load or store (LDG.128 / STG.128 / LDS.128 on aligned addresses).
+template <typename S>
+struct alignas(16) Vec16 {
+  static constexpr int kN = 16 / (int)sizeof(S);
+  S v[kN];
+};
+
+// f(row, col) for each 16-byte chunk of a ROWS x kBK stage (col: its first element, a multiple of
+// Vec16<S>::kN); consecutive threads take consecutive chunks of a row. Not unrolled: unrolled, the
+// chunks' addresses are hoisted out of the k-loops and live in registers (ptxas: 146-230 registers
+// instead of 106-124 on sm_90).
+template <int ROWS, typename S, class F>
+__device__ __forceinline__ void for_each_stage_chunk(F&& f) {
+  constexpr int kPerRow = kBK / Vec16<S>::kN;
+  constexpr int kChunks = ROWS * kPerRow;
+#pragma unroll 1
+  for (int c0 = 0; c0 < kChunks; c0 += kThreads) {
+    const int c = c0 + (int)threadIdx.x;
+    if (kChunks % kThreads == 0 || c < kChunks) f(c / kPerRow, (c % kPerRow) * Vec16<S>::kN);
+  }
+}
+
+// cp.async of the 16-byte chunk src[0, min(kN, valid)) (valid <= 0: nothing read, all zeros; `base` is
+// then the aligned address handed to the instruction).
+template <typename S>
+__device__ __forceinline__ void copy_chunk_async(S* dst, const S* src, int valid, const S* base) {
+  const int n = valid <= 0 ? 0 : (valid < Vec16<S>::kN ? valid : Vec16<S>::kN);
+  cp_async_16(dst, n > 0 ? src : base, n * (int)sizeof(S));
+}
+
+// Row padding of the cluster kernels' fp32 partials [BT][rpad + 4]; their r limit (the partials stay small).
+constexpr int kPartialPad = 4;
+constexpr int kClusterMaxRank = 128;
+
+}  // namespace adapterkern
