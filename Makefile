@@ -92,7 +92,7 @@ check-cuda: $(VENV)/.installed-test
 check-cuda-emu:
 	bash csrc/emu/run.sh
 
-# Each planted bug of csrc/emu/mutants.py (all 17; make test runs its core six) must make the emulated test fail (~3 min cold).
+# Each planted bug of csrc/emu/mutants.py (all 22; make test runs its core six) must make the emulated test fail (~3 min cold).
 check-cuda-emu-mutants:
 	python3 csrc/emu/mutants.py
 

@@ -119,6 +119,9 @@ struct WgradArgs {
   float* ws_b = nullptr;  // (nsplit, M) fp32, when need_b
   void* w_out = nullptr;  // (M, N) contiguous, when need_w
   void* b_out = nullptr;  // (M,), when need_b
+  // false: the scalar kernel even where the vectorised one applies (16-bit types, a and b 16-byte aligned rows
+  // of unit column stride; ADAPTERKERN_CUDA_VECTOR=off)
+  bool vectorized = true;
 };
 cudaError_t adapter_wgrad(const WgradArgs& a, const WgradPlan& plan, DType dt, bool tf32,
                           cudaStream_t stream);

@@ -1,14 +1,17 @@
 // Backward launchers: the token-parallel kernel (dscale partials, dh, dx) and the split-K weight
 // gradient kernel + its ordered reduction. See csrc/kernels/adapter_bwd.cuh for the maths. For 16-bit types
-// with aligned operands and one r chunk the token kernel is the vectorised one (adapter_bwd_vec.cuh): dy staged
-// in shared memory where the block's tile fits, else over a thread-block cluster (sm_90), else streamed twice.
+// with aligned operands both are the vectorised ones (adapter_bwd_vec.cuh); the token kernel also needs one r
+// chunk, and keeps dy in shared memory where the block's tile fits, else over a thread-block cluster (sm_90),
+// else streams it twice.
 //
 // What the vectorised kernels' SASS must hold (checked by .ci/check_cuda.sh): every bulk load by cp.async
 // (the scalar global loads left: the biases and the scale), dx and dh in 16-byte stores, fragments by
-// ldmatrix, no local memory; generic loads only in the cluster kernel's reads of the other blocks' partials.
-// (Template arguments <Op, BT, CLUSTER>; the cluster kernel is only built for real on sm_90.)
+// ldmatrix (.trans in the weight-gradient kernel, whose stores are its fp32 partials), no local memory; generic
+// loads only in the cluster kernel's reads of the other blocks' partials. Token kernels: <Op, BT, CLUSTER>,
+// the cluster kernel only built for real on sm_90.
 // SASS-PROMISE: adapter_bwd_token_vec_kernel<*, false> LDGSTS>=1 LDG.128==0 STG.128>=1 LDSM>=1 LD==0 ST==0 LDL==0 STL==0 LDG.U16<=16 STG.U16<=2 REGS<=136
 // SASS-PROMISE: adapter_bwd_token_vec_kernel<*, true> @sm_90 LDGSTS>=1 LDG.128==0 STG.128>=1 LDSM>=1 ST==0 LDL==0 STL==0 LDG.U16<=16 STG.U16<=2 REGS<=136
+// SASS-PROMISE: adapter_wgrad_vec_kernel<*> LDGSTS>=1 LDG.128==0 LDSM>=1 LD==0 ST==0 LDL==0 STL==0 LDG.U16==0 STG.U16==0 REGS<=112
 #include <algorithm>
 
 #include "adapter_api.h"
@@ -157,7 +160,7 @@ template <class Op>
 cudaError_t run_wgrad(const WgradArgs& a, const WgradPlan& plan, cudaStream_t stream) {
   using S = typename Op::S;
   if (!a.need_w && !a.need_b) return cudaSuccess;
-  WgKParams kp;
+  WgKParams kp{};
   kp.a = a.a.p; kp.sa0 = a.a.s0; kp.sa1 = a.a.s1; kp.a_mode = a.a_mode;
   kp.b = a.b.p; kp.sb0 = a.b.s0; kp.sb1 = a.b.s1; kp.b_mode = a.b_mode;
   kp.M = a.M; kp.N = a.N;
@@ -168,7 +171,13 @@ cudaError_t run_wgrad(const WgradArgs& a, const WgradPlan& plan, cudaStream_t st
   kp.ws_w = a.ws_w; kp.ws_b = a.ws_b;
   const dim3 grid((unsigned)ceil_div64(a.M, kTileN), a.need_w ? (unsigned)ceil_div64(a.N, kTileN) : 1u,
                   (unsigned)plan.nsplit);
-  ADAPTERKERN_LAUNCH(grid, kThreads, 0, stream, adapter_wgrad_kernel<Op>)(kp);
+  kp.vec = 0;
+  if constexpr (HasLdsm<Op>::value)  // the vectorised kernel: 16-bit types with aligned rows
+    kp.vec = a.vectorized && vector_ok<S>(a.a.p, a.a.s0, a.a.s1) && (!a.need_w || vector_ok<S>(a.b.p, a.b.s0, a.b.s1));
+  if constexpr (HasLdsm<Op>::value) {
+    if (kp.vec) ADAPTERKERN_LAUNCH(grid, kThreads, wgrad_vec_smem_bytes<S>(), stream, adapter_wgrad_vec_kernel<Op>)(kp);
+  }
+  if (!kp.vec) ADAPTERKERN_LAUNCH(grid, kThreads, 0, stream, adapter_wgrad_kernel<Op>)(kp);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   auto reduce = [&](const float* ws, int64_t n, void* out) {

@@ -263,6 +263,7 @@ std::vector<at::Tensor> cuda_adapter_bwd(const at::Tensor& dy, const at::Tensor&
     if (need_w) w_out = at::empty({M, N}, opts);
     if (need_b) b_out = at::empty({M}, opts);
     adapterkern::WgradArgs a;
+    a.vectorized = !env_off("ADAPTERKERN_CUDA_VECTOR");
     a.a = mat(a_src); a.a_mode = a_mode;
     a.b = mat(b_src); a.b_mode = b_mode;
     a.M = (int)M; a.N = (int)N;

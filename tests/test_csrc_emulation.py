@@ -10,7 +10,7 @@ strides, needs; see the driver). Two builds, one test each (pytest-xdist runs th
 
 The planted-bug checks (csrc/emu/mutants.py: each must fail) run with ADAPTERKERN_EMU_MUTANTS=1, which
 `make test` (CI) sets (select them with ``-k planted_bug``): its CORE set, one bug per way the emulation
-catches one (about a CPU minute cold); ADAPTERKERN_EMU_MUTANTS=all adds the other fourteen (a swapped fragment
+catches one (about a CPU minute cold); ADAPTERKERN_EMU_MUTANTS=all adds the other sixteen (a swapped fragment
 layout, ldmatrix rows exchanged, off-by-one bounds, the decode path's splits, ...), as does
 ``python csrc/emu/mutants.py``. Objects are cached under build/emu/. Skipped only when g++ is not installed.
 """

@@ -533,23 +533,35 @@ void cp_async_wait(int pending_groups) {
 }
 
 // Lane l supplies the address of row l % 8 of matrix l / 8 (lanes past 8 * nmat: ignored) and gets, for each
-// matrix m, the 32-bit word (two b16 elements) at row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1.
-void ldmatrix(int nmat, const void* row_address, uint32_t* out) {
+// matrix m, the 32-bit word (two b16 elements) at row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1; with .trans
+// the matrix read as its transpose: the elements at rows 2 (l % 4) and 2 (l % 4) + 1 of column l / 4 (the
+// lower row in the lower 16 bits).
+void ldmatrix(int nmat, const void* row_address, uint32_t* out, bool trans) {
   if (nmat != 2 && nmat != 4) die("ldmatrix .x%d is not emulated", nmat);
   const auto addr = reinterpret_cast<uintptr_t>(row_address);
   const uint32_t mine[2] = {(uint32_t)addr, (uint32_t)(addr >> 32)};
-  const auto* all = collective(nmat == 4 ? "ldmatrix.sync.aligned.m8n8.x4.shared.b16"
-                                         : "ldmatrix.sync.aligned.m8n8.x2.shared.b16",
-                               mine, 2);
+  static const char* const kForms[2][2] = {
+      {"ldmatrix.sync.aligned.m8n8.x2.shared.b16", "ldmatrix.sync.aligned.m8n8.x4.shared.b16"},
+      {"ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16", "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16"}};
+  const auto* all = collective(kForms[trans][nmat == 4], mine, 2);
   Block& b = block();
-  for (int m = 0; m < nmat; ++m) {
-    const int src_lane = 8 * m + t_lane / 4;
+  auto row_of = [&](int src_lane) {  // the checked address of the row lane src_lane supplied
     const uintptr_t row = (uintptr_t)all[src_lane][0] | ((uintptr_t)all[src_lane][1] << 32);
     if (row % 16 != 0) die("ldmatrix: lane %d's row address %#zx is not 16-byte aligned", src_lane, (size_t)row);
     const auto* p = reinterpret_cast<const unsigned char*>(row);
     if (!(p >= b.dynamic && p + 16 <= b.dynamic + b.dynamic_bytes))
       die("ldmatrix: lane %d's row address %p is not inside the block's dynamic shared memory", src_lane, (const void*)p);
-    std::memcpy(&out[m], p + 4 * (t_lane % 4), 4);
+    return p;
+  };
+  for (int m = 0; m < nmat; ++m) {
+    if (!trans) {
+      std::memcpy(&out[m], row_of(8 * m + t_lane / 4) + 4 * (t_lane % 4), 4);
+    } else {
+      uint16_t lo = 0, hi = 0;
+      std::memcpy(&lo, row_of(8 * m + 2 * (t_lane % 4)) + 2 * (t_lane / 4), 2);
+      std::memcpy(&hi, row_of(8 * m + 2 * (t_lane % 4) + 1) + 2 * (t_lane / 4), 2);
+      out[m] = (uint32_t)lo | ((uint32_t)hi << 16);
+    }
   }
 }
 

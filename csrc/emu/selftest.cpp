@@ -177,8 +177,11 @@ CheckResult check_cp_async() {
 }
 
 // ---- one warp MMA tile through the kernels' own fragment loaders -------------------------------
-// LDSM: the ldmatrix loaders, from a copy of A and B in shared memory (where ldmatrix reads).
-template <class Op, bool LDSM = false>
+// Loaders: kPlain (load_a/load_b from global memory), kLdsm (the ldmatrix loaders, from a copy of A and B in
+// shared memory, where ldmatrix reads), kLdsmTrans (the .trans loaders, from a K-major copy: A^T, B^T).
+enum Loaders { kPlain, kLdsm, kLdsmTrans };
+
+template <class Op, int LOADERS = kPlain>
 void mma_tile_kernel(const typename Op::S* a, const typename Op::S* b, int ld, float* out) {
   using S = typename Op::S;
   typename Op::FragA fa;
@@ -187,14 +190,21 @@ void mma_tile_kernel(const typename Op::S* a, const typename Op::S* b, int ld, f
   ADAPTERKERN_DYNAMIC_SMEM(smem);
   S* as = reinterpret_cast<S*>(smem);
   S* bs = as + 16 * ld;
-  if constexpr (LDSM) {
+  if constexpr (LOADERS == kLdsm) {
     for (int i = threadIdx.x; i < 24 * ld; i += 32) as[i] = i < 16 * ld ? a[i] : b[i - 16 * ld];  // A, then B
+    __syncthreads();
+  } else if constexpr (LOADERS == kLdsmTrans) {  // as[k][m] = A[m][k] (16 x 16), bs[k][n] = B[n][k] (16 x 8), row stride ld
+    for (int i = threadIdx.x; i < 16 * 16; i += 32) as[(i % 16) * ld + i / 16] = a[(i / 16) * ld + i % 16];
+    for (int i = threadIdx.x; i < 8 * 16; i += 32) bs[(i % 16) * ld + i / 16] = b[(i / 16) * ld + i % 16];
     __syncthreads();
   }
   for (int k0 = 0; k0 < 16; k0 += Op::kK) {  // C = A[16][16] * B[8][16]^T over 16 / kK instructions
-    if constexpr (LDSM) {
+    if constexpr (LOADERS == kLdsm) {
       Op::load_a_ldsm(fa, as + k0, ld);
       Op::load_b_ldsm(fb, bs + k0, ld);
+    } else if constexpr (LOADERS == kLdsmTrans) {
+      Op::load_a_ldsm_t(fa, as + k0 * ld, ld);
+      Op::load_b_ldsm_t(fb, bs + k0 * ld, ld);
     } else {
       Op::load_a(fa, a + k0, ld);
       Op::load_b(fb, b + k0, ld);
@@ -206,7 +216,7 @@ void mma_tile_kernel(const typename Op::S* a, const typename Op::S* b, int ld, f
   for (int i = 0; i < 4; ++i) out[threadIdx.x * 4 + i] = c[i];
 }
 
-template <class Op, class Enc, class Dec, bool LDSM = false>
+template <class Op, class Enc, class Dec, int LOADERS = kPlain>
 CheckResult check_mma_tile(const char* name, Enc enc, Dec dec) {
   using S = typename Op::S;
   constexpr int ld = 24;  // K = 16 plus padding
@@ -216,8 +226,8 @@ CheckResult check_mma_tile(const char* name, Enc enc, Dec dec) {
   for (auto& v : a) v = enc(normal(rng));
   for (auto& v : b) v = enc(normal(rng));
   std::vector<float> out(32 * 4, NAN);
-  emu::Launch(mma_tile_kernel<Op, LDSM>, dim3(1), dim3(32), LDSM ? 24 * ld * sizeof(S) : 0, nullptr)(a.data(), b.data(),
-                                                                                                  ld, out.data());
+  emu::Launch(mma_tile_kernel<Op, LOADERS>, dim3(1), dim3(32), LOADERS != kPlain ? 32 * ld * sizeof(S) : 0, nullptr)(
+      a.data(), b.data(), ld, out.data());
   for (int lane = 0; lane < 32; ++lane)
     for (int i = 0; i < 4; ++i) {  // PTX accumulator layout: c_i at row groupID + 8 * (i >= 2),
                                    // column 2 * threadID_in_group + (i & 1)
@@ -257,9 +267,14 @@ std::vector<CheckResult> run_selftests(int device) {
       check_mma_tile<adapterkern::MmaTF32>("MmaTF32 tile (load_a/load_b/mma)", [](float v) { return v; },
                                            [](float v) { return (double)tf32_rna(v); }),
       check_cp_async(),
-      check_mma_tile<adapterkern::MmaF16, decltype(&__float2half_rn), double (*)(__half), true>(
+      check_mma_tile<adapterkern::MmaF16, decltype(&__float2half_rn), double (*)(__half), kLdsm>(
           "MmaF16 tile (ldmatrix loaders/mma)", __float2half_rn, [](__half v) { return half_bits_value(v.bits); }),
-      check_mma_tile<adapterkern::MmaBF16, decltype(&__float2bfloat16_rn), double (*)(__nv_bfloat16), true>(
+      check_mma_tile<adapterkern::MmaBF16, decltype(&__float2bfloat16_rn), double (*)(__nv_bfloat16), kLdsm>(
           "MmaBF16 tile (ldmatrix loaders/mma)", __float2bfloat16_rn, [](__nv_bfloat16 v) { return bf16_bits_value(v.bits); }),
+      check_mma_tile<adapterkern::MmaF16, decltype(&__float2half_rn), double (*)(__half), kLdsmTrans>(
+          "MmaF16 tile (ldmatrix .trans loaders/mma)", __float2half_rn, [](__half v) { return half_bits_value(v.bits); }),
+      check_mma_tile<adapterkern::MmaBF16, decltype(&__float2bfloat16_rn), double (*)(__nv_bfloat16), kLdsmTrans>(
+          "MmaBF16 tile (ldmatrix .trans loaders/mma)", __float2bfloat16_rn,
+          [](__nv_bfloat16 v) { return bf16_bits_value(v.bits); }),
   };
 }

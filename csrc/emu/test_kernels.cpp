@@ -158,6 +158,7 @@ struct Expect {
   int vec = -1;      // 1: the vectorised forward kernel, 0: the scalar one
   int cluster = -1;  // blocks per thread-block cluster of the forward (0: no clusters)
   int tok_vec = -1, tok_staged = -1, tok_cluster = -1;  // the token kernel's: vectorised, dy staged, cluster size
+  int wg_vec = -1;   // every weight-gradient launch vectorised (1) or scalar (0)
 };
 struct Case {
   const char* name;
@@ -194,7 +195,7 @@ const Case kCases[] = {
     {.name = "tiny", .dt = Dt::F16, .dev = kManySms, .T = 1, .d = 1, .r = 1, .act = 0},
     {.name = "decode-bf16", .dt = Dt::BF16, .dev = kManySms, .T = 3, .d = 100, .r = 7, .act = 1, .bd = false,
      .bu = false, .separate_res = true, .scale = Scale::kHost, .x = Layout::kEveryOther, .res = Layout::kRowPadded,
-     .expect = {.fwd_ksplit = 4}},
+     .expect = {.fwd_ksplit = 4, .wg_vec = 0}},
     // The decode path at its limits: 64 tokens (4 blocks of 16), d-splits of one k-stage, r = 64 (one r chunk).
     {.name = "decode-64-f16", .dt = Dt::F16, .dev = kManySms, .T = 64, .d = 97, .r = 64, .act = 2,
      .expect = {.fwd_bt = 16, .fwd_ksplit = 4}, .tsan = true},
@@ -272,19 +273,22 @@ const Case kCases[] = {
     // The vectorised token backward (16-bit types, d and r multiples of 8; every case above that meets its
     // requirements takes it too): dy unstaged at BT = 64 with the residual and dscale, a cluster of 3 holding
     // the dy tile, two 64-column chunks of r with a unit host scale (no dz pass), and the needs that skip its
-    // phases (names start with bvec-: mutants.py filters on them).
+    // phases; the vectorised weight-gradient kernel (16-bit, aligned rows) in most of them, bias sums only in
+    // the last (names start with bvec-: mutants.py filters on them).
     {.name = "bvec-unstaged-bt64-bf16", .dt = Dt::BF16, .dev = kOneSm128, .T = 70, .d = 584, .r = 40, .act = 1, .fwd = false,
      .needs = kTokenOnly,
-     .expect = {.tok_bt = 64, .tok_vec = 1, .tok_staged = 0, .tok_cluster = 0}},
+     .expect = {.tok_bt = 64, .tok_vec = 1, .tok_staged = 0, .tok_cluster = 0, .wg_vec = 1}},
     {.name = "bvec-cluster3-bf16", .dt = Dt::BF16, .dev = kClusters, .T = 64, .d = 704, .r = 24, .act = 2, .fwd = false,
      .needs = kTokenOnly,
      .expect = {.tok_bt = 64, .tok_vec = 1, .tok_staged = 1, .tok_cluster = 3}, .tsan = true},
     {.name = "bvec-r72-f16", .dt = Dt::F16, .dev = kManySms, .T = 20, .d = 48, .r = 72, .act = 6,
-     .scale = Scale::kHostOne, .expect = {.tok_bt = 16, .tok_vec = 1, .tok_staged = 1}, .tsan = true},
+     .scale = Scale::kHostOne, .expect = {.tok_bt = 16, .tok_vec = 1, .tok_staged = 1, .wg_vec = 1}, .tsan = true},
     {.name = "bvec-only-dscale-bf16", .dt = Dt::BF16, .dev = kManySms, .T = 21, .d = 72, .r = 16, .act = 7,
      .needs = kOnlyDscale, .expect = {.tok_vec = 1}},
     {.name = "bvec-dh-only-f16", .dt = Dt::F16, .dev = kManySms, .T = 19, .d = 40, .r = 8, .act = 5,
      .needs = kDownAndDbUp, .expect = {.tok_vec = 1}},
+    {.name = "bvec-biases-bf16", .dt = Dt::BF16, .dev = kManySms, .T = 300, .d = 64, .r = 16, .act = 3,
+     .needs = kOnlyBiases, .expect = {.wg_split = 2, .wg_vec = 1}},
     // One operand off the vectorised path's requirements sends the whole forward down the scalar one.
     {.name = "vec-off-res-f16", .dt = Dt::F16, .dev = kManySms, .T = 20, .d = 64, .r = 16, .act = 1,
      .separate_res = true, .res = Layout::kRowPadded, .expect = {.vec = 0}},
@@ -457,8 +461,10 @@ std::string run_forward(const Case& c, Rng& rng, const Inputs& in, Checker& chk)
 }
 
 // The binding's weight-gradient call: w = sum_t A(t,:)^T B(t,:) (M x N), b = sum_t A(t,:) (M).
+// Returns the split count; *vec: whether the vectorised kernel ran.
 int run_wgrad(const Case& c, const Inputs& in, adapterkern::StridedMat a, int a_mode, adapterkern::StridedMat b,
-              int b_mode, int M, int N, bool need_w, bool need_b, Tensor& w_out, Tensor& b_out, Checker& chk) {
+              int b_mode, int M, int N, bool need_w, bool need_b, Tensor& w_out, Tensor& b_out, Checker& chk,
+              int* vec) {
   const adapterkern::WgradPlan plan = adapterkern::adapter_wgrad_plan(c.T, M, N);
   Tensor ws_w(Dt::F32, need_w ? plan.nsplit * (int64_t)M : 0, N, Layout::kContig);
   Tensor ws_b(Dt::F32, need_b ? plan.nsplit * (int64_t)M : 0, 1, Layout::kContig);
@@ -469,8 +475,11 @@ int run_wgrad(const Case& c, const Inputs& in, adapterkern::StridedMat a, int a_
   w.ws_b = need_b ? static_cast<float*>(ws_b.ptr()) : nullptr;
   w.w_out = need_w ? w_out.ptr() : nullptr;
   w.b_out = need_b ? b_out.ptr() : nullptr;
+  emu::take_launch_log();
   const cudaError_t e = adapterkern::adapter_wgrad(w, plan, api_dtype(c.dt), uses_tf32(c.dt), nullptr);
   chk.require(e == cudaSuccess, std::string("adapter_wgrad returned ") + cudaGetErrorString(e));
+  const auto kps = params_of<adapterkern::WgKParams>(emu::take_launch_log());
+  *vec = kps.empty() ? -1 : kps[0].vec;
   return plan.nsplit;
 }
 
@@ -519,13 +528,15 @@ std::string run_backward(const Case& c, Rng& rng, const Inputs& in, Checker& chk
   expect_setting(chk, "token kernel cluster", c.expect.tok_cluster, tok_cluster);
   expect_eq(chk, "token-kernel BT", c.expect.tok_bt, plan.bt);
   expect_eq(chk, "token-kernel r chunks", c.expect.tok_chunks, tok_chunks);
-  int split_up = 0, split_down = 0;
+  int split_up = 0, split_down = 0, vec_up = -1, vec_down = -1;
   if (n.dw_up || n.db_up)
     split_up = run_wgrad(c, in, dy.mat(), adapterkern::kScaled, pre.mat(), adapterkern::kAct, c.d, c.r, n.dw_up,
-                         n.db_up, dw_up, db_up, chk);
+                         n.db_up, dw_up, db_up, chk, &vec_up);
   if (need_dh)
     split_down = run_wgrad(c, in, dh.mat(), adapterkern::kPlain, in.x.mat(), adapterkern::kPlain, c.r, c.d, n.dw_down,
-                           n.db_down, dw_down, db_down, chk);
+                           n.db_down, dw_down, db_down, chk, &vec_down);
+  for (int v : {vec_up, vec_down})
+    if (v >= 0) expect_setting(chk, "weight-gradient kernel vectorised", c.expect.wg_vec, v);
   if (c.expect.wg_split > 0 && std::max(split_up, split_down) < c.expect.wg_split)
     chk.fail("configuration: weight-gradient split count below " + std::to_string(c.expect.wg_split));
 
@@ -561,8 +572,8 @@ std::string run_backward(const Case& c, Rng& rng, const Inputs& in, Checker& chk
     chk.compare(scalar ? "dscale(scalar)" : "dscale", got, w);
   }
   char buf[96];
-  std::snprintf(buf, sizeof buf, "tok bt=%d chunks=%d vec=%d staged=%d cluster=%d wg split=%d,%d", plan.bt, tok_chunks,
-                tok_vec, tok_staged, tok_cluster, split_up, split_down);
+  std::snprintf(buf, sizeof buf, "tok bt=%d chunks=%d vec=%d staged=%d cluster=%d wg split=%d,%d vec=%d,%d", plan.bt,
+                tok_chunks, tok_vec, tok_staged, tok_cluster, split_up, split_down, vec_up, vec_down);
   return buf;
 }
 

@@ -234,6 +234,7 @@ struct WgKParams {
   int64_t T, tchunk;
   float* ws_w;  // (gridDim.z, M, N)
   float* ws_b;  // (gridDim.z, M)
+  int vec;      // launched as adapter_wgrad_vec_kernel (recorded for the emulation tests)
 };
 
 // Block tile 64 (m) x 64 (n); blockIdx.z = token range [z * tchunk, min(T, (z+1) * tchunk)).

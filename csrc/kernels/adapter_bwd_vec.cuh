@@ -341,4 +341,93 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_bwd_token_vec_kernel(cons
   if constexpr (CLUSTER) cluster_sync();  // the other blocks are done reading this block's partials
 }
 
+// ---------------------------------------------------------------------------------------------
+// The weight-gradient kernel on the vectorised memory path (16-bit types; the maths and grid of
+// adapter_wgrad_kernel): both operands arrive token-major as they lie in memory, one k-stage = kBK tokens x 64
+// columns of A (m) and of B (n) by 16-byte cp.async into kStages-slot rings; dz = dy * scale and h = act(pre)
+// are applied in place per stage; fragments by ldmatrix .trans from the K-major tiles. Requirements (the
+// launcher's): a and b 16-byte aligned, unit column stride, row strides a multiple of 16 bytes.
+constexpr int kWgLd = kTileN + 8;  // row stride of a [kBK tokens][64] stage: 16-byte rows, conflict-free ldmatrix
+template <typename S>
+__host__ __device__ constexpr size_t wgrad_vec_smem_bytes() {
+  return sizeof(S) * 2 * kStages * kBK * kWgLd;  // A and B rings: 36 KiB for 16-bit types
+}
+
+template <class Op>
+__global__ void __launch_bounds__(kThreads, 2) adapter_wgrad_vec_kernel(const WgKParams p) {
+  using S = typename Op::S;
+  using L = WarpLayout<64>;
+  constexpr int V = Vec16<S>::kN;
+  constexpr int kStage = kBK * kWgLd;
+  ADAPTERKERN_DYNAMIC_SMEM(smem_raw);  // wgrad_vec_smem_bytes<S>()
+  S* As = reinterpret_cast<S*>(smem_raw);
+  S* Bs = As + kStages * kStage;
+
+  const S* __restrict__ a = static_cast<const S*>(p.a);
+  const S* __restrict__ b = static_cast<const S*>(p.b);
+  const int m0 = blockIdx.x * kTileN, n0 = blockIdx.y * kTileN;
+  const int64_t tb = (int64_t)blockIdx.z * p.tchunk;
+  const int64_t te = p.T < tb + p.tchunk ? p.T : tb + p.tchunk;
+  const int wm0 = L::wm0(), wn0 = L::wn0();
+  const bool do_bias = p.need_b && blockIdx.y == 0;
+
+  // Stage k0: tokens [k0, k0 + kBK) of columns [m0, m0 + 64) of a and [n0, n0 + 64) of b (zeros outside).
+  auto issue = [&](int64_t k0) {
+    if (k0 < te) {
+      S* as = As + ((k0 - tb) / kBK % kStages) * kStage;
+      S* bs = Bs + ((k0 - tb) / kBK % kStages) * kStage;
+      for (int c = threadIdx.x; c < kBK * (kTileN / V); c += kThreads) {
+        const int row = c / (kTileN / V), col = (c % (kTileN / V)) * V;
+        const int64_t t = k0 + row;
+        copy_chunk_async(as + row * kWgLd + col, a + t * p.sa0 + m0 + col, t < te ? p.M - (m0 + col) : 0, a);
+        if (p.need_w)
+          copy_chunk_async(bs + row * kWgLd + col, b + t * p.sb0 + n0 + col, t < te ? p.N - (n0 + col) : 0, b);
+      }
+    }
+    cp_async_commit();
+  };
+
+  float acc[L::MT][L::NT][4];
+  zero_acc(acc);
+  float bsum = 0.0f;  // thread m < 64: sum over tokens of A(t, m0 + m)
+  const int col = threadIdx.x % kTileN;  // the column this thread converts (kThreads is a multiple of 64)
+  float sc = 0.0f;
+  if (p.a_mode == kScaled && m0 + col < p.M) sc = p.scale(m0 + col);
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) issue(tb + (int64_t)s * kBK);
+  for (int64_t k0 = tb; k0 < te; k0 += kBK) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // stage k0 visible; the slot refilled next was consumed
+    issue(k0 + (int64_t)(kStages - 1) * kBK);
+    S* as = As + ((k0 - tb) / kBK % kStages) * kStage;
+    S* bs = Bs + ((k0 - tb) / kBK % kStages) * kStage;
+    const bool act_b = p.need_w && p.b_mode == kAct;
+    if (p.a_mode == kScaled || act_b) {  // in place, rounded like the reference; padding stays exactly 0
+      dispatch_act(act_b ? p.act : 0, [&](auto A) {
+        for (int row = threadIdx.x / kTileN; row < kBK; row += kThreads / kTileN) {
+          if (k0 + row >= te) break;
+          if (p.a_mode == kScaled) as[row * kWgLd + col] = from_f<S>(to_f(as[row * kWgLd + col]) * sc);
+          if (act_b && n0 + col < p.N) bs[row * kWgLd + col] = from_f<S>(act_fwd(A.value, to_f(bs[row * kWgLd + col])));
+        }
+      });
+      __syncthreads();
+    }
+    if (p.need_w) warp_tile_mma_kmajor<Op, L::MT, L::NT>(acc, as + wm0, kWgLd, bs + wn0, kWgLd);
+    if (do_bias && threadIdx.x < kTileN) {
+#pragma unroll 8
+      for (int r = 0; r < kBK; ++r) bsum += to_f(as[r * kWgLd + threadIdx.x]);
+    }
+  }
+  cp_async_wait<0>();
+
+  const int64_t z = blockIdx.z;
+  if (p.need_w) {
+    for_each_frag<L::MT, L::NT>(wm0, wn0, [&](int mt, int nt, int e, int row, int c) {
+      const int m = m0 + row, n = n0 + c;
+      if (m < p.M && n < p.N) p.ws_w[(z * p.M + m) * p.N + n] = acc[mt][nt][e];
+    });
+  }
+  if (do_bias && threadIdx.x < kTileN && m0 + (int)threadIdx.x < p.M) p.ws_b[z * p.M + m0 + threadIdx.x] = bsum;
+}
+
 }  // namespace adapterkern

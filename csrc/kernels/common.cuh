@@ -177,12 +177,16 @@ __device__ __forceinline__ uint32_t ld_u32(const void* p) { return *reinterpret_
 //   cp_async_wait<N>()         waits until at most N of this thread's committed groups are pending
 //   ldsm_x4 / ldsm_x2(r, row)  ldmatrix .m8n8 .b16: lane l gives the address of row l % 8 of matrix l / 8
 //                              and receives word l % 4 of row l / 4 of each matrix
+//   ldsm_x4_t / ldsm_x2_t      the same with .trans: lane l receives rows 2 (l % 4), 2 (l % 4) + 1 of column
+//                              l / 4 of each matrix (operands stored K-major: rows k, columns m or n)
 #ifdef ADAPTERKERN_HOST_EMULATION
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int n) { ::emu::cp_async(dst, src, 16, n); }
 __device__ __forceinline__ void cp_async_commit() { ::emu::cp_async_commit(); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { ::emu::cp_async_wait(N); }
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row) { ::emu::ldmatrix(4, row, r); }
 __device__ __forceinline__ void ldsm_x2(uint32_t (&r)[2], const void* row) { ::emu::ldmatrix(2, row, r); }
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* row) { ::emu::ldmatrix(4, row, r, true); }
+__device__ __forceinline__ void ldsm_x2_t(uint32_t (&r)[2], const void* row) { ::emu::ldmatrix(2, row, r, true); }
 #else
 __device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int n) {
@@ -198,6 +202,13 @@ __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row) {
 }
 __device__ __forceinline__ void ldsm_x2(uint32_t (&r)[2], const void* row) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(row)));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(row)));
+}
+__device__ __forceinline__ void ldsm_x2_t(uint32_t (&r)[2], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(row)));
 }
 #endif
 
@@ -254,6 +265,16 @@ struct Mma16816 {
   __device__ __forceinline__ static void load_b_ldsm(FragB& f, const S* b, int ld) {
     const int lane = threadIdx.x & 31;
     ldsm_x2(f.r, b + (lane & 7) * ld + ((lane >> 3) & 1) * 8);
+  }
+  // The same fragments from operands stored K-major (a[k * ld + m], b[k * ld + n]) by ldmatrix .trans: matrix
+  // (m 0-7 | 8-15, k 0-7 | 8-15) of A is rows k of columns m, in register order; B as {k 0-7, 8-15} of n 0-7.
+  __device__ __forceinline__ static void load_a_ldsm_t(FragA& f, const S* a, int ld) {
+    const int lane = threadIdx.x & 31;
+    ldsm_x4_t(f.r, a + ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8);
+  }
+  __device__ __forceinline__ static void load_b_ldsm_t(FragB& f, const S* b, int ld) {
+    const int lane = threadIdx.x & 31;
+    ldsm_x2_t(f.r, b + ((lane & 7) + ((lane >> 3) & 1) * 8) * ld);
   }
   __device__ __forceinline__ static void mma(float (&c)[4], const FragA& a, const FragB& b);
 };
@@ -382,6 +403,27 @@ __device__ __forceinline__ void warp_tile_mma(float (&acc)[MT][NT][4], const typ
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) Op::mma(acc[mt][nt], fa[mt], fb[nt]);
     }
+  }
+}
+
+// acc[mt][nt] += A[16 mt.., 0..kBK) B[8 nt.., 0..kBK)^T for 16-bit operands stored K-major: a[k * lda + m],
+// b[k * ldb + n] (token-major tiles as the weight-gradient kernels load them), fragments by ldmatrix .trans.
+template <class Op, int MT, int NT>
+__device__ __forceinline__ void warp_tile_mma_kmajor(float (&acc)[MT][NT][4], const typename Op::S* a, int lda,
+                                                     const typename Op::S* b, int ldb) {
+  static_assert(HasLdsm<Op>::value, "K-major operands: the 16-bit mma.sync ops only");
+#pragma unroll
+  for (int k = 0; k < kBK; k += Op::kK) {
+    typename Op::FragA fa[MT];
+    typename Op::FragB fb[NT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) Op::load_a_ldsm_t(fa[mt], a + k * lda + mt * 16, lda);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) Op::load_b_ldsm_t(fb[nt], b + k * ldb + nt * 8, ldb);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) Op::mma(acc[mt][nt], fa[mt], fb[nt]);
   }
 }
 

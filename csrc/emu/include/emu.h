@@ -70,8 +70,8 @@ uint32_t cvt_rna_tf32_f32(float value);
 void cp_async(void* smem, const void* gmem, int cp_bytes, int src_bytes);
 void cp_async_commit();
 void cp_async_wait(int pending_groups);
-// ldmatrix.sync.aligned.m8n8.x{nmat}.shared.b16 (nmat 2 or 4): a warp collective on the row addresses.
-void ldmatrix(int nmat, const void* row_address, uint32_t* out);
+// ldmatrix.sync.aligned.m8n8.x{nmat}[.trans].shared.b16 (nmat 2 or 4): a warp collective on the row addresses.
+void ldmatrix(int nmat, const void* row_address, uint32_t* out, bool trans = false);
 // Thread-block clusters: the blocks of a cluster run at the same time (their threads together), so that
 // cluster_sync (barrier.cluster arrive + wait: every live thread of the cluster) and distributed shared
 // memory work; map_shared_rank(p, rank) is the address of the same byte of block `rank`'s dynamic
