@@ -201,3 +201,28 @@ def run_ranks(worker, args: tuple, world: int, files, timeout_s: float, what: st
             if proc.is_alive():
                 proc.terminate()
                 proc.join(5)
+
+
+# ------------------------------------------------------------------------------------------------
+# The heaviest tests first, costliest first (cold, on the 2-core dev machine: 40-150 s each). pytest-xdist
+# hands tests out in collection order, so these start at once on both workers and the short tests fill in
+# around them; collected in file order, one of them would be left running alone at the end.
+# ------------------------------------------------------------------------------------------------
+HEAVY_FIRST = (
+    "test_csrc_build.py::test_kernels_compile_for_sm80_sm90_without_spills",
+    "test_backends_triton_compile.py::test_triton_kernels_compile",
+    "test_csrc_emulation.py::test_kernels_match_float64_reference_under_asan_ubsan",
+    "test_csrc_emulation.py::test_race_prone_cases_under_tsan",
+    "test_integrations_fsdp.py::test_fsdp2_two_processes_match_one_process",
+    "test_benchmarks_gpu_check.py::test_dry_run",
+    "test_csrc_emulation.py::test_planted_bug_is_caught",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item):
+        name = item.nodeid.rsplit("/", 1)[-1]
+        return next((i for i, heavy in enumerate(HEAVY_FIRST) if name == heavy or name.startswith(heavy + "[")),
+                    len(HEAVY_FIRST))
+
+    items.sort(key=rank)  # stable: every other test keeps its place

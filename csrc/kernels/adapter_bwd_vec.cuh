@@ -41,12 +41,7 @@ __host__ __device__ constexpr size_t bwd_vec_smem_bytes(int BT, int cols, int r,
 template <class Op, int BT, bool CLUSTER>
 __global__ void __launch_bounds__(kThreads, 2) adapter_bwd_token_vec_kernel(const BwdTokKParams p) {
   static_assert(!CLUSTER || BT == 64, "the cluster kernel is the 64-token one");
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-  if constexpr (CLUSTER) {  // never launched below sm_90 (no clusters): an empty body, nothing to compile
-    __trap();
-    return;
-  }
-#endif
+  ADAPTERKERN_CLUSTER_KERNEL_GUARD(CLUSTER);
   using S = typename Op::S;
   using L = WarpLayout<BT>;
   constexpr int PAD = smem_pad<S>();
@@ -202,20 +197,8 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_bwd_token_vec_kernel(cons
     });
   }
   __syncthreads();  // dh complete in Qs
-  if (dh != nullptr && (!CLUSTER || blockIdx.y == 0)) {  // dh out, 16 bytes at a time (one block of a cluster)
-    const int per_row = (int)ceil_div64(p.r, V);
-    for (int cc = threadIdx.x; cc < BT * per_row; cc += kThreads) {
-      const int row = cc / per_row, i = (cc % per_row) * V;
-      const int64_t t = t0 + row;
-      if (t >= p.T) continue;
-      S* dst = dh + t * p.lddh + i;
-      if (i + V <= p.r) *reinterpret_cast<Vec16<S>*>(dst) = *reinterpret_cast<const Vec16<S>*>(Qs + row * ldh + i);
-      else {
-#pragma unroll 1
-        for (int e = 0; e < p.r - i; ++e) dst[e] = Qs[row * ldh + i + e];
-      }
-    }
-  }
+  if (dh != nullptr && (!CLUSTER || blockIdx.y == 0))  // dh out, 16 bytes at a time (one block of a cluster)
+    store_rows<BT>(dh + t0 * p.lddh, p.lddh, Qs, ldh, p.T - t0, p.r);
 
   // ---- phase 2: per 64-column tile of this block's columns, dscale partials and dx ---------------
   if (dx != nullptr || dscale) {

@@ -147,12 +147,7 @@ template <int BT> inline constexpr bool kDecodeCapable = BT == 16;
 template <class Op, int BT, bool VEC, bool CLUSTER = false>
 __global__ void __launch_bounds__(kThreads, 2) adapter_fwd_kernel(const FwdKParams p) {
   static_assert(!CLUSTER || (VEC && BT == 64), "the cluster kernel is the vectorised 64-token one");
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-  if constexpr (CLUSTER) {  // never launched below sm_90 (no clusters): an empty body, nothing to compile
-    __trap();
-    return;
-  }
-#endif
+  ADAPTERKERN_CLUSTER_KERNEL_GUARD(CLUSTER);
   using S = typename Op::S;
   using L = WarpLayout<BT>;
   constexpr int PAD = smem_pad<S>();
@@ -336,18 +331,7 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_fwd_kernel(const FwdKPara
   __syncthreads();
   if constexpr (VEC) {  // pre = Hs (before the activation), 16 bytes at a time; one block of a cluster
     if (pre != nullptr && (!CLUSTER || blockIdx.y == 0)) {
-      const int per_row = (int)ceil_div64(p.r, V);
-      for (int c = threadIdx.x; c < BT * per_row; c += kThreads) {
-        const int row = c / per_row, i = (c % per_row) * V;
-        const int64_t t = t0 + row;
-        if (t >= p.T) continue;
-        S* dst = pre + t * p.ldpre + i;
-        if (i + V <= p.r) *reinterpret_cast<Vec16<S>*>(dst) = *reinterpret_cast<const Vec16<S>*>(Hs + row * ldh + i);
-        else {  // r not a multiple of V: the last chunk of a row element by element
-#pragma unroll 1
-          for (int e = 0; e < p.r - i; ++e) dst[e] = Hs[row * ldh + i + e];
-        }
-      }
+      store_rows<BT>(pre + t0 * p.ldpre, p.ldpre, Hs, ldh, p.T - t0, p.r);
       __syncthreads();  // read before the activation overwrites Hs
     }
   }

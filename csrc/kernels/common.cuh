@@ -234,6 +234,17 @@ template <typename T> __device__ __forceinline__ T* map_shared_rank(T* p, unsign
   return p;
 }
 #endif
+// First statement of a kernel templated on CLUSTER: below sm_90, where a cluster kernel is never launched, its
+// body is empty (nothing to compile for it there).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define ADAPTERKERN_CLUSTER_KERNEL_GUARD(CLUSTER) \
+  if constexpr (CLUSTER) {                        \
+    __trap();                                     \
+    return;                                       \
+  }
+#else
+#define ADAPTERKERN_CLUSTER_KERNEL_GUARD(CLUSTER) static_assert(true)
+#endif
 
 // m16n8k16, fp16 or bf16 operands. Fragment layout (PTX ISA, "mma.m16n8k16 .f16/.bf16"):
 //   A regs: {A[g][2t..2t+1], A[g+8][2t..2t+1], A[g][2t+8..2t+9], A[g+8][2t+8..2t+9]}

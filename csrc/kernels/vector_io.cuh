@@ -41,6 +41,25 @@ __device__ __forceinline__ void copy_chunk_async(S* dst, const S* src, int valid
   cp_async_16(dst, n > 0 ? src : base, n * (int)sizeof(S));
 }
 
+// dst[row * ld_dst + i] = src[row * ld_src + i] for rows < min(rows, BT), columns i < cols, 16 bytes at a time
+// (dst rows 16-byte aligned; a scalar tail where cols is not a multiple of the vector width).
+template <int BT, typename S>
+__device__ __forceinline__ void store_rows(S* dst, int64_t ld_dst, const S* src, int ld_src, int64_t rows, int cols) {
+  constexpr int V = Vec16<S>::kN;
+  const int per_row = (cols + V - 1) / V;
+  for (int c = threadIdx.x; c < BT * per_row; c += kThreads) {
+    const int row = c / per_row, i = (c % per_row) * V;
+    if (row >= rows) continue;
+    S* d = dst + row * ld_dst + i;
+    const S* s = src + row * ld_src + i;
+    if (i + V <= cols) *reinterpret_cast<Vec16<S>*>(d) = *reinterpret_cast<const Vec16<S>*>(s);
+    else {
+#pragma unroll 1
+      for (int e = 0; e < cols - i; ++e) d[e] = s[e];
+    }
+  }
+}
+
 // Row padding of the cluster kernels' fp32 partials [BT][rpad + 4]; their r limit (the partials stay small).
 constexpr int kPartialPad = 4;
 constexpr int kClusterMaxRank = 128;
