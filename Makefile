@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 ADAPTERHUB_VENV ?= .venv-adapterhub
 AH_PY := $(ADAPTERHUB_VENV)/bin/python
 
-.PHONY: test test-main test-adapterhub example example-trainer bench bench-reference bench-full bench-layer bench-tradeoffs bench-inference bench-suite gpu-check gpu-check-commit check-cuda check-cuda-emu check-cuda-emu-mutants check-image
+.PHONY: test test-main test-adapterhub example example-trainer bench bench-reference bench-full bench-layer bench-tradeoffs bench-inference bench-suite gpu-check gpu-check-commit check-cuda check-cuda-emu check-cuda-emu-mutants check-image triton-sass-report
 
 # The lent GPU machine's image (benchmarks/NOTES.md, "Versions"): Python 3.12, torch 2.11 (a CUDA
 # build, ~3 GB from PyPI), Triton 3.6, transformers 5.17. `make check-image` rebuilds that stack here
@@ -41,13 +41,14 @@ test: $(VENV)/.installed-test $(ADAPTERHUB_VENV)/.installed
 	@rc=0; $(MAKE) --no-print-directory test-main || rc=$$?; \
 	$(MAKE) --no-print-directory test-adapterhub || rc=$$?; exit $$rc
 
-# In parallel (pytest-xdist, one worker per core up to 4): the Triton interpreter is CPU-bound.
+# In parallel (pytest-xdist, one worker per core up to 4): the Triton interpreter is CPU-bound. One test at a
+# time per worker (--maxschedchunk 1) after the heaviest, which tests/conftest.py puts first.
 # ADAPTERKERN_EMU_MUTANTS=1: the core planted bugs of csrc/emu/mutants.py must each fail the CUDA
 # kernels' host emulation (tests/test_csrc_emulation.py; about a CPU minute).
 # ADAPTERKERN_REQUIRE_ADAPTERHUB_VENV: the AdapterHub file tests need .venv-adapterhub (it makes their
 # fixtures with the real library); make test builds it first, so a missing one is a failure here.
 test-main: $(VENV)/.installed-test $(ADAPTERHUB_VENV)/.installed
-	ADAPTERKERN_EMU_MUTANTS=1 ADAPTERKERN_REQUIRE_ADAPTERHUB_VENV=1 $(PY) -m pytest tests -q -n auto --maxprocesses 4
+	ADAPTERKERN_EMU_MUTANTS=1 ADAPTERKERN_REQUIRE_ADAPTERHUB_VENV=1 $(PY) -m pytest tests -q -n auto --maxprocesses 4 --maxschedchunk 1
 
 # ADAPTERKERN_REQUIRE_ADAPTERS turns the "adapters not installed" skip into a failure here.
 test-adapterhub: $(ADAPTERHUB_VENV)/.installed
@@ -86,6 +87,11 @@ bench-suite: $(VENV)/.installed-test
 
 check-cuda: $(VENV)/.installed-test
 	PYTHON=$(PY) bash .ci/check_cuda.sh
+
+# The Triton kernels' SASS at the target shape (every config their autotuners can pick, compiled as a contiguous
+# launch specializes them, sm_90, bf16): a report for benchmarks/results/, not a gate (about 2 CPU minutes).
+triton-sass-report: $(VENV)/.installed-test
+	$(PY) tests/test_backends_triton_compile.py --sass-report benchmarks/results/triton_sass_report.txt
 
 # The CUDA kernels of csrc/ run on the CPU (csrc/README.md, "Host emulation"): ASan+UBSan on every
 # case, ThreadSanitizer on the race-prone subset. Needs g++ only; objects cached under build/emu/.

@@ -9,7 +9,7 @@
 // What the vectorised kernels' SASS must hold (checked by .ci/check_cuda.sh): x, the weights and the residual
 // by cp.async only (the scalar global loads left are the biases, the scale and the decode partials), y and pre
 // in 16-byte stores (scalar ones only in the tails), fragments by ldmatrix, no local memory, and
-// fewer registers than the scalar kernels (155-193 on sm_90); generic loads only in the cluster kernels' reads
+// fewer registers than the scalar kernels (155-190 on sm_90); generic loads only in the cluster kernels' reads
 // of the other blocks' partials (distributed shared memory).
 // (Template arguments <Op, BT, VEC, CLUSTER>; the cluster kernels are only built for real on sm_90.)
 // SASS-PROMISE: adapter_fwd_kernel<*, true, false> LDGSTS>=1 LDG.128==0 STG.128>=1 LD==0 ST==0 LDL==0 STL==0 REGS<=128

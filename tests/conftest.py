@@ -204,14 +204,15 @@ def run_ranks(worker, args: tuple, world: int, files, timeout_s: float, what: st
 
 
 # ------------------------------------------------------------------------------------------------
-# The heaviest tests first, costliest first (cold, on the 2-core dev machine: 40-150 s each). pytest-xdist
-# hands tests out in collection order, so these start at once on both workers and the short tests fill in
-# around them; collected in file order, one of them would be left running alone at the end.
+# The heaviest tests first (cold, on the 2-core dev machine: 40-150 s each), so that they start at once
+# and the short tests fill in around them; collected in file order, the last of them would run alone at the
+# end. make test runs pytest-xdist with --maxschedchunk 1: each worker starts with two of these (in this
+# order: a two-process compile check beside a single-process one) and takes one test at a time after.
 # ------------------------------------------------------------------------------------------------
 HEAVY_FIRST = (
     "test_csrc_build.py::test_kernels_compile_for_sm80_sm90_without_spills",
-    "test_backends_triton_compile.py::test_triton_kernels_compile",
     "test_csrc_emulation.py::test_kernels_match_float64_reference_under_asan_ubsan",
+    "test_backends_triton_compile.py::test_triton_kernels_compile",
     "test_csrc_emulation.py::test_race_prone_cases_under_tsan",
     "test_integrations_fsdp.py::test_fsdp2_two_processes_match_one_process",
     "test_benchmarks_gpu_check.py::test_dry_run",

@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import subprocess
 import sys
 import threading
@@ -207,8 +208,15 @@ def _signature(jit, dtype: str) -> Dict[str, str]:
     return signature
 
 
-def compile_job(job: Job) -> dict:
-    """Compile ``job`` to a cubin; what happened, as a JSON-able dict."""
+# The unit strides of a contiguous launch (rows of x, res, dy, both weights and a per-channel scale), which
+# the JIT specializes to the constant 1 (sass_report); every other integer argument is then a multiple of 16.
+UNIT_STRIDES = {"stride_xd", "stride_rd", "stride_dyd", "stride_wd_d", "stride_wu_r", "stride_s"}
+
+
+def compile_job(job: Job, specialize: bool = False) -> dict:
+    """Compile ``job`` to a cubin; what happened, as a JSON-able dict. ``specialize``: as the JIT compiles a
+    contiguous launch at the target shape (UNIT_STRIDES constant 1, every pointer 16-byte aligned and every
+    other integer argument a multiple of 16), and with the kernel's SASS instruction census (.ci/sass_report.py)."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -252,13 +260,23 @@ def compile_job(job: Job) -> dict:
                          f"warps={config.num_warps} stages={config.num_stages}")
     started = time.perf_counter()
     try:
-        src = ASTSource(fn=jit, signature=_signature(jit, dtype),
-                        constexprs={(jit.arg_names.index(k),): v for k, v in constexprs.items()})
+        signature, attrs = _signature(jit, dtype), {}
+        if specialize:
+            for name, kind in signature.items():
+                if name in UNIT_STRIDES:
+                    signature[name] = "constexpr"
+                    constexprs[name] = 1
+                elif kind.startswith("*") or (kind == "i32" and name not in ("T",)):
+                    attrs[(jit.arg_names.index(name),)] = [["tt.divisibility", 16]]
+        src = ASTSource(fn=jit, signature=signature, constexprs={(jit.arg_names.index(k),): v for k, v in constexprs.items()},
+                        attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32),
                                   options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
         assert compiled.asm.get("cubin"), "no cubin produced"
         result.update(ok=True, shared=int(compiled.metadata.shared), wgmma="wgmma" in compiled.asm.get("ptx", ""),
                       **ptxas_usage(compiled.asm["ptx"], job.arch))
+        if specialize:
+            result["sass"] = sass_census(compiled.asm["cubin"])
     except Exception as exc:  # noqa: BLE001 - report every failure, not just the first
         causes, e = [], exc  # a CompilationError's text is the source context; the reason is in its causes
         while e is not None and len(causes) < 5:
@@ -267,6 +285,26 @@ def compile_job(job: Job) -> dict:
         result["error"] = "\n     caused by ".join(causes)
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
+
+
+def sass_census(cubin: bytes) -> dict:
+    """Instruction-class counts of a cubin's one kernel (.ci/sass_report.py's census; cuobjdump from the wheel)."""
+    import importlib.util
+    import tempfile
+
+    spec = importlib.util.spec_from_file_location("adapterkern_sass_report", os.path.join(ROOT, ".ci", "sass_report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    tools = report.find_tools(shutil.which("nvcc") or "")
+    if tools is None:
+        raise RuntimeError("no cuobjdump/nvdisasm (they come with Triton's Linux wheel)")
+    os.environ.setdefault("NVDISASM_PATH", os.path.dirname(tools[1]))  # where cuobjdump -sass finds nvdisasm
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        kernels = report.disassemble(tools[0], path)
+    return dict(kernels[0][2]) if kernels else {}
 
 
 def ptxas_usage(ptx: str, arch: int) -> dict:
@@ -484,9 +522,55 @@ def test_problems_are_caught():
     assert problems([result(small), result(small), result(wide, wgmma=True)])[0].startswith("twice")
 
 
-if __name__ == "__main__":  # python tests/test_backends_triton_compile.py [--procs N]
+# ---------------------------------------------------------------------------------- SASS report (no assertions)
+SASS_COLUMNS = ("LDG.128", "LDG.64", "LDG.32", "LDG.U16", "LDGSTS", "LDS.128", "LDSM", "HMMA", "STG.128", "STG.U16",
+                "LDL", "STL")
+
+
+def sass_report_lines() -> List[str]:
+    """Every config the autotuners can pick for the three kernels at the target shape (bf16, sm_90, R_PAD 64,
+    T_BUCKET 16384), compiled as the JIT compiles a contiguous launch (compile_job's ``specialize``), with its SASS
+    census. A report, not a gate: which of these runs is the autotuner's choice on the GPU, and Triton's lowering
+    of a load's width changes between versions (here the local Triton; the GPU image has 3.6)."""
+    import triton
+
+    out = [f"# Triton {triton.__version__} AOT, sm_90, bf16, R_PAD=64 (the target shape: T=16384, d=4096, r=64); contiguous",
+           "# launch: unit strides constant, pointers and other integers divisible by 16. Static instruction counts.",
+           f"{'kernel':<16} {'config':<34} {'regs':>4} {'spill':>5} {'smem':>6} " + " ".join(f"{c:>7}" for c in SASS_COLUMNS)]
+    for kernel in KERNELS:
+        base = Job(90, "bf16", kernel, 64, act=1)
+        if kernel == "fwd_kernel":
+            tuner = _autotuner(kernel)
+            configs = [(c.kwargs["BLOCK_T"], c.kwargs["BLOCK_D"], c.num_warps, c.num_stages)
+                       for c in tuner.early_config_prune(tuner.configs, {"R_PAD": 64, "T_BUCKET": 16384})]
+        else:
+            configs = backward_configs(base)
+        for config in configs:
+            r = compile_job(replace(base, config=config), specialize=True)
+            if not r["ok"]:
+                out.append(f"{kernel:<16} {r['config']:<34} FAILED: {r['error'][:200]}")
+                continue
+            counts = r["sass"]
+            out.append(f"{kernel:<16} {r['config']:<34} {r['registers']:>4} {r['spill_bytes']:>5} {r['shared']:>6} "
+                       + " ".join(f"{counts.get(c, 0):>7}" for c in SASS_COLUMNS))
+    return out
+
+
+if __name__ == "__main__":  # python tests/test_backends_triton_compile.py [--procs N | --sass-report PATH]
     if sys.argv[1:] == ["--serve"]:
         sys.exit(_serve())
+    if sys.argv[1:2] == ["--sass-report"]:  # compiles in a process without the interpreter, like the workers
+        if os.environ.get("TRITON_INTERPRET"):
+            sys.exit(subprocess.run([sys.executable, *sys.argv], env=_worker_env()).returncode)
+        sys.path.insert(0, ROOT)
+        lines = sass_report_lines()
+        target = sys.argv[2]
+        tmp = target + ".tmp"
+        with open(tmp, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(tmp, target)
+        print("\n".join(lines))
+        sys.exit(0)
     n = int(sys.argv[sys.argv.index("--procs") + 1]) if "--procs" in sys.argv else None
     t0 = time.perf_counter()
     res = run_all(n, log=lambda s: print(s, flush=True))

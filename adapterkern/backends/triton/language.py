@@ -272,6 +272,9 @@ def _prune(configs, named_args, **kwargs):
         for c in configs
         if c.kwargs["BLOCK_T"] * r_pad <= 128 * 128  # accumulator registers
         and c.kwargs["BLOCK_D"] * r_pad <= 128 * 128
+        # at most 64 fp32 values of the (BLOCK_T, BLOCK_D) output tile per thread: 128 x 128 on 4 warps spills
+        # (ptxas: 836 bytes at R_PAD 64 in bf16, benchmarks/results/triton_sass_report.txt)
+        and c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_D"] <= 64 * 32 * c.num_warps
         and (c.kwargs["BLOCK_T"] <= max(16, t_bucket))  # no 128-row tiles for decode-size T
     ]
     return kept or configs[:1]
