@@ -118,16 +118,9 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_bwd_token_vec_kernel(cons
     auto issue = [&](int k0) {
       if (k0 < k_end) {
         const int slot = ((k0 - x_col0) / kBK) % kStages;
-        if (load_dy) {
-          S* ds = p.stage_dy ? Ds + (k0 - x_col0) : Ds + slot * BT * LDW;
-          const int ld = p.stage_dy ? ldd : LDW;
-          for_each_stage_chunk<BT, S>([&](int row, int col) { copy_dy_chunk(ds + row * ld + col, row, k0 + col, p.d); });
-        }
-        S* ws = Ws + slot * kTileN * LDW;
-        for_each_stage_chunk<kTileN, S>([&](int row, int col) {
-          const int i = n0 + row, j = k0 + col;
-          copy_chunk_async(ws + row * LDW + col, wut + i * p.swut + j, i < p.r ? p.d - j : 0, wut);
-        });
+        issue_k_stage<BT>(load_dy, p.stage_dy ? Ds + (k0 - x_col0) : Ds + slot * BT * LDW, p.stage_dy ? ldd : LDW,
+                          [&](S* dst, int row, int j) { copy_dy_chunk(dst, row, j, p.d); }, Ws + slot * kTileN * LDW,
+                          wut, p.swut, n0, p.r, k0, p.d);
       }
       cp_async_commit();  // an empty group past the end keeps the wait counts uniform
     };

@@ -231,16 +231,8 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_fwd_kernel(const FwdKPara
       auto issue = [&](int k0) {
         if (k0 < k_end) {
           const int slot = ((k0 - x_col0) / kBK) % kStages;
-          if (load_x) {
-            S* xs = p.stage_x ? Xs + (k0 - x_col0) : Xs + slot * BT * LDW;
-            const int ld = p.stage_x ? ldx : LDW;
-            for_each_stage_chunk<BT, S>([&](int row, int col) { copy_x_chunk(xs + row * ld + col, row, k0 + col); });
-          }
-          S* ws = Ws + slot * kTileN * LDW;
-          for_each_stage_chunk<kTileN, S>([&](int row, int col) {
-            const int i = n0 + row, j = k0 + col;
-            copy_chunk_async(ws + row * LDW + col, wd + i * p.swd0 + j, i < p.r ? p.d - j : 0, wd);
-          });
+          issue_k_stage<BT>(load_x, p.stage_x ? Xs + (k0 - x_col0) : Xs + slot * BT * LDW, p.stage_x ? ldx : LDW,
+                            copy_x_chunk, Ws + slot * kTileN * LDW, wd, p.swd0, n0, p.r, k0, p.d);
         }
         cp_async_commit();  // an empty group past the end keeps the wait counts uniform
       };

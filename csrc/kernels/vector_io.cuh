@@ -41,6 +41,21 @@ __device__ __forceinline__ void copy_chunk_async(S* dst, const S* src, int valid
   cp_async_16(dst, n > 0 ? src : base, n * (int)sizeof(S));
 }
 
+// Issues (uncommitted) one k-stage [k0, k0 + kBK) of a vectorised down-projection k-loop (the forward's
+// x @ wd^T, the backward's dz @ wu): with load_tok the token operand's BT rows by copy_tok(dst, row, col) into
+// tok (row stride ld_tok), and rows [n0, n0 + 64) of the weight w (row stride ldw; rows >= N and columns >= K
+// zero) into the weight slot ws [64][kBK + pad].
+template <int BT, typename S, class CopyTok>
+__device__ __forceinline__ void issue_k_stage(bool load_tok, S* tok, int ld_tok, CopyTok&& copy_tok, S* ws, const S* w,
+                                              int ldw, int n0, int N, int k0, int K) {
+  constexpr int LDW = kBK + smem_pad<S>();
+  if (load_tok) for_each_stage_chunk<BT, S>([&](int row, int col) { copy_tok(tok + row * ld_tok + col, row, k0 + col); });
+  for_each_stage_chunk<kTileN, S>([&](int row, int col) {
+    const int i = n0 + row, j = k0 + col;
+    copy_chunk_async(ws + row * LDW + col, w + i * ldw + j, i < N ? K - j : 0, w);
+  });
+}
+
 // dst[row * ld_dst + i] = src[row * ld_src + i] for rows < min(rows, BT), columns i < cols, 16 bytes at a time
 // (dst rows 16-byte aligned; a scalar tail where cols is not a multiple of the vector width).
 template <int BT, typename S>
