@@ -265,19 +265,10 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_bwd_token_vec_kernel(cons
             if (lane < 4) red[L::warp_m() * kTileN + col] = s;
           }
       }
-      if (dx != nullptr) {
-#pragma unroll
-        for (int mt = 0; mt < L::MT; ++mt)
-#pragma unroll
-          for (int nt = 0; nt < L::NT; ++nt)
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {  // rows g and g + 8: one 8-byte store each
-              const int row = wm0 + mt * 16 + (lane >> 2) + half * 8;
-              const int col = wn0 + nt * 8 + 2 * (lane & 3);
-              *reinterpret_cast<float2*>(Ys + row * kLdy + col) =
-                  make_float2(acc_x[mt][nt][2 * half], acc_x[mt][nt][2 * half + 1]);
-            }
-      }
+      if (dx != nullptr)
+        store_frag_pairs<L::MT, L::NT>(Ys, kLdy, wm0, wn0, [&](int mt, int nt, int half) {
+          return make_float2(acc_x[mt][nt][2 * half], acc_x[mt][nt][2 * half + 1]);
+        });
       __syncthreads();  // Ys and red complete
       if (dscale && threadIdx.x < kTileN && n0 + (int)threadIdx.x < j_end) {
         float s = 0.0f;

@@ -392,18 +392,10 @@ __global__ void __launch_bounds__(kThreads, 2) adapter_fwd_kernel(const FwdKPara
       }
       float bcol[L::NT][2], scol[L::NT][2];
       column_terms(n0, bcol, scol);
-#pragma unroll
-      for (int mt = 0; mt < L::MT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < L::NT; ++nt)
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {  // rows g and g + 8: one 8-byte store each
-            const int row = wm0 + mt * 16 + ((threadIdx.x & 31) >> 2) + half * 8;
-            const int col = wn0 + nt * 8 + 2 * (threadIdx.x & 3);
-            const float2 v = make_float2(scol[nt][0] * (acc[mt][nt][2 * half] + bcol[nt][0]),
-                                         scol[nt][1] * (acc[mt][nt][2 * half + 1] + bcol[nt][1]));
-            *reinterpret_cast<float2*>(Ys + row * kLdy + col) = v;
-          }
+      store_frag_pairs<L::MT, L::NT>(Ys, kLdy, wm0, wn0, [&](int mt, int nt, int half) {
+        return make_float2(scol[nt][0] * (acc[mt][nt][2 * half] + bcol[nt][0]),
+                           scol[nt][1] * (acc[mt][nt][2 * half + 1] + bcol[nt][1]));
+      });
       __syncthreads();
       // y = res + Ys, 16 bytes at a time, the residual from shared memory (a scalar tail only where d is
       // not a multiple of V)

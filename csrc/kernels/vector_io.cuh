@@ -56,6 +56,24 @@ __device__ __forceinline__ void issue_k_stage(bool load_tok, S* tok, int ld_tok,
   });
 }
 
+// out[row * ld + col], out[row * ld + col + 1] = v(mt, nt, half) (a float2) for each accumulator fragment this
+// thread holds: rows g (half 0) and g + 8 (half 1) of tile (mt, nt), columns 2t and 2t + 1. One 8-byte store
+// each, conflict-free at ld = kLdy.
+template <int MT, int NT, class F>
+__device__ __forceinline__ void store_frag_pairs(float* out, int ld, int wm0, int wn0, F&& v) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = wm0 + mt * 16 + (lane >> 2) + half * 8;
+        const int col = wn0 + nt * 8 + 2 * (lane & 3);
+        *reinterpret_cast<float2*>(out + row * ld + col) = v(mt, nt, half);
+      }
+}
+
 // dst[row * ld_dst + i] = src[row * ld_src + i] for rows < min(rows, BT), columns i < cols, 16 bytes at a time
 // (dst rows 16-byte aligned; a scalar tail where cols is not a multiple of the vector width).
 template <int BT, typename S>
