@@ -172,9 +172,8 @@ cudaError_t run_wgrad(const WgradArgs& a, const WgradPlan& plan, cudaStream_t st
   const dim3 grid((unsigned)ceil_div64(a.M, kTileN), a.need_w ? (unsigned)ceil_div64(a.N, kTileN) : 1u,
                   (unsigned)plan.nsplit);
   kp.vec = 0;
-  if constexpr (HasLdsm<Op>::value)  // the vectorised kernel: 16-bit types with aligned rows
+  if constexpr (HasLdsm<Op>::value) {  // the vectorised kernel: 16-bit types with aligned rows
     kp.vec = a.vectorized && vector_ok<S>(a.a.p, a.a.s0, a.a.s1) && (!a.need_w || vector_ok<S>(a.b.p, a.b.s0, a.b.s1));
-  if constexpr (HasLdsm<Op>::value) {
     if (kp.vec) ADAPTERKERN_LAUNCH(grid, kThreads, wgrad_vec_smem_bytes<S>(), stream, adapter_wgrad_vec_kernel<Op>)(kp);
   }
   if (!kp.vec) ADAPTERKERN_LAUNCH(grid, kThreads, 0, stream, adapter_wgrad_kernel<Op>)(kp);
