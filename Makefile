@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 ADAPTERHUB_VENV ?= .venv-adapterhub
 AH_PY := $(ADAPTERHUB_VENV)/bin/python
 
-.PHONY: test test-main test-adapterhub example example-trainer bench bench-reference bench-full bench-layer bench-tradeoffs bench-inference bench-suite gpu-check gpu-check-commit check-cuda check-cuda-emu check-cuda-emu-mutants check-image triton-sass-report
+.PHONY: test test-main test-adapterhub example example-trainer bench bench-reference bench-full bench-layer bench-tradeoffs bench-inference bench-suite gpu-check gpu-check-commit check-cuda check-cuda-emu check-cuda-emu-mutants check-image check-triton-compile triton-sass-report
 
 # The lent GPU machine's image (benchmarks/NOTES.md, "Versions"): Python 3.12, torch 2.11 (a CUDA
 # build, ~3 GB from PyPI), Triton 3.6, transformers 5.17. `make check-image` rebuilds that stack here
@@ -88,6 +88,11 @@ bench-suite: $(VENV)/.installed-test
 check-cuda: $(VENV)/.installed-test
 	PYTHON=$(PY) bash .ci/check_cuda.sh
 
+# Every Triton AOT compile job on sm_80 as well as sm_90 (the suite compiles sm_80's flavour sweep only) and
+# every backward config: tests/test_backends_triton_compile.py; about 5 CPU minutes cold.
+check-triton-compile: $(VENV)/.installed-test
+	ADAPTERKERN_TRITON_SM80=all ADAPTERKERN_TRITON_ALL_CONFIGS=1 $(PY) tests/test_backends_triton_compile.py
+
 # The Triton kernels' SASS at the target shape (every config their autotuners can pick, compiled as a contiguous
 # launch specializes them, sm_90, bf16): a report for benchmarks/results/, not a gate (about 2 CPU minutes).
 triton-sass-report: $(VENV)/.installed-test
@@ -110,7 +115,7 @@ $(IMAGE_VENV)/.installed: pyproject.toml setup.py
 
 check-image: $(IMAGE_VENV)/.installed
 	MAX_JOBS=2 ADAPTERKERN_CUDA_ARCHS=90 ADAPTERKERN_FORCE_CUDA=1 $(IMAGE_PY) -m pip install -q --no-deps --no-build-isolation -e .
-	$(IMAGE_PY) -m pytest tests -q -p no:cacheprovider -n auto --maxprocesses 4
+	ADAPTERKERN_TRITON_SM80=all $(IMAGE_PY) -m pytest tests -q -p no:cacheprovider -n auto --maxprocesses 4
 
 # The prepared GPU session (README, "The GPU check"). The device machine has no .git: on the dev
 # machine `make gpu-check-commit` writes the commit (and any local changes) to .gpu-check-commit,

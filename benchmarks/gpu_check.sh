@@ -27,8 +27,8 @@
 #   smoke-triton 60/20, smoke-cuda 40/15: benchmarks/smoke_check.py, one process per backend (a CUDA
 #     fault is sticky); a backend that fails in bf16, faults or runs out of time is dropped from
 #     every later stage (benchmarks, sanitizer, and the tests via -k / ADAPTERKERN_BACKEND)
-#   bench-priority 130/40: T=16384,64,1,8 d=4096 r=64, fwd and fwd_bwd: eager, adapters, every kernel
-#     backend with its old and new kernels (-nodecode, -scalar, -nocluster), and their CUDA graphs; bench-compile 70/30: torch.compile at the same points (its cold
+#   bench-priority 170/40: T=16384,64,1,8 d=4096 r=64, fwd and fwd_bwd: eager, adapters, every kernel
+#     backend with its old and new kernels (-nodecode, -rowtile, -scalar, -nocluster), and their CUDA graphs; bench-compile 70/30: torch.compile at the same points (its cold
 #     compiles, ~5-15 s a point, kept out of the way of the kernels' numbers)
 #   tests 150/45: the suite without the CPU-only checks CI runs (Triton/nvcc compiles, the kernels'
 #     host emulation, this script's dry run), two Triton configs per kernel
@@ -89,7 +89,7 @@ if [ "$DRY" = 1 ]; then
 else
     TOTAL=${GPU_CHECK_TOTAL_S:-510}; RESERVE=15; GRACE=10; SOFT_MARGIN=25
     plan env 20 5; plan install 110 30; plan smoke-triton 60 20; plan smoke-cuda 40 15
-    plan bench-priority 130 40; plan bench-compile 70 30; plan tests 150 45; plan memcheck 60 25
+    plan bench-priority 170 40; plan bench-compile 70 30; plan tests 150 45; plan memcheck 60 25
     plan racecheck 25 10
     plan layer 45 20; plan inference 60 25; plan bench-grid 90 30; plan multi 30 15; plan adapterdrop 30 15
     plan bench-max-autotune 70 40; plan tradeoffs 45 25
@@ -369,12 +369,13 @@ if [[ " ${DROPPED[*]} " == *" triton "* ]]; then
     export ADAPTERKERN_BACKEND=$BENCH_BACKEND  # backend="auto" calls (tests, models) avoid triton
 fi
 # The grid's implementations but torch.compile (a stage of its own), the kernel backends those that
-# passed their smoke check; triton's decode kernels (T <= 64) beside its one-row-tile kernel (-nodecode);
+# passed their smoke check; triton's decode kernels (T <= 64) beside its one-row-tile kernel (-nodecode),
+# its L2-resident forward schedule beside one program per row tile (-rowtile);
 # cuda's decode path beside its one-launch forward (-nodecode), its vectorised forward beside the scalar one
 # (-scalar), its cluster kernel (x read once at large d) beside the one-block kernel (-nocluster).
 IMPLS="eager,adapters,adapterkern-torch"
 for b in "${OK_BACKENDS[@]}"; do IMPLS+=",adapterkern-$b"; done
-if [[ " ${OK_BACKENDS[*]} " == *" triton "* ]]; then IMPLS+=",adapterkern-triton-nodecode"; fi
+if [[ " ${OK_BACKENDS[*]} " == *" triton "* ]]; then IMPLS+=",adapterkern-triton-nodecode,adapterkern-triton-rowtile"; fi
 if [[ " ${OK_BACKENDS[*]} " == *" cuda "* ]]; then IMPLS+=",adapterkern-cuda-nodecode,adapterkern-cuda-scalar,adapterkern-cuda-nocluster"; fi
 
 # ---------------------------------------------------------------------------------------------- bench

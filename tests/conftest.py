@@ -124,6 +124,41 @@ def check_against_reference(y, ref, rounded, case):
         assert rel_err(g[k], g_ref[k]) <= bound, (k, rel_err(g[k], g_ref[k]), bound)
 
 
+def stack_case(n, T, d, r, dtype, *, biases=True, scale="channel", residual=False, seed=0):
+    """Inputs of a stack of ``n`` adapters on (T, d) tokens (multi_adapter_forward's arguments): fresh
+    random data from ``seed``; per-channel (``"channel"``), learned (``"learned"``) or no scale tensor."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g) * s).to(DEVICE, dtype)
+
+    case = dict(
+        x=rand(T, d), w_down=rand(n, r, d, s=d ** -0.5), w_up=rand(n, d, r, s=r ** -0.5),
+        b_down=rand(n, r) if biases else None, b_up=rand(n, d) if biases else None,
+        scale=None if scale is None else (rand(n, 1) if scale == "learned" else rand(n, d)),
+        residual=rand(T, d) if residual else None,
+    )
+    return case
+
+
+def stack_reference(c, activation, scale_value, add_residual):
+    """float64: y[n] = res + s_n * (act(x @ w_down[n].T + b_down[n]) @ w_up[n].T + b_up[n]); h[n] the pre-activation."""
+    x = c["x"].double()
+    ys, hs = [], []
+    for k in range(c["w_down"].shape[0]):
+        h = x @ c["w_down"][k].double().t()
+        if c["b_down"] is not None:
+            h = h + c["b_down"][k].double()
+        u = reference_activation(activation)(h) @ c["w_up"][k].double().t()
+        if c["b_up"] is not None:
+            u = u + c["b_up"][k].double()
+        u = u * (scale_value if c["scale"] is None else c["scale"][k].double())
+        res = (x if c["residual"] is None else c["residual"].double()) if add_residual else 0
+        ys.append(res + u)
+        hs.append(h)
+    return torch.stack(ys), torch.stack(hs)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models and tensors: one intra-op thread (on a busy 2-core machine two threads are many

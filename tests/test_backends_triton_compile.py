@@ -1,11 +1,13 @@
-"""Compile every Triton kernel ahead of time for sm_80 and sm_90 (Triton's own ptxas), no GPU needed.
+"""Compile every Triton kernel ahead of time for sm_90 and sm_80 (Triton's own ptxas), no GPU needed.
 
 The interpreter accepts things the GPU compiler rejects (dot shapes under 16, dtype mixes, constexpr
 misuse); this catches them on a CPU-only machine. The compiles run in worker processes without
 TRITON_INTERPRET (under the interpreter the kernels are not compilable objects), and need the NVIDIA
 backend and ptxas that ship with Triton's Linux wheel.
 
-What is compiled (:func:`jobs`), for each of the three kernels: the forward with a config its autotuner
+What is compiled (:func:`jobs`; in the suite, the list's sm_80 items are cut to the first one's flavour
+sweep, one config per kernel: ``ADAPTERKERN_TRITON_SM80=all`` keeps them all, as ``make check-triton-compile``
+does), for each of the three kernels: the forward with a config its autotuner
 can pick (its configs after its prune), the cheapest to compile of those (:func:`pick_config`: a compile's
 cost grows with the tile over the warps, and ptxas at R_PAD=512 with 4 warps takes minutes cold on a busy
 2-core machine, with 8 warps seconds); the two backward kernels with **every** config their prunes keep
@@ -94,15 +96,22 @@ class Job:
     rms: bool = False  # add_norm_kernel: RMSNorm, else LayerNorm
     t_pad: int = 64  # the decode kernels' token tile (T <= 64 padded to a power of two >= 16)
     config: Tuple[int, ...] = ()  # backward kernels: (BLOCK_T, BLOCK_D, warps, stages), one of backward_configs
+    rowtile: bool = False  # fwd_kernel: one program per row tile (ADAPTERKERN_TRITON_FORWARD=rowtile), else L2_RESIDENT
+    specialize: bool = False  # compiled as a contiguous launch, with its SASS census (see FORWARD_SASS)
 
     def __str__(self):
         return (f"sm_{self.arch} {self.kernel} {self.flavour} R_PAD={self.r_pad} GATHER={int(self.gather)} "
                 f"ACT={self.act} HAS_S={int(self.has_s)}" + (" RMS" if self.rms else "") + (" wgmma-tile" if self.wgmma else "")
                 + (f" T_PAD={self.t_pad}" if self.kernel in DECODE else "")
-                + (" config={}x{}/{}w/{}s".format(*self.config) if self.config else ""))
+                + (" config={}x{}/{}w/{}s".format(*self.config) if self.config else "") + (" rowtile" if self.rowtile else "")
+                + (" contiguous" if self.specialize else ""))
 
 
 ALL_CONFIGS_ENV = "ADAPTERKERN_TRITON_ALL_CONFIGS"
+# ADAPTERKERN_TRITON_SM80=all: every job on sm_80 as well (`make check-triton-compile`, about 60 CPU-s more);
+# by default sm_80 compiles only the flavour sweep at R_PAD=16 (its mma.sync lowering of every flavour and
+# activation), and the wide bottlenecks, the backward spaces and the other kernels on sm_90 alone.
+SM80_ENV = "ADAPTERKERN_TRITON_SM80"
 
 
 def every_config(job: Job) -> bool:
@@ -142,6 +151,13 @@ def jobs() -> List[Job]:
     out += [Job(arch, flavour, kernel, 16, act=k % 10) for k, (arch, flavour, kernel) in enumerate(
         (a, f, kn) for a in ARCHS for f in ("bf16", "tf32") for kn in DECODE)]
     out += [Job(80, "fp64", kernel, 16, t_pad=16) for kernel in DECODE] + [Job(90, "bf16", kernel, 128) for kernel in DECODE]
+    # The L2-resident forward's memory path at the target shape (bf16, R_PAD 64), in configs of 16-, 32- and
+    # 64-row tiles (mma.sync and wgmma), compiled as the JIT compiles a contiguous launch: see FORWARD_SASS.
+    out += [Job(90, "bf16", "fwd_kernel", 64, act=1, config=c, specialize=True)
+            for c in ((16, 64, 4, 2), (32, 128, 8, 3), (64, 64, 4, 3))]
+    if os.environ.get(SM80_ENV) != "all":  # sm_80: the flavour sweep of the three kernels, one config each
+        out = [j for j in out if j.arch == 90 or (j.kernel in KERNELS and j.r_pad == 16 and (
+            j.kernel not in BACKWARD or j.config == backward_configs(replace(j, config=()))[0]))]
     return sorted(out, key=lambda j: (-j.r_pad, j.kernel != "bwd_main_kernel", j.flavour == "bf16"))
 
 
@@ -175,6 +191,13 @@ def pick_config(kernel_name: str, r_pad: int, wgmma: bool = False):
     assert pickable, f"no pickable config for {kernel_name} R_PAD={r_pad} wgmma={wgmma}"
     return min(pickable, key=lambda c: (c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_D"] / c.num_warps, c.num_stages,
                                         c.kwargs["BLOCK_T"], c.kwargs["BLOCK_D"]))
+
+
+def forward_configs(r_pad: int) -> List[Tuple[int, ...]]:
+    """Every (BLOCK_T, BLOCK_D, warps, stages) fwd_kernel's autotuner can pick at ``r_pad`` for a long T."""
+    tuner = _autotuner("fwd_kernel")
+    return [(c.kwargs["BLOCK_T"], c.kwargs["BLOCK_D"], c.num_warps, c.num_stages)
+            for c in tuner.early_config_prune(tuner.configs, {"R_PAD": r_pad, "T_BUCKET": 16384})]
 
 
 def backward_configs(job: Job) -> List[Tuple[int, ...]]:
@@ -249,7 +272,8 @@ def compile_job(job: Job, specialize: bool = False) -> dict:
     else:
         constexprs["GATHER"] = job.gather
     if job.kernel == "fwd_kernel":  # the batched form without the residual: zero rows for unrouted tokens
-        constexprs.update(HAS_BD=True, HAS_BU=True, ADD_RES=not job.gather, SAVE_H=True)
+        constexprs.update(HAS_BD=True, HAS_BU=True, ADD_RES=not job.gather, SAVE_H=True, STAGES=config.num_stages,
+                          L2_RESIDENT=not (job.gather or job.rowtile))  # as the launcher decides
     elif job.kernel == "bwd_main_kernel":
         constexprs.update(HAS_BU=True, RES_IS_X=not job.gather, NEED_DX=True, NEED_DWD=True, NEED_DBD=True,
                           NEED_DWU=True, NEED_DBU=True, NEED_DS=True)
@@ -341,7 +365,8 @@ def _serve() -> int:
     results.write(json.dumps([str(j) for j in every]) + "\n")
     results.flush()
     for line in sys.stdin:
-        results.write(json.dumps(compile_job(every[int(line)])) + "\n")
+        job = every[int(line)]
+        results.write(json.dumps(compile_job(job, specialize=job.specialize)) + "\n")
         results.flush()
     return 0
 
@@ -459,9 +484,22 @@ def _must_not_spill(job: dict) -> bool:
         for kernel, r_pad, flavour in SPILLS_ALLOWED)
 
 
+# What the L2-resident forward (fwd_kernel, L2_RESIDENT) promises of its SASS in a contiguous launch: every
+# tile of x, the weights and the residual arrives by cp.async (LDGSTS), none by a register load of 8 or 16
+# bytes (the row-tile kernel re-loads the residual by LDG.128 outside the pipeline); the few 4-byte loads
+# left are the bias and scale vectors.
+FORWARD_SASS = {"LDGSTS": (">", 0), "LDG.128": ("==", 0), "LDG.64": ("==", 0)}
+
+
+def _sass_broken(census: dict) -> List[str]:
+    ops = {">": lambda a, b: a > b, "==": lambda a, b: a == b}
+    return [f"{cls} = {census.get(cls, 0)}, promised {op} {n}" for cls, (op, n) in FORWARD_SASS.items()
+            if not ops[op](census.get(cls, 0), n)]
+
+
 def problems(results: List[dict]) -> List[str]:
     """What is wrong with a run: compile failures, register spills (but SPILLS_ALLOWED's), shared memory
-    over the arch's limit, a job twice, and no wgmma anywhere on sm_90."""
+    over the arch's limit, a broken FORWARD_SASS promise, a job twice, and no wgmma anywhere on sm_90."""
     out = [f"twice: {what}" for what in {r["what"] for r in results} if [r["what"] for r in results].count(what) > 1]
     for r in results:
         if not r["ok"]:
@@ -470,6 +508,8 @@ def problems(results: List[dict]) -> List[str]:
         job = r["job"]
         if r.get("spill_bytes") and _must_not_spill(job):
             out.append(f"SPILL {r['what']}: {r['spill_bytes']} bytes of register spills ({r['registers']} registers)")
+        if job.get("specialize") and job["kernel"] == "fwd_kernel" and not job["rowtile"]:
+            out += [f"SASS {r['what']}: {broken}" for broken in _sass_broken(r.get("sass", {}))]
         if r["shared"] > SMEM_LIMIT[job["arch"]]:
             out.append(f"SMEM {r['what']}: {r['shared']} bytes of shared memory, sm_{job['arch']} has "
                        f"{SMEM_LIMIT[job['arch']]}: cannot launch")
@@ -520,6 +560,13 @@ def test_problems_are_caught():
                     spill_bytes=8)
     assert problems([fp32_256])[0].startswith("SPILL")  # the allowance at 256 is bf16's only
     assert problems([result(small), result(small), result(wide, wgmma=True)])[0].startswith("twice")
+    contiguous = Job(90, "bf16", "fwd_kernel", 64, config=(32, 128, 8, 3), specialize=True)
+    kept = {"LDGSTS": 45, "LDG.32": 2}
+    assert problems([dict(result(contiguous), sass=kept), result(wide, wgmma=True)]) == []
+    for broken in ({"LDGSTS": 30, "LDG.128": 2}, {"LDG.64": 4}):  # the residual by register loads; no cp.async
+        assert problems([dict(result(contiguous), sass=broken), result(wide, wgmma=True)])[0].startswith("SASS")
+    rowtile = replace(contiguous, rowtile=True)  # the old kernel: no promise
+    assert problems([dict(result(rowtile), sass={"LDGSTS": 30, "LDG.128": 2}), result(wide, wgmma=True)]) == []
 
 
 # ---------------------------------------------------------------------------------- SASS report (no assertions)
@@ -536,22 +583,17 @@ def sass_report_lines() -> List[str]:
 
     out = [f"# Triton {triton.__version__} AOT, sm_90, bf16, R_PAD=64 (the target shape: T=16384, d=4096, r=64); contiguous",
            "# launch: unit strides constant, pointers and other integers divisible by 16. Static instruction counts.",
-           f"{'kernel':<16} {'config':<34} {'regs':>4} {'spill':>5} {'smem':>6} " + " ".join(f"{c:>7}" for c in SASS_COLUMNS)]
-    for kernel in KERNELS:
-        base = Job(90, "bf16", kernel, 64, act=1)
-        if kernel == "fwd_kernel":
-            tuner = _autotuner(kernel)
-            configs = [(c.kwargs["BLOCK_T"], c.kwargs["BLOCK_D"], c.num_warps, c.num_stages)
-                       for c in tuner.early_config_prune(tuner.configs, {"R_PAD": 64, "T_BUCKET": 16384})]
-        else:
-            configs = backward_configs(base)
-        for config in configs:
+           f"{'kernel':<19} {'config':<34} {'regs':>4} {'spill':>5} {'smem':>6} " + " ".join(f"{c:>7}" for c in SASS_COLUMNS)]
+    for kernel, rowtile in (("fwd_kernel", False), ("fwd_kernel", True), *((k, False) for k in BACKWARD)):
+        base = Job(90, "bf16", kernel, 64, act=1, rowtile=rowtile)
+        name = kernel + (" rowtile" if rowtile else "")
+        for config in forward_configs(64) if kernel == "fwd_kernel" else backward_configs(base):
             r = compile_job(replace(base, config=config), specialize=True)
             if not r["ok"]:
-                out.append(f"{kernel:<16} {r['config']:<34} FAILED: {r['error'][:200]}")
+                out.append(f"{name:<19} {r['config']:<34} FAILED: {r['error'][:200]}")
                 continue
             counts = r["sass"]
-            out.append(f"{kernel:<16} {r['config']:<34} {r['registers']:>4} {r['spill_bytes']:>5} {r['shared']:>6} "
+            out.append(f"{name:<19} {r['config']:<34} {r['registers']:>4} {r['spill_bytes']:>5} {r['shared']:>6} "
                        + " ".join(f"{counts.get(c, 0):>7}" for c in SASS_COLUMNS))
     return out
 

@@ -10,7 +10,7 @@ from adapterkern.backends import is_available
 pytestmark = pytest.mark.skipif(not is_available("triton", torch.device("cpu")) and not torch.cuda.is_available(),
                                 reason="Triton is not installed")
 
-from conftest import DEVICE, rel_err, reference_activation  # noqa: E402
+from conftest import rel_err, stack_case, stack_reference  # noqa: E402
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
 
@@ -19,39 +19,6 @@ def _bottleneck():
     from adapterkern.backends.triton import bottleneck
 
     return bottleneck
-
-
-def _case(n, T, d, r, dtype, *, biases=True, scale="channel", residual=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, s=1.0):
-        return (torch.randn(*shape, generator=g) * s).to(DEVICE, dtype)
-
-    case = dict(
-        x=rand(T, d), w_down=rand(n, r, d, s=d ** -0.5), w_up=rand(n, d, r, s=r ** -0.5),
-        b_down=rand(n, r) if biases else None, b_up=rand(n, d) if biases else None,
-        scale=None if scale is None else (rand(n, 1) if scale == "learned" else rand(n, d)),
-        residual=rand(T, d) if residual else None,
-    )
-    return case
-
-
-def _reference(c, activation, scale_value, add_residual):
-    """float64: y[n] = res + s_n * (act(x @ w_down[n].T + b_down[n]) @ w_up[n].T + b_up[n]); h[n] the pre-activation."""
-    x = c["x"].double()
-    ys, hs = [], []
-    for k in range(c["w_down"].shape[0]):
-        h = x @ c["w_down"][k].double().t()
-        if c["b_down"] is not None:
-            h = h + c["b_down"][k].double()
-        u = reference_activation(activation)(h) @ c["w_up"][k].double().t()
-        if c["b_up"] is not None:
-            u = u + c["b_up"][k].double()
-        u = u * (scale_value if c["scale"] is None else c["scale"][k].double())
-        res = (x if c["residual"] is None else c["residual"].double()) if add_residual else 0
-        ys.append(res + u)
-        hs.append(h)
-    return torch.stack(ys), torch.stack(hs)
 
 
 def _run(c, mode, monkeypatch, activation="gelu_new", scale_value=0.5, add_residual=True, save_preact=True):
@@ -67,8 +34,8 @@ def _run(c, mode, monkeypatch, activation="gelu_new", scale_value=0.5, add_resid
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("n,T,d,r", [(1, 1, 100, 8), (1, 5, 768, 48), (2, 16, 200, 5), (3, 64, 96, 64), (1, 33, 1000, 17)])
 def test_decode_kernels_match_float64_and_the_tiled_kernel(dtype, n, T, d, r, monkeypatch, poison_empty):
-    c = _case(n, T, d, r, dtype, seed=T + d)
-    y_ref, h_ref = _reference(c, "gelu_new", 0.5, True)
+    c = stack_case(n, T, d, r, dtype, seed=T + d)
+    y_ref, h_ref = stack_reference(c, "gelu_new", 0.5, True)
     y_dec, h_dec = _run(c, "force", monkeypatch)
     y_old, h_old = _run(c, "off", monkeypatch)
     for y, h in ((y_dec, h_dec), (y_old, h_old)):
@@ -83,9 +50,9 @@ def test_decode_kernels_match_float64_and_the_tiled_kernel(dtype, n, T, d, r, mo
 def test_decode_kernel_variants(variant, monkeypatch, poison_empty):
     options = dict(biases=variant != "no_biases", residual=variant == "residual",
                    scale={"learned_scale": "learned", "float_scale": None}.get(variant, "channel"))
-    c = _case(2, 7, 130, 12, torch.float32, **options)
+    c = stack_case(2, 7, 130, 12, torch.float32, **options)
     add_residual, save_preact = variant != "no_residual", variant != "no_preact"
-    y_ref, h_ref = _reference(c, "silu", 1.7, add_residual)
+    y_ref, h_ref = stack_reference(c, "silu", 1.7, add_residual)
     y, h = _run(c, "force", monkeypatch, activation="silu", scale_value=1.7, add_residual=add_residual,
                 save_preact=save_preact)
     assert rel_err(y, y_ref) <= TOL[torch.float32]
@@ -96,7 +63,7 @@ def test_decode_kernel_variants(variant, monkeypatch, poison_empty):
 
 
 def test_decode_kernels_are_deterministic(monkeypatch):
-    c = _case(1, 9, 700, 32, torch.float32, seed=3)
+    c = stack_case(1, 9, 700, 32, torch.float32, seed=3)
     first, _ = _run(c, "force", monkeypatch)
     for _ in range(2):
         again, _ = _run(c, "force", monkeypatch)

@@ -19,6 +19,9 @@ Names (``--impl`` takes a comma-separated list of these or of glob patterns such
                            is only run when named explicitly.
 ``adapterkern-triton-nodecode``  the triton backend with its decode kernels off (``ADAPTERKERN_TRITON_DECODE=off``):
                            the one-row-tile kernel at T <= 64 too, timed beside ``adapterkern-triton``.
+``adapterkern-triton-rowtile``  the triton backend's forward with one program per row tile (``ADAPTERKERN_TRITON_FORWARD=rowtile``):
+                           every tile at once, x's second read unbounded by the L2, the residual load outside
+                           the pipeline; timed beside the L2-resident schedule of ``adapterkern-triton``.
 ``adapterkern-cuda-nodecode``  the cuda backend without its d-split decode launch (``ADAPTERKERN_CUDA_DECODE=off``).
 ``adapterkern-cuda-scalar``  the cuda backend's scalar-memory forward and token-backward kernels
                            (``ADAPTERKERN_CUDA_VECTOR=off``: 2-byte loads and stores, register-staged k-stages)
@@ -183,10 +186,11 @@ def all_impls(device: torch.device, full: bool = False) -> Tuple[List[Impl], Lis
         notes.append(f"adapterkern-*: skipped, {reason}")
     for b in backends:
         impls = [Impl(f"adapterkern-{b}", _fused(b))]
-        if b == "triton":  # the decode kernels against the one-row-tile kernel, side by side
-            from ..backends.triton.bottleneck import DECODE_ENV
+        if b == "triton":  # the decode kernels against the row-tile kernel; the two forward schedules
+            from ..backends.triton.bottleneck import DECODE_ENV, FORWARD_ENV
 
             impls.append(Impl("adapterkern-triton-nodecode", _fused(b, {DECODE_ENV: "off"})))
+            impls.append(Impl("adapterkern-triton-rowtile", _fused(b, {FORWARD_ENV: "rowtile"})))
         if b == "cuda":  # the d-split decode path against the one-launch forward; both memory paths
             impls.append(Impl("adapterkern-cuda-nodecode", _fused(b, {"ADAPTERKERN_CUDA_DECODE": "off"})))
             impls.append(Impl("adapterkern-cuda-scalar", _fused(b, {"ADAPTERKERN_CUDA_VECTOR": "off"})))

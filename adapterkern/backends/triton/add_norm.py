@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .language import (
-    FWD_CONFIGS, PRUNE, acc_dtype, act, dot_precision, down_projection, padded_rank, t_bucket, unit_stride, up_slab,
+    ADD_NORM_CONFIGS, PRUNE, acc_dtype, act, dot_precision, down_projection, padded_rank, t_bucket, unit_stride, up_slab,
 )
 
 
@@ -58,7 +58,7 @@ def _y_chunk(
     return y, offs_d, mask_d, mask_td
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["D", "R_PAD", "T_BUCKET"], prune_configs_by=PRUNE)
+@triton.autotune(configs=ADD_NORM_CONFIGS, key=["D", "R_PAD", "T_BUCKET"], prune_configs_by=PRUNE)
 @triton.jit
 def add_norm_kernel(
     Z, stride_zt, stride_zd,  # (T, D)

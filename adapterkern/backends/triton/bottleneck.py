@@ -112,6 +112,38 @@ def decode_grid(num_tokens: int, d: int, r: int, n_adapters: int, device: torch.
     return triton.cdiv(d, chunk), chunk, per_program
 
 
+# ADAPTERKERN_TRITON_FORWARD: "l2" (default: fwd_kernel's L2_RESIDENT schedule where the residual is x) or
+# "rowtile" (one program per row tile, every tile at once: the forward as it was; the benchmarks time both).
+FORWARD_ENV = "ADAPTERKERN_TRITON_FORWARD"
+# The share of the L2 the x tiles in flight may take under L2_RESIDENT: y (stored evict-first) and the
+# weights pass through the rest.
+L2_SHARE = 0.5
+INTERPRETER_PROGRAMS = 3  # the interpreter's "L2": three tiles, so the tests' shapes take several tiles per program
+
+
+def forward_mode() -> str:
+    """ADAPTERKERN_TRITON_FORWARD, checked: "l2" or "rowtile"."""
+    mode = os.environ.get(FORWARD_ENV, "l2").strip().lower() or "l2"
+    if mode not in ("l2", "rowtile"):
+        raise ValueError(f"{FORWARD_ENV}: expected l2 or rowtile, got {mode!r}")
+    return mode
+
+
+def l2_resident_programs(num_tokens: int, block_t: int, row_bytes: int, budget_bytes: int) -> int:
+    """Programs of an L2_RESIDENT forward: as many as keep their x tiles (``block_t`` rows of ``row_bytes``
+    each, one per program) within ``budget_bytes``; at least one, at most one per tile."""
+    return max(1, min(triton.cdiv(num_tokens, block_t), budget_bytes // (block_t * row_bytes)))
+
+
+def forward_programs(num_tokens: int, row_bytes: int, device: torch.device):
+    """fwd_kernel's program count under L2_RESIDENT as a function of a config's ``meta["BLOCK_T"]``: the
+    tiles of L2_SHARE of the GPU's L2, or INTERPRETER_PROGRAMS tiles in the interpreter."""
+    if device.type == "cuda":
+        budget = int(L2_SHARE * torch.cuda.get_device_properties(device).L2_cache_size)
+        return lambda meta: l2_resident_programs(num_tokens, meta["BLOCK_T"], row_bytes, budget)
+    return lambda meta: min(triton.cdiv(num_tokens, meta["BLOCK_T"]), INTERPRETER_PROGRAMS)
+
+
 def _decode_forward(x, w_down, b_down, w_up, b_up, scale, scale_value, res, add_residual, activation_id, y, preact):
     """The forward of N adapters on few tokens in two launches: partial h per d-split (every split on its
     own program), then per block of output columns the partials summed in split order (deterministic,
@@ -184,7 +216,11 @@ def multi_adapter_forward(
     s, stride_s, stride_s_n, s_val, has_s = _scale_args(scale, scale_value, w_up)
     perm, counts, starts = groups if groups is not None else (y, y, y)
     n_groups = n_adapters + 1 if groups is not None else n_adapters
-    grid = lambda meta: (triton.cdiv(num_tokens, meta["BLOCK_T"]), n_groups)  # noqa: E731
+    # L2_RESIDENT where the residual is x (the sequential adapter): the only case that reads x twice.
+    l2_resident = forward_mode() == "l2" and groups is None and add_residual and residual is None
+    programs = forward_programs(num_tokens, d * x.element_size(), x.device) if l2_resident else (
+        lambda meta: triton.cdiv(num_tokens, meta["BLOCK_T"]))
+    grid = lambda meta: (programs(meta), n_groups)  # noqa: E731
     fwd_kernel[grid](
         x, x.stride(0), x.stride(1),
         res, res.stride(0), res.stride(1),
@@ -208,6 +244,7 @@ def multi_adapter_forward(
         PRECISION=dot_precision(x.dtype),
         ACC=acc_dtype(x.dtype),
         R_PAD=padded_rank(r),
+        L2_RESIDENT=l2_resident,
     )
     return y, preact
 

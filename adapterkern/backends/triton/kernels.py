@@ -17,7 +17,7 @@ from .language import (
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["D", "R_PAD", "T_BUCKET"], prune_configs_by=PRUNE)
+@triton.autotune(configs=FWD_CONFIGS, key=["D", "R_PAD", "T_BUCKET", "L2_RESIDENT"], prune_configs_by=PRUNE)
 @triton.jit
 def fwd_kernel(
     X, stride_xt, stride_xd,  # (T, D)
@@ -44,24 +44,59 @@ def fwd_kernel(
     R_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    STAGES: tl.constexpr,  # the config's num_stages (FWD_CONFIGS)
+    L2_RESIDENT: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    """Program (p, g) runs row tiles p, p + P, p + 2P, ... of group g (P = the grid's first axis): one tile
+    each where the grid covers every tile; fewer programs with L2_RESIDENT (bottleneck.forward_programs), so
+    that the x tiles in flight fit the L2 and the residual re-read of x after its down-projection hits it.
+    L2_RESIDENT also pipelines every load of the up-projection loop (the residual's included) and stores y
+    evict-first, so that y does not push the x tiles out of the L2."""
     g = tl.program_id(1)
-    local = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_t, mask_t, count = group_tile(local, g, PERM, COUNTS, STARTS, T, GATHER)
     if GATHER:
         n = g.to(tl.int64) - 1  # group 0: tokens with no adapter
     else:
         n = g.to(tl.int64)
         Y += n * T * D
         H += n * T * R
-    if pid.to(tl.int64) * BLOCK_T < count:
+    # The row-tile grid runs its one tile outside a loop: inside one, the compiler keeps the weights'
+    # pointer tiles live across both projections (1.5-2x the registers, spills).
+    if L2_RESIDENT:
+        for tile in range(tl.program_id(0), tl.cdiv(T, BLOCK_T), tl.num_programs(0)):
+            _fwd_row_tile_call(
+                tile, n, X, stride_xt, stride_xd, RES, stride_rt, stride_rd, WD, stride_wd_r, stride_wd_d, BD, WU,
+                stride_wu_d, stride_wu_r, BU, S, stride_s, scale_value, Y, H, PERM, COUNTS, STARTS, g, T, D, R,
+                ACT, HAS_BD, HAS_BU, HAS_S, ADD_RES, SAVE_H, GATHER, PRECISION, ACC, R_PAD, BLOCK_T, BLOCK_D, STAGES,
+                L2_RESIDENT, stride_wd_n, stride_bd_n, stride_wu_n, stride_bu_n, stride_s_n,
+            )
+    else:
+        _fwd_row_tile(
+            tl.program_id(0), n, X, stride_xt, stride_xd, RES, stride_rt, stride_rd, WD, stride_wd_r, stride_wd_d, BD,
+            WU, stride_wu_d, stride_wu_r, BU, S, stride_s, scale_value, Y, H, PERM, COUNTS, STARTS, g, T, D, R,
+            ACT, HAS_BD, HAS_BU, HAS_S, ADD_RES, SAVE_H, GATHER, PRECISION, ACC, R_PAD, BLOCK_T, BLOCK_D, STAGES,
+            L2_RESIDENT, stride_wd_n, stride_bd_n, stride_wu_n, stride_bu_n, stride_s_n,
+        )
+
+
+@triton.jit
+def _fwd_row_tile(
+    tile, n, X, stride_xt, stride_xd, RES, stride_rt, stride_rd, WD, stride_wd_r, stride_wd_d, BD, WU,
+    stride_wu_d, stride_wu_r, BU, S, stride_s, scale_value, Y, H, PERM, COUNTS, STARTS, g, T, D, R,
+    ACT: tl.constexpr, HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, HAS_S: tl.constexpr, ADD_RES: tl.constexpr,
+    SAVE_H: tl.constexpr, GATHER: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr, L2_RESIDENT: tl.constexpr,
+    stride_wd_n, stride_bd_n, stride_wu_n, stride_bu_n, stride_s_n,
+):
+    """Row tile ``tile`` of group g (adapter n; n < 0: the tokens no adapter takes, copied or zeroed)."""
+    start = tile * BLOCK_T  # < T: no int32 overflow (an int under the interpreter)
+    offs_t, mask_t, count = group_tile(start + tl.arange(0, BLOCK_T).to(tl.int64), g, PERM, COUNTS, STARTS, T, GATHER)
+    if start < count:
         if n < 0:
             _copy_rows(RES, stride_rt, stride_rd, Y, offs_t, mask_t, D, ADD_RES, BLOCK_T, BLOCK_D)
             if SAVE_H:  # defined values (zeros) in every row of the saved pre-activation
                 offs_r = tl.arange(0, R_PAD)
-                tl.store(H + offs_t[:, None] * R + offs_r[None, :], tl.zeros((BLOCK_T, R_PAD), dtype=H.dtype.element_ty),
-                         mask=mask_t[:, None] & (offs_r < R)[None, :])
+                tl.store(H + offs_t[:, None] * R + offs_r[None, :],
+                         tl.zeros((BLOCK_T, R_PAD), dtype=H.dtype.element_ty), mask=mask_t[:, None] & (offs_r < R)[None, :])
         else:
             _fwd_tile(
                 X, stride_xt, stride_xd, RES, stride_rt, stride_rd,
@@ -69,7 +104,11 @@ def fwd_kernel(
                 WU + n * stride_wu_n, stride_wu_d, stride_wu_r, BU + n * stride_bu_n,
                 S + n * stride_s_n, stride_s, scale_value, Y, H, offs_t, mask_t, D, R,
                 ACT, HAS_BD, HAS_BU, HAS_S, ADD_RES, SAVE_H, PRECISION, ACC, R_PAD, BLOCK_T, BLOCK_D,
+                STAGES, L2_RESIDENT,
             )
+
+
+_fwd_row_tile_call = triton.jit(noinline=True)(_fwd_row_tile.fn)
 
 
 @triton.jit
@@ -91,11 +130,13 @@ def _up_projection(
     a, RES, stride_rt, stride_rd, WU, stride_wu_d, stride_wu_r, BU, S, stride_s, scale_value, Y,
     offs_t, mask_t, d_begin, d_end, D, R,
     HAS_BU: tl.constexpr, HAS_S: tl.constexpr, ADD_RES: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    R_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr, L2_RESIDENT: tl.constexpr,
 ):
     """``y[rows, d_begin:d_end] = res + s * (a @ w_up[d_begin:d_end].T + b_up)``, one BLOCK_D slab of
-    output columns at a time (``a``: the (rows, R_PAD) activation, w_up's dtype; Y contiguous (T, D))."""
-    for d0 in range(d_begin, d_end, BLOCK_D):
+    output columns at a time (``a``: the (rows, R_PAD) activation, w_up's dtype; Y contiguous (T, D)).
+    L2_RESIDENT: the loop pipelined in STAGES stages (Triton then moves every load of it by cp.async, where
+    its default pipelines only a dot's operands), y stored evict-first."""
+    for d0 in tl.range(d_begin, d_end, BLOCK_D, num_stages=STAGES if L2_RESIDENT else None):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < d_end
         mask_td = mask_t[:, None] & mask_d[None, :]
@@ -106,7 +147,8 @@ def _up_projection(
             y = res.to(ACC) + u
         else:
             y = u
-        tl.store(Y + offs_t[:, None] * D + offs_d[None, :], y.to(Y.dtype.element_ty), mask=mask_td)
+        tl.store(Y + offs_t[:, None] * D + offs_d[None, :], y.to(Y.dtype.element_ty), mask=mask_td,
+                 eviction_policy="evict_first" if L2_RESIDENT else "")
 
 
 @triton.jit
@@ -116,7 +158,8 @@ def _fwd_tile(
     S, stride_s, scale_value, Y, H, offs_t, mask_t, D, R,
     ACT: tl.constexpr, HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, HAS_S: tl.constexpr,
     ADD_RES: tl.constexpr, SAVE_H: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    R_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
+    L2_RESIDENT: tl.constexpr,
 ):
     """One adapter on the token rows ``offs_t`` (int64 ids, masked by ``mask_t``): rows of Y and H."""
     offs_r = tl.arange(0, R_PAD)
@@ -131,7 +174,8 @@ def _fwd_tile(
     # Padded bottleneck columns hold act(0) (non-zero for sigmoid): harmless, w_up's padded rows are 0.
     a = act(h, ACT).to(WU.dtype.element_ty)
     _up_projection(a, RES, stride_rt, stride_rd, WU, stride_wu_d, stride_wu_r, BU, S, stride_s, scale_value, Y,
-                   offs_t, mask_t, 0, D, D, R, HAS_BU, HAS_S, ADD_RES, PRECISION, ACC, R_PAD, BLOCK_D)
+                   offs_t, mask_t, 0, D, D, R, HAS_BU, HAS_S, ADD_RES, PRECISION, ACC, R_PAD, BLOCK_D, STAGES,
+                   L2_RESIDENT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,7 +242,7 @@ def decode_up_kernel(
     _up_projection(a, RES, stride_rt, stride_rd, WU + n * stride_wu_n, stride_wu_d, stride_wu_r, BU + n * stride_bu_n,
                    S + n * stride_s_n, stride_s, scale_value, Y + n * T * D, offs_t, mask_t,
                    d_begin, tl.minimum(d_begin + D_PER_PROGRAM, D), D, R, HAS_BU, HAS_S, ADD_RES, PRECISION, ACC,
-                   R_PAD, BLOCK_D)
+                   R_PAD, BLOCK_D, None, False)
 
 
 # ----------------------------------------------------------------------------------------------

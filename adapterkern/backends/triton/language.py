@@ -253,15 +253,19 @@ def _space(table):
     return [triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=w, num_stages=s) for bt, bd, w, s in keys]
 
 
+# ADD_NORM_CONFIGS: add_norm_kernel's; fwd_kernel's are the same tiles (FWD_CONFIGS) with the stage count
+# also given as the constexpr STAGES, which its up-projection loop pipelines with (see kernels._up_projection).
 if INTERPRET:
-    FWD_CONFIGS = _configs([32], [32], [4], [1])
+    ADD_NORM_CONFIGS = _configs([32], [32], [4], [1])
     BWD_MAIN_CONFIGS = BWD_DH_CONFIGS = _configs([32], [32], [4], [1])
 elif _FEW_CONFIGS:
-    FWD_CONFIGS = _configs([16, 64], [32], [4], [2])
+    ADD_NORM_CONFIGS = _configs([16, 64], [32], [4], [2])
     BWD_MAIN_CONFIGS, BWD_DH_CONFIGS = _space(_BWD_MAIN_SPACE), _space(_BWD_DH_SPACE)
 else:
-    FWD_CONFIGS = _configs([16, 32, 64, 128], [32, 64, 128], [4, 8], [2, 3])
+    ADD_NORM_CONFIGS = _configs([16, 32, 64, 128], [32, 64, 128], [4, 8], [2, 3])
     BWD_MAIN_CONFIGS, BWD_DH_CONFIGS = _space(_BWD_MAIN_SPACE), _space(_BWD_DH_SPACE)
+FWD_CONFIGS = [triton.Config({**c.kwargs, "STAGES": c.num_stages}, num_warps=c.num_warps, num_stages=c.num_stages)
+               for c in ADD_NORM_CONFIGS]
 
 
 def _prune(configs, named_args, **kwargs):
