@@ -10,7 +10,7 @@ from adapterkern.backends import is_available
 pytestmark = pytest.mark.skipif(not is_available("triton", torch.device("cpu")) and not torch.cuda.is_available(),
                                 reason="Triton is not installed")
 
-from conftest import rel_err, stack_case, stack_reference  # noqa: E402
+from conftest import INTERPRET, rel_err, stack_case, stack_reference  # noqa: E402
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -50,8 +50,9 @@ def test_both_schedules_match_float64(dtype, n, T, d, r, monkeypatch, poison_emp
         assert torch.isfinite(y).all() and torch.isfinite(h).all(), mode  # every element written
         assert rel_err(y, y_ref) <= TOL[dtype], (mode, rel_err(y, y_ref))
         assert rel_err(h, h_ref) <= TOL[dtype], mode
-        # the interpreter's one config has 32-row tiles: 4 to 8 of them here, over 3 programs
-        assert schedules == ([3] if mode == "l2" else []), (mode, schedules)
+        assert bool(schedules) == (mode == "l2"), (mode, schedules)  # the grid of the schedule asked for
+        if INTERPRET:  # its one config has 32-row tiles: 4 to 8 of them here, over 3 programs
+            assert set(schedules) <= {3}, schedules
 
 
 @pytest.mark.parametrize("variant", ["residual", "no_residual"])

@@ -10,6 +10,7 @@
 // mma.m16n8k16 with floating point type" and "... for mma.m16n8k8", .tf32), independently of the
 // kernels' load_a/load_b, so a kernel whose fragments disagree with the hardware computes wrong numbers.
 #include "emu.h"
+#include "pool.h"
 
 #include "cuda_bf16.h"
 #include "cuda_fp16.h"
@@ -18,7 +19,6 @@
 #include <atomic>
 #include <bit>
 #include <cmath>
-#include <condition_variable>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
@@ -67,58 +67,7 @@ Device* configured_device(int dev) {
   return &g_devices[dev];
 }
 
-// ------------------------------------------------------------------------------ thread pool
-// Worker i always plays linear thread id i of the current block; workers past the block size idle.
-class Pool {
- public:
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lk(m_);
-      stop_ = true;
-    }
-    start_cv_.notify_all();
-    for (auto& t : workers_) t.join();
-  }
-  void run(int nthreads, const std::function<void(int)>& job) {
-    std::unique_lock<std::mutex> lk(m_);
-    while ((int)workers_.size() < nthreads) {
-      const int id = (int)workers_.size();
-      workers_.emplace_back([this, id] { work(id); });
-    }
-    job_ = &job;
-    job_threads_ = nthreads;
-    done_ = 0;
-    ++generation_;
-    start_cv_.notify_all();
-    done_cv_.wait(lk, [&] { return done_ == job_threads_; });
-    job_ = nullptr;
-  }
-
- private:
-  void work(int id) {
-    uint64_t seen = 0;
-    std::unique_lock<std::mutex> lk(m_);
-    for (;;) {
-      start_cv_.wait(lk, [&] { return stop_ || generation_ != seen; });
-      if (stop_) return;
-      seen = generation_;
-      if (id >= job_threads_) continue;
-      const std::function<void(int)>* job = job_;
-      lk.unlock();
-      (*job)(id);
-      lk.lock();
-      if (++done_ == job_threads_) done_cv_.notify_one();
-    }
-  }
-  std::mutex m_;
-  std::condition_variable start_cv_, done_cv_;
-  std::vector<std::thread> workers_;
-  const std::function<void(int)>* job_ = nullptr;
-  int job_threads_ = 0, done_ = 0;
-  uint64_t generation_ = 0;
-  bool stop_ = false;
-};
-Pool g_pool;
+Pool g_pool;  // pool.h
 
 // ------------------------------------------------------------------------------ block state
 enum class Lane : uint8_t { kRunning, kCollective, kBarrier, kExited };
