@@ -60,22 +60,29 @@ def compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++")
 
 
-def _flags(csrc: Path, variant: str) -> list[str]:
-    return [*COMMON_FLAGS, *VARIANT_FLAGS[variant], f"-I{csrc / 'emu' / 'include'}", f"-I{csrc}", f"-I{csrc / 'emu'}"]
+def _options(variant: str, rel: str) -> list[str]:
+    """The compile options of source ``rel`` (relative to csrc/) in ``variant``, include paths aside."""
+    options = [*COMMON_FLAGS, *VARIANT_FLAGS[variant]]
+    return [RUNTIME_OPT if f == "-O0" else f for f in options] if rel.startswith("emu/") else options
+
+
+def _flags(csrc: Path, variant: str, rel: str) -> list[str]:
+    return [*_options(variant, rel), f"-I{csrc / 'emu' / 'include'}", f"-I{csrc}", f"-I{csrc / 'emu'}"]
 
 
 def _lang(src: Path) -> list[str]:
     return ["-x", "c++"] if src.suffix == ".cu" else []
 
 
-def _object_key(cxx: str, version: str, variant: str, flags: list[str], src: Path) -> str:
-    """Hash of the compiler, the flags and the content (not the path: copies of csrc/ share objects)
-    of every file ``src`` includes."""
-    deps = subprocess.run([cxx, *flags, "-MM", *_lang(src), str(src)],
+def _object_key(cxx: str, version: str, variant: str, csrc: Path, rel: str) -> str:
+    """Hash of the compiler, the options and the content (not the path: copies of csrc/ share objects)
+    of every file source ``rel`` includes."""
+    src = csrc / rel
+    deps = subprocess.run([cxx, *_flags(csrc, variant, rel), "-MM", *_lang(src), str(src)],
                           capture_output=True, text=True, check=True).stdout
     files = deps.replace("\\\n", " ").split(":", 1)[1].split()
     h = hashlib.sha256(version.encode())
-    for part in (*flags, src.name):
+    for part in (*_options(variant, rel), src.name):
         h.update(part.encode() + b"\0")
     for f in files:
         h.update(Path(f).read_bytes() + b"\0")
@@ -102,17 +109,15 @@ def build(variant: str, csrc: Path = ROOT / "csrc", out: Path = DEFAULT_OUT, job
         raise FileNotFoundError("g++ not found (set CXX)")
     csrc = csrc.resolve()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
-    flags = _flags(csrc, variant)
     objdir = out / "obj"
     objdir.mkdir(parents=True, exist_ok=True)
 
     def compile_one(rel: str) -> Path:
         src = csrc / rel
-        src_flags = [RUNTIME_OPT if f == "-O0" else f for f in flags] if rel.startswith("emu/") else flags
-        obj = objdir / f"{Path(rel).stem}-{variant}-{_object_key(cxx, version, variant, src_flags, src)}.o"
+        obj = objdir / f"{Path(rel).stem}-{variant}-{_object_key(cxx, version, variant, csrc, rel)}.o"
         if not obj.exists():
             tmp = obj.with_suffix(f".{os.getpid()}.tmp")
-            proc = subprocess.run([cxx, *src_flags, "-c", *_lang(src), str(src), "-o", str(tmp)],
+            proc = subprocess.run([cxx, *_flags(csrc, variant, rel), "-c", *_lang(src), str(src), "-o", str(tmp)],
                                   capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"compiling {src} failed:\n{proc.stderr}")
